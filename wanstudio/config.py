@@ -1,0 +1,204 @@
+"""WanConfig: the DiT's hyper-parameters, with the official field names, and the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+MODEL_TYPES = ("t2v", "i2v")
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Hyper-parameters of a Wan2.1 DiT (+ InfiniteTalk audio modules).
+
+    Field names follow the official ``WanModel`` constructor; the audio fields follow
+    InfiniteTalk's. Values are those of the real models unless a preset says otherwise.
+    """
+
+    model_type: str = "t2v"  # 't2v' (16 input channels) or 'i2v' (36: noise + mask + image latents)
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) of the Conv3d patch embedding
+    text_len: int = 512  # umT5 tokens the context is zero-padded to
+    in_dim: int = 16
+    dim: int = 1536  # D, the residual stream width
+    ffn_dim: int = 8960
+    freq_dim: int = 256  # sinusoidal time-embedding width
+    text_dim: int = 4096  # umT5-XXL hidden size
+    out_dim: int = 16  # latent channels predicted
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    clip_dim: int = 1280  # CLIP ViT-H/14 width feeding img_emb (i2v); tiny presets shrink it
+    # --- InfiniteTalk ------------------------------------------------------------------------
+    audio: bool = False  # whether audio_proj and the per-block audio cross-attention exist
+    audio_window: int = 5  # audio frames per video frame (offsets -2..2)
+    intermediate_dim: int = 512
+    output_dim: int = 768  # width of an audio context token
+    context_tokens: int = 32  # audio tokens per latent frame per speaker
+    vae_scale: int = 4  # video frames per latent frame (after the first)
+    norm_input_visual: bool = True  # norm_x before the audio cross-attention has weights
+    norm_output_audio: bool = True  # audio_proj ends with a LayerNorm
+    class_range: int = 24  # 1-D RoPE positions for two-speaker routing span [0, class_range]
+    class_interval: int = 4
+    audio_layers: int = 12  # wav2vec2 hidden states stacked per frame
+    audio_dim: int = 768  # wav2vec2 hidden size
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        problems = []
+        if self.model_type not in MODEL_TYPES:
+            problems.append(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            problems.append(f"patch_size must be 3 positive ints, got {self.patch_size}")
+        if self.num_heads < 1 or self.dim % self.num_heads:
+            problems.append(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        elif self.head_dim % 2 or self.head_dim < 6:
+            problems.append(f"head_dim {self.head_dim} must be even and >= 6 for the 3-D RoPE")
+        if self.model_type == "i2v" and self.in_dim <= self.out_dim:
+            problems.append(
+                f"i2v models take noise + condition channels: in_dim {self.in_dim} must exceed "
+                f"out_dim {self.out_dim} (36 = 16 + 4 + 16 for Wan2.1)"
+            )
+        if self.audio and self.model_type != "i2v":
+            problems.append("audio (InfiniteTalk) modules need model_type 'i2v'")
+        if self.audio and self.audio_window % 2 == 0:
+            problems.append(f"audio_window must be odd (centred), got {self.audio_window}")
+        for name in ("text_len", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.freq_dim % 2:
+            problems.append(f"freq_dim must be even, got {self.freq_dim}")
+        if problems:
+            raise ConfigError("invalid WanConfig: " + "; ".join(problems))
+
+    # --- derived --------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.model_type == "i2v"
+
+    @property
+    def cond_dim(self) -> int:
+        """Channels of the i2v condition ``y`` (mask + image latents): 20 for Wan2.1."""
+        return self.in_dim - self.out_dim if self.is_i2v else 0
+
+    @property
+    def audio_frame_dim(self) -> int:
+        return self.audio_layers * self.audio_dim
+
+    def replace(self, **changes) -> WanConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- presets --------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> WanConfig:
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown preset {name!r}; presets: {', '.join(PRESETS)}"
+            ) from None
+
+    # --- inference from a checkpoint --------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, shapes: Mapping[str, Sequence[int]], **overrides) -> WanConfig:
+        """Infer the config from official-named tensor shapes (a state dict or a name->shape map).
+
+        Head count is not visible in shapes: every real model uses head_dim 128, so
+        ``num_heads = dim // 128`` unless ``num_heads=`` is given. ``text_len`` likewise
+        defaults to 512.
+        """
+        shapes = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+
+        def need(key: str) -> tuple[int, ...]:
+            if key not in shapes:
+                raise ConfigError(f"cannot infer the config: tensor {key!r} is missing")
+            return shapes[key]
+
+        pe = need("patch_embedding.weight")  # [D, in_dim, pt, ph, pw]
+        dim, in_dim, patch = pe[0], pe[1], tuple(pe[2:])
+        layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+        if not layer_ids:
+            raise ConfigError("cannot infer the config: no 'blocks.N.' tensors found")
+        num_layers = max(layer_ids) + 1
+        out_dim = need("head.head.weight")[0] // math.prod(patch)
+        i2v = "blocks.0.cross_attn.k_img.weight" in shapes or "img_emb.proj.1.weight" in shapes
+        fields: dict = dict(
+            model_type="i2v" if i2v else "t2v",
+            patch_size=patch,
+            in_dim=in_dim,
+            dim=dim,
+            ffn_dim=need("blocks.0.ffn.0.weight")[0],
+            freq_dim=need("time_embedding.0.weight")[1],
+            text_dim=need("text_embedding.0.weight")[1],
+            out_dim=out_dim,
+            num_heads=max(1, dim // 128),
+            num_layers=num_layers,
+            qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
+            cross_attn_norm="blocks.0.norm3.weight" in shapes,
+        )
+        if i2v:
+            fields["clip_dim"] = need("img_emb.proj.1.weight")[1]
+        if "audio_proj.proj1.weight" in shapes:
+            fields.update(_infer_audio_fields(shapes))
+            fields["norm_input_visual"] = "blocks.0.norm_x.weight" in shapes
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _infer_audio_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    p1 = shapes["audio_proj.proj1.weight"]  # [intermediate, window * layers * dim]
+    p1_vf = shapes["audio_proj.proj1_vf.weight"]  # [intermediate, (window + vae - 1) * layers * dim]
+    output_dim = shapes["audio_proj.norm.weight"][0] if "audio_proj.norm.weight" in shapes else (
+        shapes["blocks.0.audio_cross_attn.kv_linear.weight"][1]
+    )
+    vae_scale = 4
+    frame_dim = (p1_vf[1] - p1[1]) // (vae_scale - 1)  # layers * dim
+    if frame_dim <= 0 or p1[1] % frame_dim:
+        raise ConfigError(
+            f"cannot infer the audio window from audio_proj shapes {p1} / {p1_vf}"
+        )
+    # layers x dim is not separable from shapes alone: real files use wav2vec2-base (x 768).
+    known = [(12, 768), (PRESETS["tiny-infinitetalk"].audio_layers, PRESETS["tiny-infinitetalk"].audio_dim)]
+    layers, adim = next(((n, d) for n, d in known if n * d == frame_dim), (1, frame_dim))
+    return dict(
+        audio=True,
+        audio_window=p1[1] // frame_dim,
+        intermediate_dim=p1[0],
+        output_dim=output_dim,
+        context_tokens=shapes["audio_proj.proj3.weight"][0] // output_dim,
+        vae_scale=vae_scale,
+        norm_output_audio="audio_proj.norm.weight" in shapes,
+        audio_layers=layers,
+        audio_dim=adim,
+    )
+
+
+_T2V_1_3B = WanConfig()
+_T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+_I2V_14B = _T2V_14B.replace(model_type="i2v", in_dim=36)
+_TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=32, freq_dim=256)
+
+PRESETS: dict[str, WanConfig] = {
+    # head_dim 128 in the tiny presets so the RoPE axis split (44/42/42) matches the real models
+    "tiny-t2v": WanConfig(**_TINY),
+    "tiny-i2v": WanConfig(**_TINY, model_type="i2v", in_dim=36, clip_dim=64),
+    "tiny-infinitetalk": WanConfig(
+        **_TINY, model_type="i2v", in_dim=36, clip_dim=64, audio=True,
+        intermediate_dim=64, output_dim=64, context_tokens=4, audio_layers=3, audio_dim=32,
+    ),
+    "t2v-1.3b": _T2V_1_3B,
+    "t2v-14b": _T2V_14B,
+    "i2v-14b": _I2V_14B,
+    "infinitetalk-14b": _I2V_14B.replace(audio=True),
+}

@@ -1,0 +1,44 @@
+"""Small building blocks of the Wan DiT: fp32 norms, the time sinusoid, fp32 linear islands."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back (Wan's ``WanLayerNorm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim: normalise in fp32, cast back, then scale (Wan's ``WanRMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight.to(x.dtype)
+
+
+def time_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] float64 embedding [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Run an unquantized Linear in fp32 whatever its storage dtype (the official fp32 islands)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)

@@ -1,0 +1,222 @@
+"""WanModel: the Wan2.1 DiT (t2v / i2v) with optional InfiniteTalk audio modules.
+
+Parameter names are the official checkpoint keys (``WAN_SPEC.md`` §2); ``state_dict()`` holds
+nothing else (RoPE tables are computed, never stored).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import WanConfig
+from ..errors import ShapeError
+from ..layout import assign_layout_names
+from .audio import AudioProjection
+from .blocks import WanBlock
+from .layers import FP32LayerNorm, fp32_linear, time_sinusoid
+from .rope import rope_3d_cos_sin
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        D = cfg.dim
+        self.norm = FP32LayerNorm(D, cfg.eps, elementwise_affine=False, **kw)
+        self.head = nn.Linear(D, math.prod(cfg.patch_size) * cfg.out_dim, **kw)
+        self.modulation = nn.Parameter(torch.randn(1, 2, D, **kw) / D**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D], e [B, D] fp32 -> [B, L, prod(patch) * out_dim] fp32 (an fp32 island)."""
+        shift, scale = (self.modulation.float() + e[:, None, :]).unsqueeze(2).unbind(1)  # (B, 1, D)
+        return fp32_linear(self.head, self.norm(x).float() * (1 + scale) + shift)
+
+
+class ImageProjection(nn.Module):
+    """CLIP penultimate tokens -> D (``img_emb.proj``: LN, Linear, GELU, Linear, LN)."""
+
+    def __init__(self, cfg: WanConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        c = cfg.clip_dim
+        self.proj = nn.Sequential(
+            nn.LayerNorm(c, **kw), nn.Linear(c, c, **kw), nn.GELU(),
+            nn.Linear(c, cfg.dim, **kw), nn.LayerNorm(cfg.dim, **kw),
+        )
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        return self.proj(clip_fea)
+
+
+class WanModel(nn.Module):
+    """The Wan2.1 diffusion transformer.
+
+    Args:
+        cfg: hyper-parameters; see :class:`WanConfig` and its presets.
+        device: where to create parameters. ``"meta"`` allocates nothing (use it for 14B
+            configs, then load a checkpoint).
+        dtype: parameter dtype (the compute dtype; fp32 islands upcast on their own).
+    """
+
+    _no_split_modules = ("WanBlock",)
+    # modules whose Linear layers quantization leaves alone by default (MODES.md keep-list)
+    _keep_in_base_precision = (
+        "norm", "bias", "time_in", "patch_embedding", "time_", "img_emb", "modulation",
+        "text_embedding", "adapter", "add", "ref_conv", "audio_proj",
+    )
+
+    def __init__(self, cfg: WanConfig, *, device: torch.device | str | None = None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        kw = dict(device=device, dtype=dtype)
+        D = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, D, cfg.patch_size, stride=cfg.patch_size, **kw)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, D, **kw), nn.GELU(approximate="tanh"), nn.Linear(D, D, **kw)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, D, **kw), nn.SiLU(), nn.Linear(D, D, **kw)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, **kw))
+        self.blocks = nn.ModuleList(WanBlock(cfg, **kw) for _ in range(cfg.num_layers))
+        self.head = Head(cfg, **kw)
+        if cfg.is_i2v:
+            self.img_emb = ImageProjection(cfg, **kw)
+        if cfg.audio:
+            self.audio_proj = AudioProjection(cfg, **kw)
+        self._rope_cache: dict = {}
+        assign_layout_names(self)
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def _rope(self, grid: tuple[int, int, int], device: torch.device):
+        key = (grid, device)
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_3d_cos_sin(grid, self.config.head_dim, device)}
+        return self._rope_cache[key]
+
+    def _check_inputs(self, x, t, context, clip_fea, y, audio, ref_target_masks) -> None:
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
+
+        def fail(msg: str):
+            raise ShapeError(msg)
+
+        if x.dim() != 5:
+            fail(f"x must be latents [B, C, F, H, W], got shape {tuple(x.shape)}")
+        B, C, Fl, Hl, Wl = x.shape
+        if C != cfg.out_dim:
+            fail(f"x has {C} channels, the model expects {cfg.out_dim} latent channels")
+        if Fl % pt or Hl % ph or Wl % pw:
+            fail(
+                f"latent frames/height/width {(Fl, Hl, Wl)} must be multiples of the patch size "
+                f"{cfg.patch_size}; odd latent sizes come from pixel sizes that are not multiples "
+                f"of 16 — resize the image to a multiple of 16"
+            )
+        if t.shape != (B,):
+            fail(f"t must be [B] = [{B}] timesteps, got shape {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
+            fail(f"context must be [{B}, L, {cfg.text_dim}], got {tuple(context.shape)}")
+        if context.shape[1] > cfg.text_len:
+            fail(f"context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
+        if cfg.is_i2v:
+            if y is None or clip_fea is None:
+                fail("an i2v model needs y (mask + image latents) and clip_fea (CLIP features)")
+            if y.shape != (B, cfg.cond_dim, Fl, Hl, Wl):
+                fail(f"y must be [{B}, {cfg.cond_dim}, {Fl}, {Hl}, {Wl}], got {tuple(y.shape)}")
+            if clip_fea.dim() != 3 or clip_fea.shape[0] != B or clip_fea.shape[2] != cfg.clip_dim:
+                fail(f"clip_fea must be [{B}, tokens, {cfg.clip_dim}], got {tuple(clip_fea.shape)}")
+        if cfg.audio:
+            want = cfg.vae_scale * (Fl - 1) + 1
+            shape = (cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
+            if audio is None:
+                fail("an InfiniteTalk model needs audio [B, P, F_video, window, layers, dim] "
+                     "(all zeros for the no-audio condition)")
+            if audio.dim() != 6 or audio.shape[0] != B or audio.shape[2] != want or tuple(audio.shape[3:]) != shape:
+                fail(f"audio must be [{B}, P, {want}, {shape[0]}, {shape[1]}, {shape[2]}] for {Fl} "
+                     f"latent frames, got {tuple(audio.shape)}")
+            if audio.shape[1] not in (1, 2):
+                fail(f"audio must have 1 or 2 speakers, got {audio.shape[1]}")
+            if audio.shape[1] == 2 and ref_target_masks is None:
+                fail("two speakers need ref_target_masks [3, H_px, W_px] (person 1, person 2, background)")
+        if ref_target_masks is not None and (ref_target_masks.dim() not in (3, 4) or ref_target_masks.shape[-3] != 3):
+            fail(f"ref_target_masks must be [3, H, W] or [B, 3, H, W], got {tuple(ref_target_masks.shape)}")
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        ref_target_masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x [B, out_dim, F, H, W] latents; t [B] in [0, 1000]; context [B, L <= text_len, text_dim];
+        clip_fea [B, 257, clip_dim] and y [B, in_dim - out_dim, F, H, W] (i2v);
+        audio [B, P, 4 (F - 1) + 1, window, layers, dim] (InfiniteTalk, P speakers);
+        ref_target_masks [3, H_px, W_px] (two speakers). Returns [B, out_dim, F, H, W] fp32.
+        """
+        cfg = self.config
+        self._check_inputs(x, t, context, clip_fea, y, audio, ref_target_masks)
+        dtype, device = self.dtype, self.device
+        B = x.shape[0]
+        if cfg.is_i2v:
+            x = torch.cat([x, y], dim=1)  # (B, in_dim, F, H, W)
+        x = self.patch_embedding(x.to(device=device, dtype=dtype))  # (B, D, f, h, w)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, L, D) tokens in (f, h, w) row-major order
+        rope = self._rope(grid, device)
+
+        e = fp32_linear(self.time_embedding[2], F.silu(fp32_linear(self.time_embedding[0], time_sinusoid(t.to(device), cfg.freq_dim))))
+        e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+
+        context = F.pad(context.to(device=device, dtype=dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
+        text = self.text_embedding(context)  # (B, text_len, D)
+        image = self.img_emb(clip_fea.to(device=device, dtype=dtype)) if cfg.is_i2v else None
+
+        audio_tokens, ref_masks, speakers = None, None, 1
+        if cfg.audio:
+            speakers = audio.shape[1]
+            tokens = self.audio_proj(audio.to(device).flatten(0, 1))  # (B*P, f, ctx, C)
+            tokens = tokens.unflatten(0, (B, speakers))  # (B, P, f, ctx, C)
+            audio_tokens = tokens.permute(0, 2, 1, 3, 4).flatten(2, 3)  # (B, f, P*ctx, C), speaker 1 first
+            if speakers > 1:
+                ref_masks = self._token_masks(ref_target_masks, grid, B)
+
+        for block in self.blocks:
+            x = block(x, e0, rope, grid, text, image, audio_tokens, ref_masks, speakers)
+
+        out = self.head(x, e)  # (B, L, pt*ph*pw*C) fp32
+        return self._unpatchify(out, grid)
+
+    def _token_masks(self, masks: torch.Tensor, grid, batch: int) -> torch.Tensor:
+        """[3, H_px, W_px] (or [B, 3, ...]) -> [B, 3, h*w] 0/1 masks on the token grid (nearest)."""
+        masks = masks.to(self.device, torch.float32)
+        if masks.dim() == 3:
+            masks = masks[None].expand(batch, -1, -1, -1)
+        small = F.interpolate(masks, size=grid[1:], mode="nearest")  # (B, 3, h, w)
+        return (small > 0).flatten(2).to(self.dtype)
+
+    def _unpatchify(self, out: torch.Tensor, grid) -> torch.Tensor:
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        B = out.shape[0]
+        out = out.view(B, f, h, w, pt, ph, pw, self.config.out_dim)  # token values: (pt, ph, pw, c)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return out.reshape(B, self.config.out_dim, f * pt, h * ph, w * pw)

@@ -1,0 +1,198 @@
+"""THE registry of user-facing choices.
+
+Every mode name a user can type lives here, once. Widgets, the CLI and the docs table derive
+their choices from these enums; other modules refer to members (``QuantMode.FP8_E4M3FN_FAST``),
+never to the strings. Meanings are in ``shared/design/MODES.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from enum import Enum
+from typing import TypeVar
+
+from .errors import UnknownOptionError
+
+
+class Option(str, Enum):
+    """A str Enum whose members carry a one-line description and a hardware requirement."""
+
+    description: str
+    requires: str
+
+    def __new__(cls, value: str, description: str = "", requires: str = "any device"):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.description = description
+        member.requires = requires
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class QuantMode(Option):
+    DISABLED = (
+        "disabled",
+        "base precision; fp8 / scaled-fp8 checkpoints run in their matching storage mode",
+    )
+    FP8_E4M3FN = ("fp8_e4m3fn", "fp8 e4m3 weights (direct cast), upcast before the matmul")
+    FP8_E4M3FN_FAST = (
+        "fp8_e4m3fn_fast",
+        "fp8 e4m3 weights, fp8 tensor-core matmul with per-token activation scales",
+        "CUDA compute capability >= 8.9, or the CPU",
+    )
+    FP8_E4M3FN_SCALED = (
+        "fp8_e4m3fn_scaled",
+        "fp8 e4m3 weights + fp32 scale per output channel, dequantized before the matmul",
+    )
+    FP8_E4M3FN_SCALED_FAST = (
+        "fp8_e4m3fn_scaled_fast",
+        "scaled fp8 e4m3 weights, fp8 tensor-core matmul with activation + weight scales",
+        "CUDA compute capability >= 8.9, or the CPU",
+    )
+    FP8_E5M2 = ("fp8_e5m2", "fp8 e5m2 weights (direct cast), upcast before the matmul")
+    FP8_E5M2_FAST = (
+        "fp8_e5m2_fast",
+        "fp8 e5m2 weights, fp8 tensor-core matmul (e4m3 activations)",
+        "CUDA compute capability >= 8.9, or the CPU",
+    )
+    FP8_E5M2_SCALED = (
+        "fp8_e5m2_scaled",
+        "fp8 e5m2 weights + fp32 scale per output channel, dequantized before the matmul",
+    )
+    FP8_E5M2_SCALED_FAST = (
+        "fp8_e5m2_scaled_fast",
+        "scaled fp8 e5m2 weights, fp8 tensor-core matmul (e4m3 activations)",
+        "CUDA compute capability >= 8.9, or the CPU",
+    )
+    FP4_EXPERIMENTAL = (
+        "fp4_experimental",
+        "MXFP4 weights (e2m1 + power-of-two scale per 32), dequantized before the matmul",
+    )
+    FP4_SCALED = (
+        "fp4_scaled",
+        "NVFP4 weights (e2m1 + e4m3 scale per 16 + fp32 tensor scale), dequantized per layer",
+    )
+    FP4_SCALED_FAST = (
+        "fp4_scaled_fast",
+        "NVFP4 weights; native FP4 matmul on Blackwell, fused dequantize path elsewhere",
+        "Blackwell (sm100 / sm120) for the native path; any device otherwise",
+    )
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.value.startswith("fp8")
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.value.startswith("fp4")
+
+    @property
+    def is_scaled(self) -> bool:
+        return "scaled" in self.value
+
+    @property
+    def is_fast(self) -> bool:
+        return self.value.endswith("_fast")
+
+
+class AttentionMode(Option):
+    SDPA = (
+        "sdpa",
+        "torch scaled_dot_product_attention (cuDNN kernel on CUDA where fastest)",
+    )
+    FLASH_ATTN = (
+        "flash_attn",
+        "best installed FlashAttention (FA3 on Hopper, else FA2, else FA4)",
+        "CUDA, fp16/bf16, package flash-attn or flash_attn_interface",
+    )
+    FLASH_ATTN_2 = ("flash_attn_2", "FlashAttention 2 exactly", "CUDA, fp16/bf16, flash-attn 2")
+    FLASH_ATTN_3 = (
+        "flash_attn_3",
+        "FlashAttention 3 exactly",
+        "Hopper GPU, fp16/bf16, flash_attn_interface",
+    )
+    SAGEATTN = ("sageattn", "SageAttention (INT8 QK)", "CUDA, package sageattention")
+    SAGEATTN_3 = (
+        "sageattn_3",
+        "SageAttention3 FP4 microscaling, per-block mean smoothing on (accurate)",
+        "Blackwell (sm100 / sm120), package sageattn3",
+    )
+    SAGEATTN_3_FP4 = (
+        "sageattn_3_fp4",
+        "SageAttention3 FP4 microscaling, smoothing off (fastest)",
+        "Blackwell (sm100 / sm120), package sageattn3",
+    )
+    SAGEATTN_3_FP8 = (
+        "sageattn_3_fp8",
+        "SageAttention 8-bit kernel: INT8 QK, FP8 PV",
+        "CUDA compute capability >= 8.9, sageattention >= 2",
+    )
+    XFORMERS = (
+        "xformers",
+        "xformers memory_efficient_attention",
+        "CUDA, xformers built for this torch",
+    )
+
+
+class BasePrecision(Option):
+    FP32 = ("fp32", "float32 weights and compute")
+    BF16 = ("bf16", "bfloat16 weights and compute, fp32 islands as in the official code")
+    FP16 = ("fp16", "float16 weights and compute, fp32 islands")
+    FP16_FAST = (
+        "fp16_fast",
+        "float16 with fp16 matmul accumulation (faster, less accurate)",
+        "CUDA",
+    )
+
+
+class Scheduler(Option):
+    EULER = ("euler", "InfiniteTalk's Euler flow-matching sampler with shift")
+    UNIPC = ("unipc", "UniPC multistep (diffusers' flow-matching scheduler)")
+
+
+class SizeClass(Option):
+    P480 = ("480", "480-class buckets (~640x640 pixels)")
+    P720 = ("720", "720-class buckets (~960x960 pixels)")
+
+
+class SpeakerMix(Option):
+    PARA = ("para", "two speakers talk at the same time (tracks overlaid)")
+    ADD = ("add", "two speakers talk in turn (speaker 1, then speaker 2)")
+
+
+QUANT_MODES: tuple[str, ...] = QuantMode.names()
+ATTENTION_MODES: tuple[str, ...] = AttentionMode.names()
+BASE_PRECISIONS: tuple[str, ...] = BasePrecision.names()
+SCHEDULERS: tuple[str, ...] = Scheduler.names()
+
+E = TypeVar("E", bound=Option)
+
+
+def parse_option(kind: type[E], value: str | E) -> E:
+    """Parse a user-facing string into a member of ``kind``; reject unknown names helpfully."""
+    if isinstance(value, kind):
+        return value
+    text = str(value).strip()
+    for member in kind:
+        if member.value == text or member.value == text.lower():
+            return member
+    valid = kind.names()
+    close = difflib.get_close_matches(text.lower(), valid, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    label = kind.__name__
+    raise UnknownOptionError(
+        f"{label}: {text!r} is not a known mode.{hint} Valid: {', '.join(valid)}."
+    )
+
+
+def options_table(kind: type[Option]) -> str:
+    """A Markdown table of a registry (name, meaning, needs): the README's source of truth."""
+    rows = ["| name | meaning | needs |", "|---|---|---|"]
+    rows += [f"| `{m.value}` | {m.description} | {m.requires} |" for m in kind]
+    return "\n".join(rows)
