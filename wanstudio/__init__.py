@@ -1,5 +1,6 @@
 """wanstudio: Wan2.1 and InfiniteTalk from a notebook."""
 
+from .checkpoints import CheckpointInfo, load_model
 from .config import PRESETS, WanConfig
 from .errors import (
     BackendUnavailableError,

@@ -187,7 +187,7 @@ def _infer_audio_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict:
 _T2V_1_3B = WanConfig()
 _T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _I2V_14B = _T2V_14B.replace(model_type="i2v", in_dim=36)
-_TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=32, freq_dim=256)
+_TINY = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, freq_dim=256)
 
 PRESETS: dict[str, WanConfig] = {
     # head_dim 128 in the tiny presets so the RoPE axis split (44/42/42) matches the real models

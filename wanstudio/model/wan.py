@@ -116,7 +116,7 @@ class WanModel(nn.Module):
         if x.dim() != 5:
             fail(f"x must be latents [B, C, F, H, W], got shape {tuple(x.shape)}")
         B, C, Fl, Hl, Wl = x.shape
-        if C != cfg.out_dim:
+        if cfg.out_dim != C:
             fail(f"x has {C} channels, the model expects {cfg.out_dim} latent channels")
         if Fl % pt or Hl % ph or Wl % pw:
             fail(

@@ -1,0 +1,313 @@
+"""Loading Wan2.1 / InfiniteTalk DiT checkpoints from local safetensors files.
+
+Accepted: one file; a sharded set (its ``*.index.json``, or the folder holding it); a list of
+any of these merged in order (Wan base shards, then InfiniteTalk's ``infinitetalk.safetensors``
+on top). Keys may carry ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix or
+use diffusers' names; both are mapped to the official names. Every check that can fail
+(files, headers, key sets, shapes) runs on headers alone *before* any tensor is read, so a
+failed load never returns a half-loaded model. Tensors then stream one at a time to their
+final dtype and device into a meta-initialised model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import WanConfig
+from .errors import CheckpointError, ConfigError
+from .options import BasePrecision, parse_option
+from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+# diffusers name -> official name (regex on the diffusers key). diffusers calls the official
+# norm3 (affine, before cross-attention) "norm2"; its parameter-free norms are not stored.
+_DIFFUSERS_TO_OFFICIAL: tuple[tuple[str, str], ...] = (
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.add_k_proj\.", r"blocks.\1.cross_attn.k_img."),
+    (r"^blocks\.(\d+)\.attn2\.add_v_proj\.", r"blocks.\1.cross_attn.v_img."),
+    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.", r"blocks.\1.cross_attn.norm_k_img."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+)
+_DIFFUSERS_MARKERS = ("condition_embedder.", ".attn1.to_q.", "scale_shift_table", "proj_out.")
+
+# what other components' files look like (for "you passed the wrong file" diagnoses)
+_FOREIGN_COMPONENTS = (
+    ("a VAE", ("encoder.downsamples.", "decoder.upsamples.", "encoder.conv1.", "encoder.down_blocks.",
+               "decoder.up_blocks.", "quant_conv.", "post_quant_conv.")),
+    ("a umT5 text encoder", ("token_embedding.weight", "shared.weight", "encoder.block.",
+                             ".attn.q.weight", "ffn.gate.")),
+    ("a CLIP image encoder", ("visual.transformer.", "vision_model.", "textual.")),
+    ("a wav2vec2 audio encoder", ("feature_extractor.conv_layers.", "encoder.layers.0.attention.")),
+)
+_AUDIO_KEYS = ("audio_proj.", ".audio_cross_attn.", ".norm_x.")
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+
+
+def diffusers_to_official(key: str) -> str:
+    """Map one diffusers ``WanTransformer3DModel`` key to its official Wan name."""
+    for pattern, repl in _DIFFUSERS_TO_OFFICIAL:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def official_key(key: str, diffusers_format: bool) -> str:
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return diffusers_to_official(key) if diffusers_format else key
+
+
+# --- finding the files -----------------------------------------------------------------------------
+def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files / index jsons / folders into the ordered list of safetensors files."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or folder (expected a .safetensors file, a "
+                                  f"*.safetensors.index.json, or a folder holding them)")
+        if p.is_dir():
+            indexes = sorted(p.glob("*.safetensors.index.json"))
+            if len(indexes) == 1:
+                files += _files_of_index(indexes[0])
+            elif (found := sorted(p.glob("*.safetensors"))):
+                files += found
+            else:
+                raise CheckpointError(f"{p}: folder holds no .safetensors files")
+        elif p.name.endswith(".json"):
+            files += _files_of_index(p)
+        elif p.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+            raise CheckpointError(
+                f"{p}: pickled {p.suffix} checkpoints are not loaded for the DiT (unsafe and slow); "
+                f"convert it to .safetensors or use the official safetensors shards"
+            )
+        else:
+            files.append(p)
+    return files
+
+
+def _files_of_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index (no valid 'weight_map': {e})") from None
+    names = list(dict.fromkeys(weight_map.values()))
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index}: {len(missing)} of {len(names)} shards are missing beside the index, "
+            f"e.g. {missing[:3]}; download every shard into {index.parent}"
+        )
+    return [index.parent / n for n in names]
+
+
+# --- the merged view of all files ------------------------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    """What was found in the files (shown by the load panel and logged)."""
+
+    files: list[Path]
+    formats: list[str]  # per file: 'official' | 'comfy-prefixed' | 'diffusers'
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> tensor count
+    fp8_weights: int = 0
+    scale_keys: list[str] = field(default_factory=list)  # official names of stored fp8 scales
+    scaled_fp8_marker: bool = False
+    tensors: int = 0
+    bytes: int = 0
+
+    @property
+    def has_fp8(self) -> bool:
+        return self.fp8_weights > 0
+
+    def summary(self) -> str:
+        dt = ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items()))
+        fp8 = f"; fp8 weights: {self.fp8_weights}, scales: {len(self.scale_keys)}" if self.has_fp8 else ""
+        return f"{self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in {len(self.files)} file(s) [{dt}]{fp8}"
+
+
+def scan_checkpoint(paths) -> tuple[dict[str, TensorEntry], CheckpointInfo]:
+    """Headers of every file, keys mapped to official names; later files override earlier ones."""
+    files = resolve_files(paths)
+    entries: dict[str, TensorEntry] = {}
+    info = CheckpointInfo(files=files, formats=[])
+    for path in files:
+        st = SafetensorsFile(path)
+        keys = st.keys()
+        diffusers_format = any(m in k for k in keys for m in _DIFFUSERS_MARKERS)
+        prefixed = any(k.startswith(PREFIXES) for k in keys)
+        info.formats.append("diffusers" if diffusers_format else "comfy-prefixed" if prefixed else "official")
+        info.scaled_fp8_marker |= any(k.endswith("scaled_fp8") for k in keys)
+        for key, entry in st.entries.items():
+            name = official_key(key, diffusers_format)
+            if name.endswith("scaled_fp8"):
+                continue
+            entries[name] = entry
+    for name, entry in entries.items():
+        dname = str(entry.dtype).replace("torch.", "")
+        info.dtypes[dname] = info.dtypes.get(dname, 0) + 1
+        info.fp8_weights += entry.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        if name.endswith(_SCALE_SUFFIXES):
+            info.scale_keys.append(name)
+        info.bytes += entry.nbytes
+    info.tensors = len(entries)
+    return entries, info
+
+
+# --- diagnosis -----------------------------------------------------------------------------------------
+def _diagnose(missing: list[str], unexpected: list[str], cfg: WanConfig, info: CheckpointInfo) -> str:
+    hints = []
+    keys = unexpected or missing
+    for label, markers in _FOREIGN_COMPONENTS:
+        if any(m in k for k in unexpected for m in markers):
+            hints.append(f"these keys belong to {label}, not the DiT: pass that file to the matching "
+                         f"encoder / VAE loader instead")
+            break
+    if missing and all(any(a in k for a in _AUDIO_KEYS) for k in missing):
+        hints.append("audio_proj.* / audio_cross_attn.* missing: pass the InfiniteTalk weights "
+                     "(infinitetalk.safetensors) after the Wan base shards")
+    if unexpected and all(any(a in k for a in _AUDIO_KEYS) for k in unexpected):
+        hints.append("the files hold InfiniteTalk audio weights but the config has no audio modules: "
+                     "use the 'infinitetalk-14b' config (or config=None to infer it)")
+    if any(m in k for k in keys for m in _DIFFUSERS_MARKERS):
+        hints.append("this looks like a diffusers-format file with names wanstudio does not map")
+    if missing and any(k.startswith("blocks.") for k in missing) and not any(k.startswith("blocks.") for k in unexpected):
+        hints.append("block weights are missing: is a shard of a sharded checkpoint left out?")
+    return ("\nDiagnosis: " + "; ".join(hints)) if hints else ""
+
+
+def _examples(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def check_keys(model_shapes: dict[str, tuple[int, ...]], entries: dict[str, TensorEntry],
+               cfg: WanConfig, info: CheckpointInfo, allowed_extra: set[str] = frozenset()) -> None:
+    """Raise CheckpointError (with counts, examples and a diagnosis) unless keys and shapes match."""
+    file_keys = set(entries) - allowed_extra
+    missing = sorted(set(model_shapes) - file_keys)
+    unexpected = sorted(file_keys - set(model_shapes))
+    if missing or unexpected:
+        lines = [f"checkpoint does not match the {cfg.model_type}{' + audio' if cfg.audio else ''} "
+                 f"model ({cfg.num_layers} layers, dim {cfg.dim}) built from {info.files[0].name}"
+                 f"{' and more' if len(info.files) > 1 else ''}:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing keys, e.g. {_examples(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys, e.g. {_examples(unexpected)}")
+        raise CheckpointError("\n".join(lines) + _diagnose(missing, unexpected, cfg, info))
+    bad = [(k, model_shapes[k], entries[k].shape) for k in model_shapes if model_shapes[k] != entries[k].shape]
+    if bad:
+        rows = "\n".join(f"  {k}: expected {tuple(e)}, found {tuple(f)}" for k, e, f in bad[:8])
+        raise CheckpointError(
+            f"{len(bad)} tensors have the wrong shape for this config:\n{rows}\n"
+            f"Pass config=None to infer the config from the file, or the matching preset."
+        )
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    prec = parse_option(BasePrecision, dtype)
+    return {BasePrecision.FP32: torch.float32, BasePrecision.BF16: torch.bfloat16,
+            BasePrecision.FP16: torch.float16, BasePrecision.FP16_FAST: torch.float16}[prec]
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace a (meta) parameter or buffer by ``tensor`` without copying it again."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise CheckpointError(f"model has no tensor {name!r}")
+
+
+def load_model(
+    paths,
+    *,
+    config: WanConfig | str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    quantization: str = "disabled",
+    attention: str | None = None,
+    blocks_to_swap: int = 0,
+    prefetch: int = 1,
+    strict_layout: bool = False,
+):
+    """Build a WanModel from checkpoint files, streaming tensors to ``device`` in ``dtype``.
+
+    Args:
+        paths: a .safetensors file, an index json, a folder, or a list of these merged in order.
+        config: a WanConfig, a preset name, or None to infer it from the tensors' shapes.
+        device / dtype: where the weights live and the compute dtype (or a BasePrecision name).
+        quantization: a QuantMode name (see ``wanstudio.QUANT_MODES``).
+        attention: an AttentionMode name (default: sdpa).
+        blocks_to_swap: keep the last N blocks in pinned host memory (CUDA only).
+        strict_layout: run every forward under ``strict_layout()``.
+    """
+    from .model import WanModel
+
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    entries, info = scan_checkpoint(paths)
+    if config is None:
+        try:
+            cfg = WanConfig.from_state_dict({k: e.shape for k, e in entries.items()})
+        except ConfigError as e:
+            raise CheckpointError(f"cannot infer the model config from {info.files[0]}: {e}"
+                                  + _diagnose([], sorted(entries), WanConfig(), info)) from None
+    else:
+        cfg = WanConfig.preset(config) if isinstance(config, str) else config
+
+    model = WanModel(cfg, device="meta", dtype=dtype)
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
+    if info.has_fp8:
+        raise CheckpointError(
+            f"{info.files[0]}: holds {info.fp8_weights} fp8 weights; loading fp8 checkpoints needs "
+            f"the quantization support (wanstudio.quant), which is not installed in this build"
+        )
+    for name in model_shapes:
+        tensor = read_tensor(entries[name]).to(device=device, dtype=dtype)
+        assign_tensor(model, name, tensor)
+    model.checkpoint_info = info
+    log.info("loaded %s", info.summary())
+    return model
