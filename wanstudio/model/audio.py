@@ -105,10 +105,10 @@ class AudioCrossAttention(nn.Module):
         if speakers > 1:
             q_pos = self.token_positions(ref_map)  # (B, L)
             cos, sin = rope_1d_cos_sin(q_pos.reshape(-1), d)
-            q = apply_rope(q, cos.view(B, L, -1), sin.view(B, L, -1)).type_as(q)
+            q = apply_rope(q, cos.view(B, L, -1), sin.view(B, L, -1))
             k_pos = self.audio_key_positions(N_a, speakers, x.device)  # (N_a,)
             cos, sin = rope_1d_cos_sin(k_pos, d)
-            k = apply_rope(k.reshape(B * f, N_a, H, d), cos, sin).type_as(k).view(B, f, N_a, H, d)
+            k = apply_rope(k.reshape(B * f, N_a, H, d), cos, sin).view(B, f, N_a, H, d)
         q = q.reshape(B * f, L // f, H, d)  # (B*f, h*w, H, d)
         out = attention(
             q, k.reshape(B * f, N_a, H, d), v.reshape(B * f, N_a, H, d),

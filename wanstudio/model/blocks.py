@@ -36,8 +36,8 @@ class SelfAttention(nn.Module):
         """x [B, L, D] -> (out [B, L, D], reference map [B, 3, L] if ref_masks else None)."""
         B, L, D = x.shape
         shape = (B, L, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope).type_as(x)  # (B, L, H, d)
-        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope).type_as(x)
+        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)  # (B, L, H, d)
+        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
         v = self.v(x).view(shape)
         ref_map = None
         if ref_masks is not None:
@@ -125,12 +125,10 @@ class WanBlock(nn.Module):
         """x [B, L, D] in the compute dtype; e0 [B, 6, D] fp32. Returns x in the same dtype."""
         dtype = x.dtype
         sh1, sc1, g1, sh2, sc2, g2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # (B, 1, D)
-        y, ref_map = self.self_attn(
-            (self.norm1(x).float() * (1 + sc1) + sh1).to(dtype), rope, ref_masks if speakers > 1 else None
-        )
-        x = (x.float() + y.float() * g1).to(dtype)
+        y, ref_map = self.self_attn(self.norm1.modulate(x, sh1, sc1), rope, ref_masks if speakers > 1 else None)
+        x = torch.addcmul(x.float(), y, g1).to(dtype)  # gated residual in fp32
         x = x + self.cross_attn(self.norm3(x), text, image)
         if self.has_audio:
             x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid, ref_map, speakers)
-        y = self.ffn((self.norm2(x).float() * (1 + sc2) + sh2).to(dtype))
-        return (x.float() + y.float() * g2).to(dtype)
+        y = self.ffn(self.norm2.modulate(x, sh2, sc2))
+        return torch.addcmul(x.float(), y, g2).to(dtype)

@@ -11,9 +11,17 @@ class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back (Wan's ``WanLayerNorm``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fp32(x).type_as(x)
+
+    def fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised x in fp32 (not rounded back: the modulation that follows is fp32 too)."""
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """LN(x) * (1 + scale) + shift in fp32, cast to x's dtype (Wan's adaLN modulation)."""
+        return torch.addcmul(shift, self.fp32(x), 1 + scale).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

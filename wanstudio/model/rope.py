@@ -52,12 +52,15 @@ def rope_1d_cos_sin(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tenso
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, L, H, D] by angles given as cos/sin [L, D/2] (or
-    [B, L, D/2]). Returns fp32; the caller casts."""
+    [B, L, D/2]). The arithmetic runs in fp32 (type promotion against the fp32 tables) and is
+    stored straight into an output of x's dtype: no fp32 copy of x, no stack."""
     B, L, H, D = x.shape
-    pairs = x.float().reshape(B, L, H, D // 2, 2)  # (B, L, H, D/2, 2)
-    x_even, x_odd = pairs[..., 0], pairs[..., 1]
+    x_even, x_odd = x.unflatten(-1, (D // 2, 2)).unbind(-1)  # (B, L, H, D/2) views
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, L, 1, D/2)
-    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return out.reshape(B, L, H, D)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out_even, out_odd = out.unflatten(-1, (D // 2, 2)).unbind(-1)
+    out_even.copy_(x_even * cos - x_odd * sin)
+    out_odd.copy_(x_even * sin + x_odd * cos)
+    return out  # (B, L, H, D)

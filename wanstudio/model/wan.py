@@ -33,7 +33,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, L, D], e [B, D] fp32 -> [B, L, prod(patch) * out_dim] fp32 (an fp32 island)."""
         shift, scale = (self.modulation.float() + e[:, None, :]).unsqueeze(2).unbind(1)  # (B, 1, D)
-        return fp32_linear(self.head, self.norm(x).float() * (1 + scale) + shift)
+        return fp32_linear(self.head, torch.addcmul(shift, self.norm.fp32(x), 1 + scale))
 
 
 class ImageProjection(nn.Module):
