@@ -240,3 +240,17 @@ def test_peak_host_memory_stays_near_one_copy_of_the_model(tmp_path):
     print(f"peak RSS growth {figures['peak_delta'] / 2**20:.0f} MiB for a "
           f"{figures['model_bytes'] / 2**20:.0f} MiB model: {ratio:.2f}x")
     assert ratio < 1.3
+
+
+def test_attention_mode_is_set_at_load_and_bad_names_are_refused(tmp_path):
+    save_file(_state(_tiny("tiny-t2v")), tmp_path / "dit.safetensors")
+    model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, attention="sdpa")
+    assert {m.attention_mode for m in model.modules() if hasattr(m, "attention_mode")} == {ws.AttentionMode.SDPA}
+    with pytest.raises(ws.UnknownOptionError, match="Did you mean 'sageattn'"):
+        load_model(tmp_path / "dit.safetensors", attention="sageatn")
+
+
+def test_block_swap_at_load_needs_a_gpu(tmp_path):
+    save_file(_state(_tiny("tiny-t2v")), tmp_path / "dit.safetensors")
+    with pytest.raises(ws.BlockSwapError, match="meaningless"):
+        load_model(tmp_path / "dit.safetensors", blocks_to_swap=1, device="cpu")

@@ -302,3 +302,14 @@ def test_two_speaker_token_positions_follow_the_reference_map():
     keys = attn.audio_key_positions(8, 2, "cpu")
     assert keys.tolist() == [2.0] * 4 + [22.0] * 4
     assert math.isclose(attn.background_pos, 12.0)
+
+
+def test_forward_works_with_autograd_after_an_inference_mode_forward():
+    cfg = ws.WanConfig.preset("tiny-t2v")
+    model = ws.WanModel(cfg)
+    inputs = make_inputs(cfg)
+    with torch.inference_mode():
+        call(model, inputs)  # caches the RoPE tables
+    out = call(model, inputs)
+    out.square().mean().backward()
+    assert model.blocks[0].self_attn.q.weight.grad is not None

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import WanConfig
 from .errors import CheckpointError, ConfigError
-from .options import BasePrecision, parse_option
+from .options import AttentionMode, BasePrecision, QuantMode, parse_option
 from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
 
 log = logging.getLogger(__name__)
@@ -287,6 +287,9 @@ def load_model(
 
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    if attention is not None:  # bad names fail before any file is read
+        attention = parse_option(AttentionMode, attention)
+    quantization = parse_option(QuantMode, quantization)
     entries, info = scan_checkpoint(paths)
     if config is None:
         try:
@@ -305,9 +308,33 @@ def load_model(
             f"{info.files[0]}: holds {info.fp8_weights} fp8 weights; loading fp8 checkpoints needs "
             f"the quantization support (wanstudio.quant), which is not installed in this build"
         )
+    placement = _placement(model, device, blocks_to_swap)
     for name in model_shapes:
-        tensor = read_tensor(entries[name]).to(device=device, dtype=dtype)
-        assign_tensor(model, name, tensor)
+        target = torch.device("cpu") if placement.get(name) == "cpu_pinned" else device
+        assign_tensor(model, name, read_tensor(entries[name]).to(device=target, dtype=dtype))
     model.checkpoint_info = info
     log.info("loaded %s", info.summary())
+    if blocks_to_swap:
+        from .offload import enable_block_swap
+
+        enable_block_swap(model, blocks_to_swap, prefetch=prefetch, device=device)
+    if attention is not None:
+        from .attention import set_attention
+
+        set_attention(model, attention)
     return model
+
+
+def _placement(model: nn.Module, device: torch.device, blocks_to_swap: int) -> dict[str, str]:
+    """Which tensors are read to the host because block swap will pin them there (never the GPU)."""
+    if not blocks_to_swap:
+        return {}
+    from .errors import BlockSwapError
+    from .offload import swap_placement
+
+    if device.type != "cuda":
+        raise BlockSwapError(
+            f"blocks_to_swap={blocks_to_swap} with device {device}: block swap moves blocks between "
+            f"host memory and a CUDA GPU, so it is meaningless here; pass device='cuda' or blocks_to_swap=0"
+        )
+    return swap_placement(model, blocks_to_swap)

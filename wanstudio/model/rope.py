@@ -60,7 +60,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, L, 1, D/2)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    out_even, out_odd = out.unflatten(-1, (D // 2, 2)).unbind(-1)
-    out_even.copy_(x_even * cos - x_odd * sin)
-    out_odd.copy_(x_even * sin + x_odd * cos)
+    pairs = out.unflatten(-1, (D // 2, 2))  # (B, L, H, D/2, 2); indexed, not unbound: autograd-safe
+    pairs[..., 0] = x_even * cos - x_odd * sin
+    pairs[..., 1] = x_even * sin + x_odd * cos
     return out  # (B, L, H, D)

@@ -103,7 +103,9 @@ class WanModel(nn.Module):
     def _rope(self, grid: tuple[int, int, int], device: torch.device):
         key = (grid, device)
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_3d_cos_sin(grid, self.config.head_dim, device)}
+            # plain tensors even under inference_mode, so a later autograd forward can use them
+            with torch.inference_mode(False):
+                self._rope_cache = {key: rope_3d_cos_sin(grid, self.config.head_dim, device)}
         return self._rope_cache[key]
 
     def _check_inputs(self, x, t, context, clip_fea, y, audio, ref_target_masks) -> None:
