@@ -1,0 +1,90 @@
+"""The fused Triton kernels of wanstudio.quant, checked without a GPU.
+
+Skipped unless Triton is importable (CUDA installs of torch ship it; the CPU CI does not):
+
+* compile each kernel for sm_90 (Triton's own ptxas; no GPU needed) and check the PTX uses
+  the IEEE division and the saturating round-to-nearest fp8 conversion the eager path matches;
+* with ``TRITON_INTERPRET=1`` set before the run, execute the kernels on CPU tensors. The
+  interpreter emulates narrow float conversions only roughly, so only what it does exactly
+  is compared: fp32 outputs of the fp4 dequantization and the activation scales.
+
+The GPU suite (``tests/gpu/test_quant_gpu.py``) compares every output bit on real hardware.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from wanstudio.quant import fp4, fp8, kernels
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton is not installed")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _compile(fn, signature: dict, constexprs: dict, warps: int) -> str:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:  # the AOT API moves between Triton versions
+        pytest.skip(f"this Triton has no AOT API: {exc}")
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles real kernels")
+@pytest.mark.parametrize("x_dtype", ["bf16", "fp16", "fp32"])
+def test_activation_quantization_kernel_compiles_for_sm90(x_dtype):
+    ptx = _compile(
+        kernels._quantize_rows_kernel,
+        {"x_ptr": f"*{x_dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
+         "stride_x": "i32", "stride_q": "i32", "FP8_MAX": "constexpr", "TINY": "constexpr",
+         "BLOCK_K": "constexpr"},
+        {"FP8_MAX": 448.0, "TINY": fp8._TINY, "BLOCK_K": 8192}, 8,
+    )
+    ops = set(re.findall(r"\b(div\.[a-z0-9.]+|cvt\.rn\.satfinite\.e4m3x2\.f32)", ptx))
+    assert ops == {"div.rn.f32", "cvt.rn.satfinite.e4m3x2.f32"}
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles real kernels")
+@pytest.mark.parametrize("out_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("nvfp4", [True, False], ids=["nvfp4", "mxfp4"])
+def test_fp4_dequantization_kernel_compiles_for_sm90(out_dtype, nvfp4):
+    _compile(
+        kernels._dequantize_fp4_kernel,
+        {"p_ptr": "*u8", "s_ptr": "*u8", "g_ptr": "*fp32" if nvfp4 else "*u8",
+         "out_ptr": f"*{out_dtype}", "N": "i32", "KP": "i32", "K": "i32", "stride_p": "i32",
+         "stride_s": "i32", "stride_o": "i32", "BLOCK": "constexpr", "NVFP4": "constexpr",
+         "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+        {"BLOCK": 16 if nvfp4 else 32, "NVFP4": nvfp4, "BLOCK_R": 16, "BLOCK_C": 128}, 4,
+    )
+
+
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 to run kernels on the CPU")
+@pytest.mark.parametrize("k", [200, 256])
+@pytest.mark.parametrize("nvfp4", [True, False], ids=["nvfp4", "mxfp4"])
+def test_fp4_dequantization_kernel_interpreted(k, nvfp4):
+    w = torch.randn(40, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[3, :40] = 0  # all-zero blocks
+    if nvfp4:
+        packed, scale, ts = fp4.quantize_nvfp4(w)
+        ref = fp4.dequantize_nvfp4(packed, scale, ts, k)
+    else:
+        packed, scale = fp4.quantize_mxfp4(w)
+        ts, ref = None, fp4.dequantize_mxfp4(packed, scale, k)
+    assert torch.equal(kernels.dequantize_fp4_triton(packed, scale, ts, k, torch.float32), ref)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 to run kernels on the CPU")
+def test_activation_scales_interpreted():
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(0))
+    x[4] = 0
+    before = x.clone()
+    q, s = kernels.quantize_rows_triton(x)
+    assert torch.equal(x, before)
+    assert q.dtype == fp8.ACT_DTYPE and q.shape == x.shape and s.shape == (9, 1)
+    assert torch.equal(s, fp8.quantize_rows_eager(x)[1])

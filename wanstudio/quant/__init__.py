@@ -1,0 +1,37 @@
+"""Quantization of the DiT's Linear layers: fp8 (plain / scaled / fast) and real fp4.
+
+Every mode of :class:`wanstudio.options.QuantMode` is implemented with the meaning
+``shared/design/MODES.md`` gives it:
+
+* :func:`quantize` swaps ``nn.Linear`` layers for :class:`QuantizedLinear` in place;
+* :func:`quantize_weight` quantizes one tensor (the checkpoint loader's entry point);
+* :func:`quant_report` measures per-layer and whole-model SQNR, bytes and matmul paths.
+"""
+
+from . import fp4, fp8, kernels  # noqa: F401  (submodules the GPU suite and benchmark use)
+from .apply import DEFAULT_KEEP, dequantize, is_kept, quantizable_linears, quantize, quantized_layers
+from .linear import QuantizedLinear
+from .report import LayerQuantStats, QuantReport, quant_report, sqnr_db
+from .spec import REFUSED, SPECS, QuantSpec, check_device, spec_for
+from .weights import quantize_weight, storage_mode_for
+
+__all__ = [
+    "DEFAULT_KEEP",
+    "REFUSED",
+    "SPECS",
+    "LayerQuantStats",
+    "QuantReport",
+    "QuantSpec",
+    "QuantizedLinear",
+    "check_device",
+    "dequantize",
+    "is_kept",
+    "quant_report",
+    "quantizable_linears",
+    "quantize",
+    "quantize_weight",
+    "quantized_layers",
+    "spec_for",
+    "sqnr_db",
+    "storage_mode_for",
+]

@@ -1,0 +1,116 @@
+"""quantize(model, mode): swap the DiT's Linear layers for QuantizedLinear, in place.
+
+Which layers: every ``nn.Linear`` whose qualified name starts with ``only_under`` (the DiT
+blocks by default) and contains none of the ``keep`` substrings. The default keep-list is the
+model's own capability metadata, ``WanModel._keep_in_base_precision`` (MODES.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModeError
+from ..model.wan import WanModel
+from ..options import QuantMode
+from .linear import QuantizedLinear
+from .spec import check_device, spec_for
+
+DEFAULT_KEEP: tuple[str, ...] = tuple(WanModel._keep_in_base_precision)
+
+
+def is_kept(name: str, keep: Sequence[str]) -> bool:
+    """Whether a module's qualified name contains one of the keep-list substrings."""
+    return any(k in name for k in keep)
+
+
+def quantizable_linears(
+    model: nn.Module, *, keep: Sequence[str] = DEFAULT_KEEP, only_under: str = "blocks."
+) -> Iterator[tuple[str, nn.Linear]]:
+    """(qualified name, layer) of every plain ``nn.Linear`` that :func:`quantize` would replace."""
+    for name, module in model.named_modules():
+        if (
+            type(module) is nn.Linear
+            and name.startswith(only_under)
+            and not is_kept(name, keep)
+        ):
+            yield name, module
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(
+    model: nn.Module,
+    mode: QuantMode | str,
+    *,
+    keep: Sequence[str] = DEFAULT_KEEP,
+    only_under: str = "blocks.",
+) -> nn.Module:
+    """Replace the model's Linear layers by :class:`QuantizedLinear` in ``mode``; returns ``model``.
+
+    Args:
+        model: modified in place. Layers are swapped one at a time, so the peak extra memory
+            is one layer's quantized copy.
+        mode: a :class:`QuantMode` or its name. ``disabled`` leaves the model as it is.
+        keep: substrings of qualified names to leave in base precision.
+        only_under: only layers whose qualified name starts with this prefix ("" = all).
+
+    Raises:
+        UnsupportedModeError: an fp8 ``_fast`` mode on a CUDA GPU below compute capability 8.9
+            (checked before anything changes), or a model already quantized in another mode.
+    """
+    spec = spec_for(mode)
+    mode = spec.mode
+    if spec.storage is None:
+        return model
+    keep = tuple(keep)
+    check_device(mode, _model_device(model))
+    present = {
+        m.mode for n, m in model.named_modules()
+        if isinstance(m, QuantizedLinear) and n.startswith(only_under)
+    }
+    if present - {mode}:
+        found = ", ".join(sorted(m.value for m in present))
+        raise UnsupportedModeError(
+            f"the model is already quantized ({found}); cannot re-quantize to {mode.value!r}. "
+            f"Call wanstudio.quant.dequantize(model) first, or reload the checkpoint."
+        )
+    targets = [name for name, _ in quantizable_linears(model, keep=keep, only_under=only_under)]
+    for name in targets:  # post-order does not matter: Linear layers have no children
+        linear = model.get_submodule(name)
+        q = QuantizedLinear.from_linear(linear, mode)
+        q._layout_name = name
+        _set_submodule(model, name, q)
+        del linear
+    model._quant_mode = mode
+    model._quant_keep = keep
+    return model
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Reverse of :func:`quantize`: every QuantizedLinear back to an ``nn.Linear`` (lossy once)."""
+    targets = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name in targets:
+        _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
+    if hasattr(model, "_quant_mode"):
+        model._quant_mode = QuantMode.DISABLED
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Qualified name -> QuantizedLinear, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
