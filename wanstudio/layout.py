@@ -12,7 +12,8 @@ owns a :class:`LayoutContract` saying what it needs of each operand: dtype, stri
   needs, counted, and shown by the inspector; violations no copy fixes (dtype, sizes) raise.
 
 Checks read tensor metadata only: no device sync, no ``.item()``.
-The inspector (``inspect.py``) subscribes to the events emitted here.
+The inspector (``inspector.py``) subscribes to the events emitted here (:func:`listen`).
+``set_strict_layout(model)`` makes every forward of a model run in strict mode.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
@@ -58,7 +59,7 @@ def majorness(t: torch.Tensor) -> str:
 
 def is_aligned(t: torch.Tensor, align: int = ALIGN_BYTES) -> bool:
     """Whether the first element sits on an ``align``-byte boundary (meta tensors: always)."""
-    if t.device.type == "meta" or t.numel() == 0:
+    if t.is_meta or t.numel() == 0:
         return True
     return t.data_ptr() % align == 0
 
@@ -68,11 +69,14 @@ def _stride_ok(t: torch.Tensor, rule: StrideRule) -> bool:
         return True
     if rule is StrideRule.CONTIGUOUS:
         return t.is_contiguous()
+    shape, st = t.shape, t.stride()  # one call each: this runs before every kernel launch
     if rule is StrideRule.LAST_DIM_CONTIGUOUS:
-        return t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] == 1
+        return not st or st[-1] == 1 or shape[-1] == 1
+    if len(st) != 2:
+        return False
     if rule is StrideRule.ROW_MAJOR:
-        return is_row_major(t)
-    return is_col_major(t)
+        return st[1] == 1 and st[0] >= max(1, shape[1])
+    return st[0] == 1 and st[1] >= max(1, shape[0])
 
 
 def _fix_stride(t: torch.Tensor, rule: StrideRule) -> torch.Tensor:
@@ -92,6 +96,12 @@ class Operand:
     divisible: tuple[tuple[int, int], ...] = ()  # (dim, multiple) pairs
     ndim: int | None = None
     optional: bool = False  # the wrapper may pass None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ok", _compile_check(self))  # the hot-path check
+
+    def __reduce__(self):  # pickle by fields (the compiled check is rebuilt)
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
 
     def describe(self) -> str:
         parts = []
@@ -133,12 +143,65 @@ _CAUSES = {
 }
 
 
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the elements a tensor addresses (a view: its own elements, not its storage)."""
+    return t.numel() * t.element_size()
+
+
 def describe_tensor(t: torch.Tensor) -> str:
-    ptr_mod = "n/a" if t.device.type == "meta" else str(t.data_ptr() % ALIGN_BYTES)
+    """Everything a layout error needs about one tensor, in one line (metadata only)."""
+    offset = t.storage_offset()
+    if t.device.type == "meta":
+        align = "alignment n/a (meta)"
+    else:
+        mod = t.data_ptr() % ALIGN_BYTES
+        align = f"data_ptr % 16 = {mod} ({'16-byte aligned' if mod == 0 else 'NOT 16-byte aligned'})"
+    major = majorness(t)
     return (
         f"shape {tuple(t.shape)}, stride {tuple(t.stride())}, dtype {str(t.dtype).replace('torch.', '')}, "
-        f"storage offset {t.storage_offset()}, data_ptr % 16 = {ptr_mod}, device {t.device}"
+        f"storage offset {offset} ({offset * t.element_size()} bytes), {align}, "
+        f"contiguous {t.is_contiguous()}{f', {major}-major' if major in ('row', 'col') else ''}"
+        f"{', ' + major if major in ('both', 'strided') else ''}, device {t.device}"
     )
+
+
+def likely_cause(op: Operand, v: Violation, t: torch.Tensor) -> str:
+    """The most probable origin of one violation, from the tensor's own metadata."""
+    if v.rule == "align":
+        off = t.storage_offset() * t.element_size()
+        if off % op.align:
+            return (
+                f"the view starts {off} bytes into its storage (a slice or view of a larger or packed "
+                "tensor); materialise it once, at quantize / load time, in its own allocation"
+            )
+        return (
+            "the storage itself is not aligned (an external buffer: e.g. a memory-mapped file or "
+            "torch.frombuffer on an odd offset); copy it once into a fresh tensor at load time"
+        )
+    if v.rule == "stride":
+        if op.stride is StrideRule.COL_MAJOR and is_row_major(t):
+            return (
+                "a row-major matrix where a column-major one is needed: for _scaled_mm store the "
+                "weight row-major [N, K] and pass weight.t() (do not call .contiguous() on the "
+                "transposed view)"
+            )
+        if op.stride is StrideRule.LAST_DIM_CONTIGUOUS:
+            return (
+                "the last dim is not innermost in memory (a transpose / permute that moved it, or a "
+                "strided slice of it); produce the tensor in [..., D] order or let the wrapper copy"
+            )
+        return _CAUSES["stride"]
+    return v.cause
 
 
 @dataclass(frozen=True)
@@ -152,12 +215,14 @@ class LayoutContract:
         names = [o.name for o in self.operands]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.kernel}: duplicate operand names {names}")
+        object.__setattr__(self, "_by_name", {o.name: o for o in self.operands})
+        object.__setattr__(self, "_checks", {o.name: o._ok for o in self.operands})
 
     def operand(self, name: str) -> Operand:
-        for op in self.operands:
-            if op.name == name:
-                return op
-        raise KeyError(f"{self.kernel} has no operand {name!r}")
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{self.kernel} has no operand {name!r}") from None
 
     def violations(self, **tensors: torch.Tensor | None) -> list[Violation]:
         out: list[Violation] = []
@@ -173,49 +238,132 @@ class LayoutContract:
     def enforce(self, where: str, **tensors: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         """Check every operand; raise in strict mode, else copy what a copy fixes.
 
-        Returns the (possibly copied) tensors by operand name, in the given order.
+        ``where`` names the calling module (its qualified name, :func:`layout_name`). Returns
+        the (possibly copied) tensors by operand name, in the given order. Every check is
+        reported to the :func:`listen` listeners, also one that is about to raise.
         """
+        by_name = self._by_name
+        if not _LISTENERS:  # the hot path: every operand fine, nobody listening
+            checks = self._checks
+            try:
+                for name, t in tensors.items():
+                    if t is not None and not checks[name](t):
+                        break
+                else:
+                    return tensors  # our own **kwargs dict: same names, same order
+            except KeyError:
+                pass  # an unknown operand name: the loop below raises the full message
         result: dict[str, torch.Tensor | None] = {}
-        strict = strict_enabled()
+        strict = _strict_depth > 0
         for name, t in tensors.items():
-            op = self.operand(name)
+            op = by_name.get(name) or self.operand(name)
             if t is None:
                 result[name] = None
                 continue
-            found = _check_operand(op, t)
-            copied = False
-            if found:
-                hard = [v for v in found if not v.fixable]
-                if strict or hard:
-                    raise LayoutError(self._message(where, op, t, hard or found))
-                fixed = t
-                if any(v.rule == "stride" for v in found):
-                    fixed = _fix_stride(fixed, op.stride)
-                if not is_aligned(fixed, op.align or 1):
-                    fixed = fixed.clone()  # a fresh allocation is aligned
-                copied = True
-                COPY_COUNTS[(where, self.kernel, name)] += 1
+            found = None if op._ok(t) else _check_operand(op, t)
+            if not found:
+                if _LISTENERS:
+                    _emit(KernelOperandEvent(where, self.kernel, op, t, (), False, t))
+                result[name] = t
+                continue
+            hard = [v for v in found if not v.fixable]
+            if strict or hard:
+                if _LISTENERS:
+                    _emit(KernelOperandEvent(where, self.kernel, op, t, tuple(found), False, None, True))
+                raise LayoutError(self.message(where, op, t, hard or found, strict=strict))
+            fixed = t
+            if any(v.rule == "stride" for v in found):
+                fixed = _fix_stride(fixed, op.stride)
+            if not is_aligned(fixed, op.align or 1):
+                fixed = fixed.clone()  # a fresh allocation is aligned
+            COPY_COUNTS[(where, self.kernel, name)] += 1
             if _LISTENERS:
-                for listener in list(_LISTENERS):
-                    listener(KernelOperandEvent(where, self.kernel, op, t, tuple(found), copied))
-            result[name] = fixed if copied else t
+                _emit(KernelOperandEvent(where, self.kernel, op, t, tuple(found), True, fixed))
+            result[name] = fixed
         return result
 
-    def _message(self, where: str, op: Operand, t: torch.Tensor, found: list[Violation]) -> str:
+    def message(self, where: str, op: Operand, t: torch.Tensor, found: list[Violation],
+                *, strict: bool = True) -> str:
+        """The LayoutError text: module, kernel, operand, required, found, likely cause."""
+        when = "strict layout mode: raised before the launch" if strict else "no copy can fix this"
         lines = [
-            f"{where}: kernel {self.kernel}, operand {op.name!r} violates its layout contract.",
+            f"{where}: kernel {self.kernel}, operand {op.name!r} violates its layout contract ({when}).",
             f"  required: {op.describe()}",
             f"  found:    {describe_tensor(t)}",
         ]
         for v in found:
             lines.append(f"  - {v.rule}: required {v.required}, found {v.found}")
-        causes = {v.cause for v in found if v.cause}
+        causes = list(dict.fromkeys(c for c in (likely_cause(op, v, t) for v in found) if c))
         if causes:
-            lines.append("  likely cause: " + "; ".join(sorted(causes)))
+            lines.append("  likely cause: " + "; ".join(causes))
+        if strict and all(v.fixable for v in found):
+            lines.append(
+                f"  outside strict mode the wrapper would copy it ({format_bytes(tensor_nbytes(t))}) "
+                "on every call; the inspector (wanstudio.inspect_layout) lists such copies"
+            )
         return "\n".join(lines)
+
+    # the old private name, kept for callers that used it
+    def _message(self, where: str, op: Operand, t: torch.Tensor, found: list[Violation]) -> str:
+        return self.message(where, op, t, found, strict=strict_enabled())
+
+
+def _compile_check(op: Operand) -> Callable[[torch.Tensor], bool]:
+    """The hot-path check of one operand: a straight-line function with only the rules it
+    declares, constants inlined. Same verdict as ``not _check_operand(op, t)``.
+
+    It runs before every kernel launch, right after compute that has evicted the interpreter's
+    caches, so its cost is mostly bytecodes and metadata reads: shape and strides are read
+    once, ``numel()`` only when the pointer is misaligned (``data_ptr()`` is host metadata, 0
+    for meta tensors). Nothing here allocates, dispatches an op or syncs.
+    """
+    nd = op.ndim
+    body = ["shape = t.shape", "nd = len(shape)"]
+    if nd is not None:
+        body.append(f"if nd != {nd}: return False")
+    if op.dtypes:
+        body.append("if t.dtype not in dtypes: return False")
+    for dim, mult in op.divisible:
+        if nd is None:
+            body.append(f"if {-dim - 1 if dim < 0 else dim} < nd and shape[{dim}] % {mult}: return False")
+        elif -nd <= dim < nd:
+            body.append(f"if shape[{dim}] % {mult}: return False")
+    rule = op.stride
+    if rule is StrideRule.CONTIGUOUS:
+        body.append("if not t.is_contiguous(): return False")
+    elif rule is StrideRule.LAST_DIM_CONTIGUOUS:
+        if nd != 0:
+            body.append("st = t.stride()")
+            body.append(("if " if nd else "if nd and ") + "st[-1] != 1 and shape[-1] != 1: return False")
+    elif rule in (StrideRule.ROW_MAJOR, StrideRule.COL_MAJOR):
+        if nd is None:
+            body.append("if nd != 2: return False")
+        elif nd != 2:
+            body.append("return False")
+        body.append("st = t.stride()")
+        if rule is StrideRule.ROW_MAJOR:
+            body.append("if st[1] != 1 or st[0] < max(1, shape[1]): return False")
+        else:
+            body.append("if st[0] != 1 or st[1] < max(1, shape[0]): return False")
+    if op.align:
+        body.append(f"return not (t.data_ptr() % {op.align} and not t.is_meta and t.numel())")
+    else:
+        body.append("return True")
+    source = "def check(t):\n" + "".join(f"    {line}\n" for line in body)
+    namespace: dict = {"dtypes": op.dtypes}
+    exec(compile(source, f"<layout check {op.name}>", "exec"), namespace)
+    check = namespace["check"]
+    check.__doc__ = source
+    return check
+
+
+def _operand_ok(op: Operand, t: torch.Tensor) -> bool:
+    """True when ``t`` meets ``op`` (see :func:`_compile_check`)."""
+    return op._ok(t)
 
 
 def _check_operand(op: Operand, t: torch.Tensor) -> list[Violation]:
+    """Every violation of ``op`` by ``t``, described (the slow path, after a failed check)."""
     out: list[Violation] = []
     if op.ndim is not None and t.dim() != op.ndim:
         out.append(Violation(op.name, "ndim", f"{op.ndim}-D", f"{t.dim()}-D", False))
@@ -234,8 +382,8 @@ def _check_operand(op: Operand, t: torch.Tensor) -> list[Violation]:
         out.append(
             Violation(
                 op.name, "align", f"data_ptr % {op.align} == 0",
-                f"data_ptr % {op.align} = {t.data_ptr() % op.align} "
-                f"(storage offset {t.storage_offset()})", True,
+                f"data_ptr % {op.align} = {t.data_ptr() % op.align} (storage offset "
+                f"{t.storage_offset()} elements = {t.storage_offset() * t.element_size()} bytes)", True,
             )
         )
     return out
@@ -252,35 +400,102 @@ def strict_enabled() -> bool:
     return _strict_depth > 0
 
 
+def _enter_strict() -> None:
+    global _strict_depth
+    with _strict_lock:
+        _strict_depth += 1
+
+
+def _exit_strict() -> None:
+    global _strict_depth
+    with _strict_lock:
+        _strict_depth -= 1
+
+
 @contextmanager
 def strict_layout(enabled: bool = True) -> Iterator[None]:
-    """Within this block a violated contract raises LayoutError before the kernel launches."""
-    global _strict_depth
+    """Within this block a violated contract raises LayoutError before the kernel launches.
+
+    Process-wide: it also covers kernels launched by worker threads while the block is open.
+    """
     if not enabled:
         yield
         return
-    with _strict_lock:
-        _strict_depth += 1
+    _enter_strict()
     try:
         yield
     finally:
-        with _strict_lock:
-            _strict_depth -= 1
+        _exit_strict()
+
+
+# Per thread: the modules whose strict forward is running (pre-hook pushed, post-hook pops).
+_strict_frames = threading.local()
+_STRICT_HANDLES = "_strict_layout_handles"
+
+
+def _strict_pre_hook(module: nn.Module, args) -> None:
+    stack = getattr(_strict_frames, "stack", None)
+    if stack is None:
+        stack = _strict_frames.stack = []
+    _enter_strict()
+    stack.append(module)
+
+
+def _strict_post_hook(module: nn.Module, args, output) -> None:
+    # always_call: also runs when the forward raised. Only undo what our pre-hook did (a
+    # global pre-hook that raised before ours leaves nothing to undo).
+    stack = getattr(_strict_frames, "stack", None)
+    if stack and stack[-1] is module:
+        stack.pop()
+        _exit_strict()
+
+
+def set_strict_layout(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every forward of ``model`` run under :func:`strict_layout` (in place; returns it).
+
+    Installs one forward pre-hook and one always-called forward hook on ``model`` itself
+    (none on its submodules); ``enabled=False`` removes them. Idempotent. Used by
+    ``load_model(..., strict_layout=True)`` and the pipelines.
+    """
+    handles = getattr(model, _STRICT_HANDLES, None)
+    if enabled and handles is None:
+        pre = model.register_forward_pre_hook(_strict_pre_hook, prepend=True)
+        post = model.register_forward_hook(_strict_post_hook, always_call=True)
+        object.__setattr__(model, _STRICT_HANDLES, (pre, post))  # not a submodule / buffer
+    elif not enabled and handles is not None:
+        for h in handles:
+            h.remove()
+        object.__delattr__(model, _STRICT_HANDLES)
+    return model
+
+
+def is_strict_layout(model: nn.Module) -> bool:
+    """Whether :func:`set_strict_layout` is on for ``model``."""
+    return getattr(model, _STRICT_HANDLES, None) is not None
 
 
 # --- events for the inspector ------------------------------------------------------------------
 @dataclass
 class KernelOperandEvent:
-    where: str
+    """One contract check of one operand (delivered to :func:`listen` listeners)."""
+
+    where: str  # the calling module's qualified name
     kernel: str
     operand: Operand
-    tensor: torch.Tensor
+    tensor: torch.Tensor  # as the wrapper received it
     violations: tuple[Violation, ...]
-    copied: bool
+    copied: bool  # outside strict mode: a copy fixed it
+    result: torch.Tensor | None = None  # what the kernel gets (the copy, or ``tensor``)
+    raised: bool = False  # a LayoutError follows this event
 
 
 _LISTENERS: list[Callable[[KernelOperandEvent], None]] = []
 COPY_COUNTS: Counter = Counter()  # (where, kernel, operand) -> copies made outside strict mode
+
+
+def _emit(event: KernelOperandEvent) -> None:
+    for listener in list(_LISTENERS):
+        listener(event)
 
 
 @contextmanager
