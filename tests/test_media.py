@@ -1,0 +1,301 @@
+"""Media I/O: images, buckets, audio decoding and loudness, speaker mixing, mp4 writing."""
+
+from __future__ import annotations
+
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pyloudnorm
+import pytest
+import torch
+from PIL import Image
+from scipy.io import wavfile
+
+from wanstudio.errors import MediaError, ShapeError, UnknownOptionError
+from wanstudio.media import (
+    VideoWriter,
+    asset_path,
+    choose_bucket,
+    load_audio,
+    load_image,
+    loudness_normalize,
+    mix_speakers,
+    probe_media,
+    resize_and_crop,
+    write_video,
+)
+
+
+def _sine(seconds: float, rate: int = 16000, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _write_wav(path, wave: np.ndarray, rate: int = 16000):
+    wavfile.write(path, rate, (np.clip(wave, -1, 1) * 32767).astype(np.int16))
+    return path
+
+
+def _peak_hz(wave: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(wave))
+    return float(np.fft.rfftfreq(wave.size, 1 / rate)[spectrum.argmax()])
+
+
+def _frames(count: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 [F, H, W, 3]: a moving gradient, so every frame differs."""
+    y, x = np.mgrid[:height, :width]
+    return np.stack([
+        np.stack([(x * 4 + f * 8) % 256, (y * 5) % 256, np.full_like(x, f * 9 % 256)], axis=-1)
+        for f in range(count)
+    ]).astype(np.uint8)
+
+
+@pytest.fixture()
+def no_temp_files(tmp_path):
+    """Asserts, after the test, that nothing but the files it names remains in tmp_path."""
+    expected: set[str] = set()
+    yield expected
+    assert {p.name for p in tmp_path.iterdir()} == expected
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.new("RGB", (40, 20), "red").save(tmp_path / "photo.jpg", exif=exif)
+    image = load_image(tmp_path / "photo.jpg")
+    assert image.mode == "RGB" and image.size == (20, 40)
+
+
+def test_load_image_puts_transparency_over_white(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.save(tmp_path / "alpha.png")
+    image = load_image(tmp_path / "alpha.png")
+    assert image.getpixel((4, 4)) == (255, 255, 255) and image.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(MediaError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(MediaError, match="is a folder"):
+        load_image(tmp_path)
+    with pytest.raises(MediaError, match="not an image"):
+        load_image(asset_path("speech.wav"))
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(asset_path("portrait.png").read_bytes()[:2000])
+    with pytest.raises(MediaError, match="could not be decoded"):
+        load_image(truncated)
+
+
+@pytest.mark.parametrize(
+    ("size", "size_class", "bucket"),
+    [
+        ((512, 512), "480", (640, 640)),
+        ((1000, 500), 480, (896, 448)),  # landscape 2:1
+        ((384, 448), "480", (576, 704)),  # the shipped portrait: H/W = 1.17 -> 1.22
+        ((720, 1280), "720", (704, 1280)),  # portrait 16:9
+        ((960, 960), "720", (960, 960)),
+    ],
+)
+def test_choose_bucket_takes_the_nearest_aspect(size, size_class, bucket):
+    assert choose_bucket(*size, size_class) == bucket
+
+
+@pytest.mark.parametrize(("size_class", "pixels"), [("480", 640 * 640), ("720", 960 * 960)])
+def test_buckets_are_multiples_of_16_near_the_class_area(size_class, pixels):
+    for ratio in np.geomspace(0.2, 5.0, 40):
+        w, h = choose_bucket(1000, int(1000 * ratio), size_class)
+        assert w % 16 == 0 and h % 16 == 0
+        assert 0.85 < w * h / pixels < 1.15
+
+
+def test_choose_bucket_rejects_unknown_classes():
+    with pytest.raises(UnknownOptionError, match="1080"):
+        choose_bucket(100, 100, "1080")
+
+
+def test_resize_and_crop_covers_then_crops_the_centre():
+    image = Image.new("RGB", (300, 100), "red")
+    image.paste((0, 255, 0), (100, 0, 200, 100))  # the middle third is green
+    image.paste((0, 0, 255), (200, 0, 300, 100))
+    out = resize_and_crop(image, (64, 64))
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    inner = out[:, :, 2:-2]  # away from the band edges, where bilinear blends
+    assert torch.all(inner[1] > 0.9) and torch.all(inner[0] < -0.9) and torch.all(inner[2] < -0.9)
+
+
+def test_resize_and_crop_non_square_target():
+    out = resize_and_crop(load_image(asset_path("portrait.png")), (576, 704))
+    assert out.shape == (3, 704, 576)
+
+
+# --- audio ---------------------------------------------------------------------------------
+
+
+def test_wav_decodes_to_16k_mono(tmp_path):
+    stereo = np.stack([_sine(1.5, 44100), _sine(1.5, 44100)], axis=1)
+    wave = load_audio(_write_wav(tmp_path / "a.wav", stereo, 44100))
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(wave.size - 1.5 * 16000) <= 1
+    assert abs(_peak_hz(wave, 16000) - 440) < 2  # the rate is right, not only the length
+
+
+@pytest.mark.parametrize("suffix", [".mp3", ".m4a"])
+def test_compressed_audio_decodes_to_the_right_length_and_rate(tmp_path, suffix):
+    source = _write_wav(tmp_path / "a.wav", _sine(2.0, 22050), 22050)
+    encoded = tmp_path / f"a{suffix}"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source), str(encoded)],
+                   check=True)
+    wave = load_audio(encoded)
+    assert abs(wave.size - 2.0 * 16000) <= 16000 / 25  # within one video frame
+    assert abs(_peak_hz(wave, 16000) - 440) < 2
+
+
+def test_loudness_lands_on_minus_23_lufs():
+    wave = _sine(3.0, amp=0.05) + 0.01 * np.random.default_rng(0).standard_normal(48000).astype(
+        np.float32
+    )
+    before = wave.copy()
+    out = loudness_normalize(wave)
+    assert abs(pyloudnorm.Meter(16000).integrated_loudness(out) + 23) < 0.5
+    assert out.dtype == np.float32 and np.array_equal(wave, before)  # the input is untouched
+
+
+@pytest.mark.parametrize(
+    "wave",
+    [np.zeros(32000, np.float32), _sine(2.0, amp=1e-6), _sine(0.3)],
+    ids=["silence", "below-100-lufs", "shorter-than-the-meter-block"],
+)
+def test_loudness_is_left_alone_when_it_cannot_be_measured(wave):
+    np.testing.assert_array_equal(loudness_normalize(wave), wave)
+
+
+def test_mix_speakers_para_pads_to_the_longer():
+    a1, a2 = np.ones(5, np.float32), np.full(3, 2.0, np.float32)
+    m1, m2 = mix_speakers(a1, a2, "para")
+    np.testing.assert_array_equal(m1, a1)
+    np.testing.assert_array_equal(m2, [2, 2, 2, 0, 0])
+
+
+def test_mix_speakers_add_takes_turns():
+    a1, a2 = np.ones(2, np.float32), np.full(3, 2.0, np.float32)
+    m1, m2 = mix_speakers(a1, a2, "add")
+    np.testing.assert_array_equal(m1, [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(m2, [0, 0, 2, 2, 2])
+
+
+def test_mix_speakers_rejects_unknown_modes():
+    with pytest.raises(UnknownOptionError, match="Did you mean 'para'"):
+        mix_speakers(np.ones(2), np.ones(2), "parra")
+
+
+def test_audio_errors(tmp_path):
+    with pytest.raises(MediaError, match="not found"):
+        load_audio(tmp_path / "missing.wav")
+    with pytest.raises(MediaError, match="is a folder"):
+        load_audio(tmp_path)
+    with pytest.raises(MediaError, match="no audio stream"):
+        load_audio(asset_path("portrait.png"))
+    garbage = tmp_path / "noise.wav"
+    garbage.write_bytes(b"this is not audio" * 100)
+    with pytest.raises(MediaError, match="not an audio file"):
+        load_audio(garbage)
+    with pytest.raises(MediaError, match="no audio samples"):
+        load_audio(_write_wav(tmp_path / "empty.wav", np.zeros(0)))
+    with pytest.raises(MediaError, match="silent"):
+        load_audio(_write_wav(tmp_path / "quiet.wav", np.zeros(16000)))
+    with pytest.raises(MediaError, match="shorter than 0.0400 s"):
+        load_audio(_write_wav(tmp_path / "blip.wav", _sine(0.02)))
+
+
+def test_shipped_assets():
+    portrait = load_image(asset_path("portrait.png"))
+    assert min(portrait.size) >= 256 and max(portrait.size) <= 512
+    speech = load_audio(asset_path("speech.wav"))
+    assert 2.0 < speech.size / 16000 < 8.0
+    assert probe_media(asset_path("speech.wav"))["sample_rate"] == 16000
+    with pytest.raises(MediaError, match="portrait.png, speech.wav"):
+        asset_path("nope.png")
+
+
+# --- video ---------------------------------------------------------------------------------
+
+
+def test_mp4_has_the_frames_duration_and_audio(tmp_path):
+    path = write_video(tmp_path / "out.mp4", _frames(30), audio=_sine(1.2))
+    info = probe_media(path)
+    assert info["video_codec"] == "h264" and info["pix_fmt"] == "yuv420p"
+    assert (info["width"], info["height"], info["fps"], info["frames"]) == (64, 48, 25.0, 30)
+    assert abs(info["duration"] - 30 / 25) < 0.07  # AAC frames are 64 ms at 16 kHz
+    assert info["has_audio"] and info["audio_codec"] == "aac"
+
+
+def test_frames_stream_in_pieces_and_audio_is_cut_to_the_video(tmp_path):
+    clip = torch.rand(3, 10, 32, 32) * 2 - 1  # one sample of VAE.decode output
+    with VideoWriter(tmp_path / "out.mp4", audio=_sine(3.0)) as writer:
+        for _ in range(3):
+            writer.append(clip)
+    info = probe_media(writer.path)
+    assert info["frames"] == 30 and abs(info["duration"] - 1.2) < 0.07
+
+
+def test_video_without_audio(tmp_path):
+    info = probe_media(write_video(tmp_path / "out.mp4", _frames(5)))
+    assert info["frames"] == 5 and not info["has_audio"]
+
+
+def test_an_interrupted_write_leaves_no_partial_file(tmp_path, no_temp_files):
+    with pytest.raises(KeyboardInterrupt), VideoWriter(tmp_path / "out.mp4", audio=_sine(1.0)) as w:
+        w.append(_frames(10))
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_write_keeps_the_previous_file(tmp_path, no_temp_files):
+    previous = write_video(tmp_path / "out.mp4", _frames(4))
+    no_temp_files.add("out.mp4")
+    content = previous.read_bytes()
+    with pytest.raises(RuntimeError), VideoWriter(previous) as writer:
+        writer.append(_frames(8))
+        raise RuntimeError("generation failed")
+    assert previous.read_bytes() == content
+
+
+def test_closing_without_frames_is_an_error(tmp_path, no_temp_files):
+    with pytest.raises(MediaError, match="no frames"), VideoWriter(tmp_path / "out.mp4"):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        (np.zeros((2, 47, 64, 3), np.uint8), "even frame sizes"),
+        (np.zeros((2, 48, 64, 3), np.float32), r"uint8 \[F, H, W, 3\]"),
+        (torch.zeros(1, 3, 2, 48, 64), r"pass video\[0\]"),
+    ],
+)
+def test_bad_frames_are_refused(tmp_path, no_temp_files, frames, message):
+    with pytest.raises(ShapeError, match=message), VideoWriter(tmp_path / "out.mp4") as writer:
+        writer.append(frames)
+
+
+def test_stereo_audio_for_the_video_is_refused(tmp_path, no_temp_files):
+    with pytest.raises(ShapeError, match="mono audio"):
+        VideoWriter(tmp_path / "out.mp4", audio=np.zeros((100, 2), np.float32))
+
+
+def test_frames_of_another_size_are_refused(tmp_path, no_temp_files):
+    with pytest.raises(ShapeError, match="one size"), VideoWriter(tmp_path / "out.mp4") as writer:
+        writer.append(_frames(2))
+        writer.append(_frames(2, height=32))
+
+
+def test_probe_rejects_non_media(tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(MediaError, match="not a media file"):
+        probe_media(junk)
