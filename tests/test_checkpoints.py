@@ -254,3 +254,103 @@ def test_block_swap_at_load_needs_a_gpu(tmp_path):
     save_file(_state(_tiny("tiny-t2v")), tmp_path / "dit.safetensors")
     with pytest.raises(ws.BlockSwapError, match="meaningless"):
         load_model(tmp_path / "dit.safetensors", blocks_to_swap=1, device="cpu")
+
+
+# --- quantized checkpoints -----------------------------------------------------------------------
+# Whole-model SQNR bars: the single-layer bars of issue 3 (tests/test_quant.py), which the tiny
+# two-block model must also meet end to end.
+_MODEL_SQNR_BARS = {
+    "fp8_e4m3fn": 28, "fp8_e4m3fn_scaled": 30, "fp8_e4m3fn_scaled_fast": 27, "fp8_e5m2_scaled": 24,
+    "fp4_scaled": 19, "fp4_experimental": 17,
+}
+
+
+def _scaled_fp8_file(model: ws.WanModel, path: Path) -> None:
+    """A ComfyUI-style scaled-fp8 file: prefixed keys, e4m3 weights with a per-tensor
+    ``scale_weight``, a ``scaled_fp8`` marker, everything else in bf16."""
+    from wanstudio.quant import quantizable_linears
+
+    names = {n for n, _ in quantizable_linears(model)}
+    out = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in _state(model).items():
+        base = key.rpartition(".")[0]
+        if base in names and key.endswith(".weight"):
+            scale = value.abs().max().float() / 448
+            out["model.diffusion_model." + key] = (value / scale).to(torch.float8_e4m3fn)
+            out["model.diffusion_model." + base + ".scale_weight"] = scale.reshape(1)
+        else:
+            out["model.diffusion_model." + key] = value.bfloat16()
+    save_file(out, path)
+
+
+def _seeded(preset: str) -> ws.WanModel:
+    """Default (kaiming-uniform) init: weight statistics like a trained layer's, unlike _tiny's
+    perturbed norms, which exist to expose mapping mistakes, not to measure quantization."""
+    torch.manual_seed(0)
+    return ws.WanModel(ws.WanConfig.preset(preset)).eval()
+
+
+def _sqnr_vs(model: ws.WanModel, reference: ws.WanModel) -> float:
+    from wanstudio.quant import sqnr_db
+
+    inputs = make_inputs(reference.config)
+    with torch.no_grad():
+        return sqnr_db(call(model, inputs), call(reference, inputs))
+
+
+@pytest.mark.parametrize("mode", sorted(_MODEL_SQNR_BARS))
+def test_bf16_file_quantized_on_load_meets_its_mode_bar(tmp_path, mode):
+    from wanstudio.quant import QuantizedLinear
+
+    reference = _seeded("tiny-infinitetalk")
+    save_file({k: v.bfloat16() for k, v in _state(reference).items()}, tmp_path / "dit.safetensors")
+    model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, quantization=mode)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 2 * (4 + 6 + 2 + 3)  # per block: self q/k/v/o, cross q/k/v/o + k_img/v_img, ffn, audio
+    assert {layer.mode.value for layer in layers} == {mode}
+    assert model.quantization.value == mode
+    assert _sqnr_vs(model, reference) >= _MODEL_SQNR_BARS[mode]
+
+
+def test_scaled_fp8_file_runs_in_its_storage_mode_when_quantization_is_disabled(tmp_path):
+    reference = _seeded("tiny-infinitetalk")
+    _scaled_fp8_file(reference, tmp_path / "dit_fp8_scaled.safetensors")
+    model = load_model(tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float32)
+    assert model.quantization is ws.QuantMode.FP8_E4M3FN_SCALED
+    assert model.checkpoint_info.scaled_fp8_marker and model.checkpoint_info.has_fp8
+    assert _sqnr_vs(model, reference) >= _MODEL_SQNR_BARS["fp8_e4m3fn_scaled"]
+    fast = load_model(tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float32,
+                      quantization="fp8_e4m3fn_scaled_fast")
+    assert _sqnr_vs(fast, reference) >= _MODEL_SQNR_BARS["fp8_e4m3fn_scaled_fast"]
+
+
+def test_plain_fp8_file_runs_as_stored(tmp_path):
+    reference = _seeded("tiny-t2v")
+    from wanstudio.quant import quantizable_linears
+
+    names = {n for n, _ in quantizable_linears(reference)}
+    sd = {k: (v.to(torch.float8_e4m3fn) if k.rpartition(".")[0] in names and k.endswith(".weight") else v)
+          for k, v in _state(reference).items()}
+    save_file(sd, tmp_path / "dit_fp8.safetensors")
+    model = load_model(tmp_path / "dit_fp8.safetensors", dtype=torch.float32)
+    assert model.quantization is ws.QuantMode.FP8_E4M3FN
+    assert _sqnr_vs(model, reference) >= _MODEL_SQNR_BARS["fp8_e4m3fn"]
+
+
+def test_a_mode_that_contradicts_the_file_says_which_mode_fits(tmp_path):
+    _scaled_fp8_file(_seeded("tiny-t2v"), tmp_path / "dit_fp8_scaled.safetensors")
+    with pytest.raises(ws.CheckpointError, match=r"blocks\.0\.self_attn\.q: .* use 'fp8_e4m3fn_scaled'"):
+        load_model(tmp_path / "dit_fp8_scaled.safetensors", quantization="fp8_e5m2_scaled")
+
+
+def test_strict_layout_at_load_covers_every_forward(tmp_path):
+    save_file(_state(_seeded("tiny-t2v")), tmp_path / "dit.safetensors")
+    model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, strict_layout=True,
+                       quantization="fp8_e4m3fn_fast")
+    assert ws.is_strict_layout(model)
+    layer = model.blocks[0].self_attn.q
+    misaligned = torch.empty(layer.weight.numel() + 1, dtype=layer.weight.dtype)[1:].view_as(layer.weight)
+    misaligned.copy_(layer.weight)
+    layer.weight = misaligned  # one element past a 16-byte boundary
+    with pytest.raises(ws.LayoutError, match=r"blocks\.0\.self_attn\.q"):
+        call(model, make_inputs(model.config))

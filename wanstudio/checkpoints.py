@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import WanConfig
 from .errors import CheckpointError, ConfigError
+from .layout import assign_layout_names
 from .options import AttentionMode, BasePrecision, QuantMode, parse_option
 from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
 
@@ -290,6 +291,9 @@ def load_model(
     if attention is not None:  # bad names fail before any file is read
         attention = parse_option(AttentionMode, attention)
     quantization = parse_option(QuantMode, quantization)
+    from .quant import check_device
+
+    check_device(quantization, device)
     entries, info = scan_checkpoint(paths)
     if config is None:
         try:
@@ -303,17 +307,22 @@ def load_model(
     model = WanModel(cfg, device="meta", dtype=dtype)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
-    if info.has_fp8:
-        raise CheckpointError(
-            f"{info.files[0]}: holds {info.fp8_weights} fp8 weights; loading fp8 checkpoints needs "
-            f"the quantization support (wanstudio.quant), which is not installed in this build"
-        )
+    mode = _storage_mode(quantization, entries, info)
     placement = _placement(model, device, blocks_to_swap)
+    quantized = _swap_in_quantized_layers(model, mode, dtype)
     for name in model_shapes:
+        layer, _, leaf = name.rpartition(".")
+        if layer in quantized:
+            if leaf == "weight":  # the layer's tensors arrive together (bias read alongside)
+                _load_quantized(quantized[layer], layer, entries, mode, device,
+                                host=placement.get(name) == "cpu_pinned", dtype=dtype)
+            continue
         target = torch.device("cpu") if placement.get(name) == "cpu_pinned" else device
-        assign_tensor(model, name, read_tensor(entries[name]).to(device=target, dtype=dtype))
+        tensor = _real_tensor(entries, name)
+        assign_tensor(model, name, tensor.to(device=target, dtype=dtype))
     model.checkpoint_info = info
-    log.info("loaded %s", info.summary())
+    model.quantization = mode
+    log.info("loaded %s; quantization %s", info.summary(), mode.value)
     if blocks_to_swap:
         from .offload import enable_block_swap
 
@@ -322,7 +331,85 @@ def load_model(
         from .attention import set_attention
 
         set_attention(model, attention)
+    if strict_layout:
+        from .layout import set_strict_layout
+
+        set_strict_layout(model, True)
     return model
+
+
+def _scale_entry(entries: dict[str, TensorEntry], weight_name: str) -> TensorEntry | None:
+    base = weight_name[: -len(".weight")]
+    for suffix in (".scale_weight", ".weight_scale"):
+        if base + suffix in entries:
+            return entries[base + suffix]
+    return None
+
+
+def _real_tensor(entries: dict[str, TensorEntry], name: str) -> torch.Tensor:
+    """A tensor as the checkpoint means it: an fp8 weight outside the quantized layers (a
+    keep-listed layer stored in fp8) is dequantized with its stored scale."""
+    tensor = read_tensor(entries[name])
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale = _scale_entry(entries, name) if name.endswith(".weight") else None
+        tensor = tensor.float() * (read_tensor(scale).float().reshape(-1, *[1] * (tensor.dim() - 1))
+                                   if scale is not None and read_tensor(scale).numel() > 1
+                                   else (read_tensor(scale).float() if scale is not None else 1.0))
+    return tensor
+
+
+def _storage_mode(requested: QuantMode, entries: dict[str, TensorEntry], info: CheckpointInfo) -> QuantMode:
+    """The mode the weights will run in. ``disabled`` on an fp8 checkpoint picks the storage
+    mode that runs it as stored; a requested mode that contradicts the file is refused later,
+    per tensor, by ``quantize_weight`` with the mode that fits."""
+    if not info.has_fp8 or requested is not QuantMode.DISABLED:
+        return requested
+    from .quant import storage_mode_for
+
+    fp8_dtypes = {e.dtype for e in entries.values() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+    if len(fp8_dtypes) > 1:
+        raise CheckpointError(f"{info.files[0]}: mixes fp8 formats {sorted(map(str, fp8_dtypes))}; "
+                              f"wanstudio runs one fp8 storage format per model")
+    mode = storage_mode_for(fp8_dtypes.pop(), scaled=bool(info.scale_keys) or info.scaled_fp8_marker)
+    log.info("fp8 checkpoint: running it in its storage mode %s", mode.value)
+    return mode
+
+
+def _swap_in_quantized_layers(model: nn.Module, mode: QuantMode, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """Replace the quantizable meta Linears by empty QuantizedLinears; returns them by name."""
+    if mode is QuantMode.DISABLED:
+        return {}
+    from .quant import QuantizedLinear, quantizable_linears
+
+    layers = {}
+    for name, linear in list(quantizable_linears(model)):
+        layer = QuantizedLinear.empty(linear.in_features, linear.out_features, mode,
+                                      bias=linear.bias is not None, device="meta", dtype=dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        layers[name] = layer
+    assign_layout_names(model)  # the new layers report their own qualified names
+    return layers
+
+
+def _load_quantized(layer, name: str, entries: dict[str, TensorEntry], mode: QuantMode,
+                    device: torch.device, *, host: bool, dtype: torch.dtype) -> None:
+    """Quantize one layer's weight on ``device`` (fast there) while streaming; park it on the
+    host when block swap will keep it there. Never holds more than this layer twice."""
+    from .quant import quantize_weight
+
+    scale_entry = _scale_entry(entries, name + ".weight")
+    weight = read_tensor(entries[name + ".weight"]).to(device)
+    scale = read_tensor(scale_entry).to(device) if scale_entry is not None else None
+    try:
+        tensors = quantize_weight(weight, mode, scale=scale)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    bias = read_tensor(entries[name + ".bias"]).to(device, dtype) if name + ".bias" in entries else None
+    if host:
+        tensors = {k: v.cpu() for k, v in tensors.items()}
+        bias = bias.cpu() if bias is not None else None
+    layer.set_quantized(tensors, bias=bias)
 
 
 def _placement(model: nn.Module, device: torch.device, blocks_to_swap: int) -> dict[str, str]:
