@@ -10,7 +10,6 @@ from .attention import (
 )
 from .checkpoints import CheckpointInfo, load_model
 from .config import PRESETS, WanConfig
-from .encoders import VAE, AudioEncoder, ImageEncoder, TextEncoder, audio_windows
 from .errors import (
     BackendUnavailableError,
     BlockSwapError,
@@ -26,18 +25,6 @@ from .errors import (
 )
 from .inspector import LayoutReport, LayoutRow, inspect_layout
 from .layout import LayoutContract, Operand, StrideRule, is_strict_layout, set_strict_layout, strict_layout
-from .media import (
-    VideoWriter,
-    asset_path,
-    choose_bucket,
-    load_audio,
-    load_image,
-    loudness_normalize,
-    mix_speakers,
-    probe_media,
-    resize_and_crop,
-    write_video,
-)
 from .model import WanModel
 from .offload import BlockSwapStats, disable_block_swap, enable_block_swap, plan_block_swap, swap_placement
 from .options import ATTENTION_MODES, QUANT_MODES, AttentionMode, BasePrecision, QuantMode, parse_option
@@ -53,3 +40,27 @@ from .quant import (
 )
 
 __version__ = "0.1.0"
+
+# Encoders and media pull in transformers / diffusers / ffmpeg: imported on first use, so
+# `import wanstudio` (and the CLI's doctor) stays light and GPU boxes without ffmpeg still work.
+_LAZY = {
+    "TextEncoder": "encoders", "ImageEncoder": "encoders", "AudioEncoder": "encoders", "VAE": "encoders",
+    "audio_windows": "encoders",
+    "VideoWriter": "media", "asset_path": "media", "choose_bucket": "media", "load_audio": "media",
+    "load_image": "media", "loudness_normalize": "media", "mix_speakers": "media",
+    "probe_media": "media", "resize_and_crop": "media", "write_video": "media",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'wanstudio' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
