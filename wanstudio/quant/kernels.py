@@ -68,9 +68,9 @@ if HAS_TRITON:
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        # IEEE division (Triton's `/` is approximate): the same bits as the eager x / scale
-        scale = tl.maximum(tl.fdiv(amax, FP8_MAX, ieee_rounding=True), TINY)
-        q = tl.fdiv(x, scale, ieee_rounding=True)
+        # IEEE division (`/` and fdiv lower to approximate div.full in some Tritons): same bits as eager
+        scale = tl.maximum(tl.div_rn(amax, FP8_MAX), TINY)
+        q = tl.div_rn(x, scale)
         q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
         q = q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # cvt.rn.satfinite
         tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
