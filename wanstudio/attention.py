@@ -52,6 +52,7 @@ _WARNED_REROUTE: set[tuple[str, str]] = set()  # (mode, rule)
 _WARNED_FALLBACK: set[tuple[AttentionMode, AttentionMode, str]] = set()  # (mode, fallback, reason)
 
 
+@torch.compiler.disable  # a kernel wrapper: dispatch and contract checks stay eager (fusion.py)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

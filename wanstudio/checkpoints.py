@@ -272,6 +272,7 @@ def load_model(
     blocks_to_swap: int = 0,
     prefetch: int = 1,
     strict_layout: bool = False,
+    compile_blocks: bool = False,
 ):
     """Build a WanModel from checkpoint files, streaming tensors to ``device`` in ``dtype``.
 
@@ -283,6 +284,7 @@ def load_model(
         attention: an AttentionMode name (default: sdpa).
         blocks_to_swap: keep the last N blocks in pinned host memory (CUDA only).
         strict_layout: run every forward under ``strict_layout()``.
+        compile_blocks: ``torch.compile`` each block to fuse its elementwise work (``fusion.py``).
     """
     from .model import WanModel
 
@@ -335,6 +337,10 @@ def load_model(
         from .layout import set_strict_layout
 
         set_strict_layout(model, True)
+    if compile_blocks:
+        from .fusion import compile_blocks as compile_model_blocks
+
+        compile_model_blocks(model)
     return model
 
 

@@ -521,6 +521,7 @@ class QuantizedLinear(nn.Module):
         b = self.bias
         return b if b is None or b.dtype == dtype else b.to(dtype)
 
+    @torch.compiler.disable  # a kernel wrapper: its contract checks stay eager (fusion.py)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] (bf16 / fp16 / fp32) -> [..., N] in x's dtype. x is never modified."""
         if x.dtype not in _FLOAT_DTYPES:
