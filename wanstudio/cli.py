@@ -1,0 +1,310 @@
+"""The ``wanstudio`` command: ``demo``, ``infinitetalk`` and ``doctor``.
+
+Every choice list (quantization, attention, precision, scheduler, size class, speaker mix)
+comes from ``wanstudio.options``; nothing here spells a mode name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .errors import WanstudioError
+from .options import (
+    AttentionMode,
+    BasePrecision,
+    QuantMode,
+    Scheduler,
+    SizeClass,
+    SpeakerMix,
+)
+
+DEMO_PROMPT = "a person talking to the camera"
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 832x480, got {text!r}") from None
+    return w, h
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 in image pixels, got {text!r}")
+    return box
+
+
+def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", default=prompt, help="text prompt")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's)")
+    g.add_argument("--size-class", choices=SizeClass.names(), default=None,
+                   help="bucket family for the output size (default 480; the tiny preset: 64x64)")
+    g.add_argument("--size", type=_size, default=None, metavar="WxH",
+                   help="exact output size instead of a bucket (multiples of 16)")
+    g.add_argument("--frame-num", type=int, default=None,
+                   help="frames per clip, 4k + 1 (default 81; the tiny preset: 17)")
+    g.add_argument("--steps", type=int, default=steps, help="sampling steps per clip")
+    g.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480, 11 at 720)")
+    g.add_argument("--text-scale", type=float, default=5.0, help="text guidance scale (1 = 2 calls/step)")
+    g.add_argument("--audio-scale", type=float, default=4.0, help="audio guidance scale")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--motion-frame", type=int, default=None,
+                   help="frames carried from clip to clip (4k + 1; default 9)")
+    g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
+    g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
+    g.add_argument("--scheduler", choices=Scheduler.names(), default=Scheduler.EULER.value)
+    g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
+    g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
+    g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
+    g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="tiny preset + shipped portrait and speech -> demo.mp4",
+                          description="Run the whole InfiniteTalk pipeline at toy size with random "
+                          "weights on the shipped portrait and speech clip (the picture is noise).")
+    demo.add_argument("--out", default="demo.mp4", help="output mp4 (default demo.mp4)")
+    demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
+    demo.add_argument("--audio", default=None, help="speech (default: the shipped clip)")
+    demo.add_argument("--device", default="cpu")
+    _add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
+
+    it = sub.add_parser("infinitetalk", help="image + speech -> talking video (real weights)",
+                        description="Generate a talking video from one image and one or two speech "
+                        "tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.")
+    io = it.add_argument_group("inputs and output")
+    io.add_argument("--image", required=True, help="reference image")
+    io.add_argument("--audio", required=True, help="speech of speaker 1 (any format ffmpeg reads)")
+    io.add_argument("--audio2", default=None, help="speech of speaker 2")
+    io.add_argument("--speaker-mix", choices=SpeakerMix.names(), default=SpeakerMix.PARA.value,
+                    help="two speakers: talk together (para) or in turn (add)")
+    io.add_argument("--bbox", type=_bbox, action="append", default=None, metavar="X0,Y0,X1,Y1",
+                    help="a speaker's box in image pixels (twice: speaker 1, then speaker 2)")
+    io.add_argument("--mask", action="append", default=None, metavar="PATH",
+                    help="a speaker's mask image, the size of --image (twice)")
+    io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
+    w = it.add_argument_group("weights")
+    w.add_argument("--dit", nargs="+", default=None, help="Wan2.1-I2V-14B DiT file(s) / index / folder")
+    w.add_argument("--infinitetalk", default=None, help="InfiniteTalk audio weights, merged on top")
+    w.add_argument("--vae", default=None, help="Wan2.1 VAE")
+    w.add_argument("--text-encoder", default=None, help="umT5-XXL encoder")
+    w.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder")
+    w.add_argument("--clip", default=None, help="CLIP ViT-H/14 image encoder")
+    w.add_argument("--wav2vec", default=None, help="chinese-wav2vec2-base folder or file")
+    w.add_argument("--tiny", action="store_true",
+                   help="use the tiny random-weight preset instead of files (a wiring check)")
+    r = it.add_argument_group("runtime")
+    r.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
+    r.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
+    r.add_argument("--blocks-to-swap", type=int, default=0, help="DiT blocks kept in host memory")
+    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.BF16.value)
+    _add_generation_args(it, steps=40, prompt="")
+
+    doctor = sub.add_parser("doctor", help="what works on this machine and why not")
+    doctor.add_argument("--device", default=None, help="device to check (default: cuda if any)")
+    return parser
+
+
+# --- commands --------------------------------------------------------------------------------------
+def _progress(args):
+    return False if args.quiet else None
+
+
+def _generation_kwargs(args) -> dict:
+    kw = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, size_class=args.size_class,
+        size=args.size, frame_num=args.frame_num, steps=args.steps, shift=args.shift,
+        text_scale=args.text_scale, audio_scale=args.audio_scale, seed=args.seed,
+        max_frames=args.max_frames, color_correction=args.color_correction,
+        scheduler=args.scheduler, apg=args.apg, out=args.out, work_dir=args.work_dir,
+        resume=args.resume, progress=_progress(args), tiled_vae=args.tiled_vae,
+        keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
+    )
+    if args.motion_frame is not None:
+        kw["motion_frame"] = args.motion_frame
+    return kw
+
+
+def cmd_demo(args) -> int:
+    from .media import asset_path, probe_media
+    from .pipeline import InfiniteTalkPipeline
+
+    t0 = time.perf_counter()
+    pipe = InfiniteTalkPipeline.tiny(seed=0, device=args.device)
+    t_load = time.perf_counter() - t0
+    image = args.image or asset_path("portrait.png")
+    audio = args.audio or asset_path("speech.wav")
+    kw = _generation_kwargs(args)
+    if args.motion_frame is None:
+        kw["motion_frame"] = 5  # tiny clips are short: carry 5 frames (2 latents), not 9
+    result = pipe(image, audio, **kw)
+    info = probe_media(result.path)
+    print(f"wanstudio demo: {result.summary()}")
+    print(f"  mp4: {info.get('frames')} frames at {info.get('fps')} fps, {info.get('duration'):.2f} s, "
+          f"audio {'yes' if info.get('has_audio') else 'NO'}")
+    print(f"  pipeline: {pipe!r}; built in {t_load:.1f} s, "
+          f"total {time.perf_counter() - t0:.1f} s")
+    print("  The picture is noise: the tiny preset has random weights. For real weights see "
+          "`wanstudio infinitetalk --help`.")
+    return 0
+
+
+def cmd_infinitetalk(args) -> int:
+    from .pipeline import InfiniteTalkPipeline
+
+    speakers = 2 if args.audio2 else 1
+    if speakers == 2 and not (args.bbox or args.mask):
+        raise WanstudioError("two speakers need --bbox twice or --mask twice (speaker 1 first)")
+    for flag, given in (("--bbox", args.bbox), ("--mask", args.mask)):
+        if given is not None and len(given) != 2:
+            raise WanstudioError(f"{flag} must be given exactly twice (speaker 1, speaker 2)")
+    masks = None
+    if args.mask:
+        import numpy as np
+        from PIL import Image
+
+        masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in args.mask]
+
+    if args.tiny:
+        pipe = InfiniteTalkPipeline.tiny(seed=0, device=args.device or "cpu")
+    else:
+        needed = {"--dit": args.dit, "--vae": args.vae, "--text-encoder": args.text_encoder,
+                  "--clip": args.clip, "--wav2vec": args.wav2vec}
+        missing = [flag for flag, value in needed.items() if not value]
+        if missing:
+            raise WanstudioError(f"missing weights: {', '.join(missing)} (or --tiny for a wiring check)")
+        for label, path in [("--dit", p) for p in args.dit] + [
+            (f, v) for f, v in (("--infinitetalk", args.infinitetalk), ("--vae", args.vae),
+                                ("--text-encoder", args.text_encoder), ("--tokenizer", args.tokenizer),
+                                ("--clip", args.clip), ("--wav2vec", args.wav2vec)) if v
+        ]:
+            if not Path(path).exists():
+                raise WanstudioError(f"{label}: no such file or folder {path!r}")
+        pipe = InfiniteTalkPipeline.from_files(
+            dit=args.dit, infinitetalk=args.infinitetalk, vae=args.vae,
+            text_encoder=args.text_encoder, tokenizer=args.tokenizer, clip=args.clip,
+            wav2vec=args.wav2vec, quantization=args.quantization, attention=args.attention,
+            blocks_to_swap=args.blocks_to_swap, device=args.device, dtype=args.dtype,
+        )
+    kw = _generation_kwargs(args)
+    result = pipe(args.image, args.audio, audio2=args.audio2, speaker_mix=args.speaker_mix,
+                  masks=masks, bboxes=args.bbox, **kw)
+    print(f"wanstudio infinitetalk: {result.summary()}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import torch
+
+    from . import __version__
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lines = [f"wanstudio {__version__}, Python {platform.python_version()} on {platform.platform()}",
+             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}), "
+             f"CUDA available: {torch.cuda.is_available()}"]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        lines.append(f"  cuda:{i} {props.name}, compute capability {props.major}.{props.minor}, "
+                     f"{free / 2**30:.1f} / {total / 2**30:.1f} GiB free")
+    lines.append(f"CPU threads: {torch.get_num_threads()}")
+    lines += _package_versions()
+    lines.append(f"checking modes on: {device}")
+    lines.append("quantization:")
+    lines += [f"  {line}" for line in _quant_report(device)]
+    lines.append("attention:")
+    lines += [f"  {line}" for line in _attention_report(device)]
+    swap = "available" if device.type == "cuda" else "not available: it streams blocks to a CUDA GPU"
+    lines.append(f"block swap (--blocks-to-swap): {swap}")
+    print("\n".join(lines))
+    return 0
+
+
+def _package_versions() -> list[str]:
+    from importlib import metadata
+
+    out = []
+    for name in ("diffusers", "transformers", "safetensors", "imageio-ffmpeg"):
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{name}: not installed")
+    try:
+        import imageio_ffmpeg
+
+        out.append(f"ffmpeg: {imageio_ffmpeg.get_ffmpeg_exe()} ({imageio_ffmpeg.get_ffmpeg_version()})")
+    except Exception as e:  # no binary for this platform
+        out.append(f"ffmpeg: NOT FOUND ({e})")
+    return out
+
+
+def _quant_report(device) -> list[str]:
+    try:
+        from .quant.spec import check_device, spec_for
+    except ImportError as e:
+        return [f"{m.value}: unknown (quantization support missing from this build: {e})" for m in QuantMode]
+    out = []
+    for mode in QuantMode:
+        try:
+            spec_for(mode)
+            check_device(mode, device)
+            out.append(f"{mode.value:<24} ok      {mode.description}")
+        except WanstudioError as e:
+            out.append(f"{mode.value:<24} no      {e}")
+    return out
+
+
+def _attention_report(device) -> list[str]:
+    try:
+        from .attention import available_attention_modes
+    except ImportError:
+        return [f"{m.value}: unknown (attention registry missing from this build)" for m in AttentionMode]
+    out = []
+    for mode, found in available_attention_modes(device).items():
+        if found.available:
+            kernel = getattr(found, "kernel", "") or ""
+            out.append(f"{mode.value:<16} ok      {kernel}".rstrip())
+        else:
+            out.append(f"{mode.value:<16} no      {found.reason}")
+    return out
+
+
+COMMANDS = {"demo": cmd_demo, "infinitetalk": cmd_infinitetalk, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except WanstudioError as e:
+        if args.debug:
+            raise
+        print(f"wanstudio {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wanstudio {args.command}: interrupted; finished clips are kept in the work folder, "
+              f"rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Generation pipelines: samplers, guidance, the InfiniteTalk long-video loop, colour match."""
+
+from .color import match_colors
+from .guidance import Condition, Guidance, GuidanceConfig
+from .infinitetalk import (
+    DEFAULT_NEGATIVE_PROMPT,
+    ClipPlan,
+    GeneratedVideo,
+    InfiniteTalkPipeline,
+    check_components,
+)
+from .progress import ProgressEvent, TqdmProgress
+from .resume import WorkFolder
+from .sampler import EulerSampler, UniPCSampler, make_sampler, shift_timesteps, timestep_schedule
+
+__all__ = [
+    "DEFAULT_NEGATIVE_PROMPT",
+    "ClipPlan",
+    "Condition",
+    "EulerSampler",
+    "GeneratedVideo",
+    "Guidance",
+    "GuidanceConfig",
+    "InfiniteTalkPipeline",
+    "ProgressEvent",
+    "TqdmProgress",
+    "UniPCSampler",
+    "WorkFolder",
+    "check_components",
+    "make_sampler",
+    "match_colors",
+    "shift_timesteps",
+    "timestep_schedule",
+]
