@@ -1,0 +1,739 @@
+"""The studio panels without a browser: build them, set values, click, and check the calls made
+(fake loader, fake pipeline, fake inspector) and what the panels show; plus the notebook
+helpers in ``wanstudio.studio``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import wanstudio as ws
+from wanstudio import studio
+from wanstudio.errors import ConfigError, LayoutError, PipelineError
+from wanstudio.options import (
+    AttentionMode,
+    BasePrecision,
+    QuantMode,
+    Scheduler,
+    SizeClass,
+    SpeakerMix,
+    options_table,
+)
+from wanstudio.studio import LoadResult, LoadSettings, ModeStatus, WeightPaths
+from wanstudio.widgets import GeneratePanel, GenerationCancelled, LayoutPanel, LoadPanel, choices
+from wanstudio.widgets.common import error_html
+from wanstudio.widgets.generate_panel import parse_bboxes
+from wanstudio.widgets.load_panel import check_path
+
+ROOT = Path(__file__).resolve().parents[1]
+JOIN = 30.0  # seconds a worker thread may take in these tests (they take milliseconds)
+
+
+def values(dropdown) -> list[str]:
+    return [v for _, v in dropdown.options]
+
+
+# --- fakes ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model() -> ws.WanModel:
+    torch.manual_seed(0)
+    return ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
+
+
+class FakePipeline:
+    """Records calls; emits progress like the real pipeline; writes a small 'mp4'.
+
+    ``gate``: if set, the call waits on it after ``pause_at`` = (clip, step), having set
+    ``reached`` — so a test can click Cancel at a known point.
+    """
+
+    identity = "tiny-infinitetalk(fake)"
+
+    def __init__(self, model, clips: int = 2, steps: int = 3, error: Exception | None = None,
+                 pause_at: tuple[int, int] | None = None):
+        self.model = model
+        self.settings = {}
+        self.calls: list[tuple[tuple, dict]] = []
+        self.clips, self.steps, self.error, self.pause_at = clips, steps, error, pause_at
+        self.reached, self.gate = threading.Event(), threading.Event()
+        self.raised: BaseException | None = None
+        self.thread_names: list[str] = []
+
+    def __call__(self, image, audio, **kw):
+        from wanstudio.pipeline import GeneratedVideo, ProgressEvent
+
+        self.calls.append(((image, audio), kw))
+        self.thread_names.append(threading.current_thread().name)
+        progress, out = kw["progress"], kw.get("out")
+        resumed = 1 if kw.get("resume") else 0
+
+        def emit(kind, clip, step):
+            progress(ProgressEvent(kind, clip, self.clips, step, self.steps, 0.5, 1.0, clip * 10,
+                                   self.clips * 10, resumed))
+
+        try:
+            emit("start", resumed + 1, 0)
+            for clip in range(resumed + 1, self.clips + 1):
+                for step in range(1, self.steps + 1):
+                    if self.error is not None and (clip, step) == (1, 2):
+                        raise self.error
+                    if self.pause_at == (clip, step):
+                        self.reached.set()
+                        assert self.gate.wait(JOIN)
+                    emit("step", clip, step)
+                emit("clip", clip, 0)
+            emit("done", self.clips, self.steps)
+        except BaseException as e:
+            self.raised = e
+            raise
+        Path(out).write_bytes(b"\x00\x00\x00\x18ftypmp42fake-video")
+        return GeneratedVideo(frames=None, path=Path(out), num_frames=self.clips * 10, size=(64, 64),
+                              clips=self.clips, resumed_clips=resumed, seconds=0.1)
+
+
+class FakeReport:
+    def __init__(self, mode):
+        self.mode = mode
+
+    def _repr_html_(self):
+        return f"<table><tr><td>per-layer SQNR for {self.mode.value}</td></tr></table>"
+
+
+class FakeLoader:
+    def __init__(self, model, error: Exception | None = None):
+        self.model, self.error = model, error
+        self.calls: list[LoadSettings] = []
+
+    def __call__(self, settings: LoadSettings) -> LoadResult:
+        self.calls.append(settings)
+        if self.error is not None:
+            raise self.error
+        report = FakeReport(settings.quantization) if settings.quantization != QuantMode.DISABLED else None
+        return LoadResult(FakePipeline(self.model), settings, 0.25, report,
+                          "" if report else "no quantization")
+
+
+# --- dropdowns == registry ---------------------------------------------------------------------------
+def test_every_dropdown_offers_exactly_the_registry(tiny_model):
+    load = LoadPanel(loader=FakeLoader(tiny_model), find=False, device="cpu")
+    gen = GeneratePanel(FakePipeline(tiny_model), image="i.png", audio="a.wav")
+    assert values(load.quantization) == list(QuantMode.names())
+    assert values(load.attention) == list(AttentionMode.names())
+    assert values(load.precision) == list(BasePrecision.names())
+    assert values(gen.size_class) == list(SizeClass.names())
+    assert values(gen.scheduler) == list(Scheduler.names())
+    assert values(gen.speaker_mix) == list(SpeakerMix.names())
+    assert values(load.preset) == studio.pipeline_presets()
+    assert "tiny-infinitetalk" in values(load.preset)
+
+
+def test_unavailable_modes_are_labelled_with_the_reason(monkeypatch):
+    def fake_attention(device):
+        out = {m: ModeStatus(False, "needs a CUDA GPU (cpu is not one)") for m in AttentionMode}
+        out[AttentionMode.SDPA] = ModeStatus(True, "", "torch SDPA")
+        out[AttentionMode.SAGEATTN] = ModeStatus(False, "package 'sageattention' is not installed (pip install sageattention)")
+        return out
+
+    monkeypatch.setattr(choices, "attention_availability", fake_attention)
+    labels = dict((v, label) for label, v in choices.attention_choices("cpu"))
+    assert labels["sdpa"] == "sdpa"
+    assert labels["sageattn"] == "sageattn — not installed"
+    assert labels["flash_attn"] == "flash_attn — needs a CUDA GPU"
+
+
+def test_cpu_labels_come_from_the_real_probes():
+    labels = dict((v, label) for label, v in choices.attention_choices("cpu"))
+    assert labels["sdpa"] == "sdpa"
+    for mode in AttentionMode:
+        if mode != AttentionMode.SDPA:
+            assert labels[mode.value].startswith(f"{mode.value} — ")
+    precision = dict((v, label) for label, v in choices.precision_choices("cpu"))
+    assert precision["fp16_fast"].startswith("fp16_fast — needs a CUDA GPU")
+
+
+def test_short_reason():
+    assert choices.short_reason("package 'xformers' is not installed (pip install xformers)") == "not installed"
+    assert choices.short_reason("GPU too old: needs compute capability >= 8.9 (Ada)") == "GPU too old"
+    assert len(choices.short_reason("x" * 200)) <= choices.MAX_REASON
+
+
+def test_options_markdown_is_the_registry_tables():
+    text = choices.options_markdown()
+    for kind in choices.REGISTRIES.values():
+        assert options_table(kind) in text
+    for mode in QuantMode:
+        assert f"`{mode.value}`" in text
+
+
+def test_readme_holds_the_generated_options_tables():
+    readme = (ROOT / "README.md").read_text()
+    assert choices.options_markdown() in readme, (
+        "README.md's options tables differ from the registry: paste wanstudio.widgets.options_markdown()"
+    )
+
+
+def test_environment_yml_installs_the_studio():
+    yaml = pytest.importorskip("yaml")
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"][0] == "conda-forge"
+    names = {d.split("=")[0].split(">")[0] for d in env["dependencies"] if isinstance(d, str)}
+    assert {"python", "pytorch", "ffmpeg", "jupyterlab", "ipywidgets", "pip"} <= names
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e .[studio]" in pip
+
+
+# --- LoadPanel -------------------------------------------------------------------------------------
+def test_load_panel_tiny_click_calls_the_loader_and_shows_the_summary(tiny_model):
+    loader = FakeLoader(tiny_model)
+    panel = LoadPanel(loader=loader, find=False, device="cpu")
+    loaded = []
+    panel.on_loaded(loaded.append)
+    assert panel.preset.value == "tiny-infinitetalk"
+    assert panel.paths_box.layout.display == "none"  # the tiny preset needs no files
+    panel.quantization.value = "fp8_e4m3fn_scaled"
+    panel.load_button.click()
+    (settings,) = loader.calls
+    assert settings.preset == "tiny-infinitetalk" and settings.weights is None
+    assert settings.quantization is QuantMode.FP8_E4M3FN_SCALED
+    assert settings.attention is AttentionMode.SDPA and settings.precision is BasePrecision.FP32
+    assert panel.pipeline is loaded[0].pipeline
+    assert panel.model is tiny_model
+    html = panel.summary_html.value
+    assert "DiT" in html and "float32" in html and "host RSS" in html
+    assert "fp8_e4m3fn_scaled" in html and "sdpa" in html  # the kernel path of each chosen mode
+    assert "per-layer SQNR for fp8_e4m3fn_scaled" in panel.report_html.value
+    assert "Loaded tiny-infinitetalk" in panel.status.value
+
+
+def test_load_panel_refuses_a_mode_this_machine_cannot_run(tiny_model):
+    loader = FakeLoader(tiny_model)
+    panel = LoadPanel(loader=loader, find=False, device="cpu")
+    panel.attention.value = "flash_attn"
+    assert panel.load_button.disabled
+    assert "needs a CUDA GPU" in panel.mode_notes.value
+    assert panel.load() is None and loader.calls == []
+    assert "needs a CUDA GPU" in panel.status.value
+    panel.attention.value = "sdpa"
+    assert not panel.load_button.disabled
+
+
+def test_load_panel_block_swap_is_off_on_the_cpu(tiny_model):
+    panel = LoadPanel(loader=FakeLoader(tiny_model), find=False, device="cpu")
+    assert panel.blocks_to_swap.disabled and panel.blocks_to_swap.value == 0
+    assert "block swap" in panel.mode_notes.value
+
+
+def test_load_panel_shows_loader_errors_readably(tiny_model):
+    error = ws.CheckpointError("checkpoint does not match the i2v model\nDiagnosis: pass infinitetalk.safetensors")
+    panel = LoadPanel(loader=FakeLoader(tiny_model, error=error), find=False, device="cpu")
+    assert panel.load() is None
+    assert "CheckpointError" in panel.status.value and "Diagnosis: pass" in panel.status.value
+    assert "Traceback" not in panel.status.value
+    assert "Traceback" in panel.last_traceback and panel.last_error is error
+    assert not panel.load_button.disabled  # the user can fix and retry
+
+
+def test_load_panel_real_paths_are_validated_and_passed_on(tiny_model, tmp_path):
+    files = {}
+    for name in ("dit.safetensors.index.json", "infinitetalk.safetensors", "Wan2.1_VAE.pth", "umt5.pth", "clip.pth"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+        files[name] = tmp_path / name
+    (tmp_path / "wav2vec").mkdir()
+    loader = FakeLoader(tiny_model)
+    panel = LoadPanel(loader=loader, find=False, device="cpu")
+    panel.preset.value = "infinitetalk-14b"
+    assert panel.paths_box.layout.display is None
+    assert panel.load_button.disabled  # no paths yet
+    panel.paths["dit"].value = str(files["dit.safetensors.index.json"])
+    assert "✓" in panel.path_status["dit"].value
+    panel.paths["vae"].value = str(tmp_path / "missing.pth")
+    assert "✗ not found" in panel.path_status["vae"].value
+    assert panel.load_button.disabled
+    panel.paths["vae"].value = str(files["Wan2.1_VAE.pth"])
+    panel.paths["text_encoder"].value = str(files["umt5.pth"])
+    panel.paths["clip"].value = str(files["clip.pth"])
+    panel.paths["wav2vec"].value = str(tmp_path / "wav2vec")
+    panel.paths["infinitetalk"].value = str(files["infinitetalk.safetensors"])
+    assert "folder" in panel.path_status["wav2vec"].value
+    assert not panel.load_button.disabled, panel.mode_notes.value
+    panel.load_button.click()
+    (settings,) = loader.calls
+    assert settings.preset == "infinitetalk-14b"
+    assert settings.weights.dit == (str(files["dit.safetensors.index.json"]),)
+    assert settings.weights.infinitetalk == str(files["infinitetalk.safetensors"])
+    assert settings.weights.tokenizer is None
+
+
+def test_check_path(tmp_path):
+    assert check_path("", required=True) == (False, "required")
+    assert check_path("", required=False) == (None, "optional")
+    (tmp_path / "a").write_bytes(b"12")
+    ok, msg = check_path(f"{tmp_path / 'a'}\n{tmp_path}", required=True)
+    assert ok and "folder" in msg
+
+
+# --- GeneratePanel -----------------------------------------------------------------------------------
+@pytest.fixture
+def media(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "portrait.png"
+    Image.new("RGB", (96, 64), (120, 90, 60)).save(image)
+    audio = tmp_path / "speech.wav"
+    audio.write_bytes(b"RIFF")
+    return image, audio, tmp_path / "out" / "video.mp4"
+
+
+def test_generate_runs_in_a_thread_and_shows_the_video(tiny_model, media):
+    image, audio, out = media
+    pipe = FakePipeline(tiny_model, clips=2, steps=3, pause_at=(1, 1))
+    panel = GeneratePanel(pipe, image=image, audio=audio, out=out)
+    assert panel.steps.value == 4 and panel.max_frames.value == 25  # quick defaults for tiny
+    panel.prompt.value = "a person talking"
+    panel.steps.value = 3
+    panel.seed.value = 7
+    panel.size_class.value = "720"
+    assert panel.shift.value == 11.0  # the size class's default shift
+    panel.text_scale.value, panel.audio_scale.value = 4.5, 3.5
+    panel.generate_button.click()
+    assert pipe.reached.wait(JOIN)  # the click returned while the pipeline is still running
+    assert panel.running and panel.generate_button.disabled and not panel.cancel_button.disabled
+    pipe.gate.set()
+    assert panel.wait(JOIN)
+    ((args, kw),) = pipe.calls
+    assert args == (str(image), str(audio))
+    assert pipe.thread_names == ["wanstudio-generate"]
+    assert kw["prompt"] == "a person talking" and kw["steps"] == 3 and kw["seed"] == 7
+    assert kw["size_class"] == "720" and kw["shift"] == 11.0
+    assert kw["text_scale"] == 4.5 and kw["audio_scale"] == 3.5 and kw["max_frames"] == 25
+    assert kw["out"] == str(out) and kw["resume"] is False
+    assert "audio2" not in kw and kw["scheduler"] == "euler"
+    assert kw["negative_prompt"]  # Wan's default negative prompt is filled in
+    assert (panel.clip_bar.value, panel.clip_bar.max) == (2, 2)
+    assert (panel.step_bar.value, panel.step_bar.max) == (3, 3)
+    assert "Done" in panel.status.value and panel.result.path == out
+    (video,) = panel.video_box.children
+    assert video.format == "mp4" and bytes(video.value) == out.read_bytes()
+    assert not panel.generate_button.disabled and panel.cancel_button.disabled
+
+
+def test_cancel_stops_at_the_next_step_and_keeps_finished_clips_for_resume(tiny_model, media):
+    image, audio, out = media
+    pipe = FakePipeline(tiny_model, clips=3, steps=4, pause_at=(2, 2))
+    panel = GeneratePanel(pipe, image=image, audio=audio, out=out)
+    panel.generate_button.click()
+    assert pipe.reached.wait(JOIN)
+    panel.cancel_button.click()
+    assert "Cancelling" in panel.status.value
+    pipe.gate.set()
+    assert panel.wait(JOIN)
+    assert isinstance(pipe.raised, GenerationCancelled)
+    event = pipe.raised.event
+    assert (event.kind, event.clip, event.step) == ("step", 2, 2)  # the very next step
+    assert panel.finished_clips == 1
+    assert "Cancelled in clip 2 of 3, after step 2 of 4" in panel.status.value
+    assert f"{out}.work" in panel.status.value and panel.resume.value
+    assert panel.video_box.children == ()
+    assert not out.exists()
+    # Generate again: resume is passed, and the run completes
+    pipe.pause_at = None
+    panel.generate_button.click()
+    assert panel.wait(JOIN)
+    assert pipe.calls[-1][1]["resume"] is True
+    assert "Done" in panel.status.value and not panel.resume.value
+
+
+def test_pipeline_errors_are_shown_readably(tiny_model, media):
+    image, audio, out = media
+    error = PipelineError("clip 1 of 2, step 2 of 3: the latents hold NaN/Inf. Try bf16.")
+    panel = GeneratePanel(FakePipeline(tiny_model, error=error), image=image, audio=audio, out=out)
+    panel.generate_button.click()
+    assert panel.wait(JOIN)
+    assert "PipelineError" in panel.status.value and "latents hold NaN/Inf" in panel.status.value
+    assert "Traceback" not in panel.status.value and "Traceback" in panel.last_traceback
+    assert panel.clip_bar.bar_style == "danger" and not panel.generate_button.disabled
+
+
+def test_bad_inputs_are_refused_before_a_thread_starts(tiny_model, media):
+    image, audio, out = media
+    pipe = FakePipeline(tiny_model)
+    panel = GeneratePanel(pipe, image=image, audio="", out=out)
+    assert panel.generate() is False and not panel.running
+    assert "no speech" in panel.status.value and pipe.calls == []
+    panel = GeneratePanel(None, image=image, audio=audio, out=out)
+    panel.generate_button.click()
+    assert "no pipeline loaded yet" in panel.status.value
+
+
+def test_two_speakers(tiny_model, media):
+    image, audio, out = media
+    pipe = FakePipeline(tiny_model)
+    panel = GeneratePanel(pipe, image=image, audio=audio, out=out)
+    assert panel.two_box.layout.display == "none"
+    panel.speakers.value = 2
+    assert panel.two_box.layout.display is None
+    panel.audio2_path.value = str(audio)
+    panel.speaker_mix.value = "add"
+    panel.generate_button.click()
+    assert panel.wait(JOIN)
+    kw = pipe.calls[-1][1]
+    assert kw["audio2"] == str(audio) and kw["speaker_mix"] == "add"
+    assert kw["bboxes"] == ((0, 0, 48, 64), (48, 0, 96, 64))  # left / right halves by default
+    panel.bboxes.value = "0,0,40,64; 50,0,96,64"
+    panel.generate_button.click()
+    assert panel.wait(JOIN)
+    assert pipe.calls[-1][1]["bboxes"] == ((0, 0, 40, 64), (50, 0, 96, 64))
+
+
+def test_parse_bboxes():
+    assert parse_bboxes("") is None
+    assert parse_bboxes("1,2,3,4;5 6 7 8") == ((1, 2, 3, 4), (5, 6, 7, 8))
+    with pytest.raises(PipelineError, match="two boxes"):
+        parse_bboxes("1,2,3,4")
+    with pytest.raises(PipelineError, match="four numbers"):
+        parse_bboxes("1,2,3;4,5,6,7")
+
+
+def test_uploads_are_saved_and_used(tiny_model, media):
+    image, audio, out = media
+    pipe = FakePipeline(tiny_model)
+    panel = GeneratePanel(pipe, image="", audio=audio, out=out)
+    panel.image_upload.value = ({"name": "me.png", "type": "image/png", "size": 4,
+                                 "content": memoryview(image.read_bytes()),
+                                 "last_modified": datetime.datetime.now()},)
+    panel.generate_button.click()
+    assert panel.wait(JOIN)
+    used = Path(pipe.calls[-1][0][0])
+    assert used.name == "me.png" and used.read_bytes() == image.read_bytes()
+    assert panel.image_path.value == str(used)
+
+
+def test_generate_panel_takes_the_pipeline_from_a_load_panel(tiny_model, media):
+    image, audio, out = media
+    load = LoadPanel(loader=FakeLoader(tiny_model), find=False, device="cpu")
+    gen = GeneratePanel(load, image=image, audio=audio, out=out)
+    assert gen.pipeline is None
+    load.load()
+    assert gen.pipeline is load.pipeline
+
+
+def test_error_html_escapes_and_names_the_type():
+    text = error_html(ValueError("<b>bad</b>\nsecond line"))
+    assert "&lt;b&gt;bad&lt;/b&gt;<br>second line" in text and "ValueError" in text
+    assert "panel.last_traceback" in text  # not a wanstudio error: point at the traceback
+
+
+# --- LayoutPanel -----------------------------------------------------------------------------------
+class FakeRow(dict):
+    pass
+
+
+class FakeLayoutReport:
+    def __init__(self, rows):
+        self.rows = rows
+        self.filters: list[dict] = []
+
+    def filter(self, **kw):
+        self.filters.append(kw)
+        rows = [r for r in self.rows if not kw.get("only_violations") or r["status"] == "violation"]
+        return FakeLayoutReport([r for r in rows if kw.get("module", "") in r["module"]])
+
+    def violations(self):
+        return [r for r in self.rows if r["status"] == "violation"]
+
+    def summary(self):
+        return f"{len(self.rows)} rows"
+
+    def _repr_html_(self):
+        return "<table>" + "".join(f"<tr><td>{r['module']}</td></tr>" for r in self.rows) + "</table>"
+
+
+def test_layout_panel_filters_and_strict_mode(tiny_model):
+    rows = [FakeRow(module="blocks.0.self_attn", role="kernel operand", kernel="torch.sdpa", status="ok"),
+            FakeRow(module="blocks.1.ffn.0", role="kernel operand", kernel="torch._scaled_mm", status="violation"),
+            FakeRow(module="blocks.1.ffn.0", role="parameter", kernel="", status="n/a")]
+    calls = []
+
+    def inspector(model, inputs, strict=False):
+        calls.append((model, sorted(inputs), strict))
+        if strict:
+            raise LayoutError("blocks.1.ffn.0: kernel torch._scaled_mm, operand 'w' violates its layout contract.")
+        return FakeLayoutReport(rows)
+
+    panel = LayoutPanel(tiny_model, inspector=inspector)
+    report = panel.inspect_button.click() or panel.report
+    assert calls[0][0] is tiny_model and calls[0][2] is False and "audio" in calls[0][1]
+    assert values(panel.kernel) == ["", "torch._scaled_mm", "torch.sdpa"]
+    assert values(panel.role) == ["", "kernel operand", "parameter"]
+    assert "3 of 3 rows shown; 1 violation" in panel.counts.value
+    panel.only_violations.value = True
+    assert report.filters[-1] == {"only_violations": True}
+    assert "1 of 3 rows" in panel.counts.value and "blocks.1.ffn.0" in panel.table.value
+    panel.module.value = "self_attn"
+    panel.kernel.value = "torch.sdpa"
+    panel.role.value = "kernel operand"
+    assert report.filters[-1] == {"only_violations": True, "module": "self_attn", "kernel": "torch.sdpa",
+                                  "role": "kernel operand"}
+    panel.strict.value = True  # toggling re-inspects in strict mode
+    assert calls[-1][2] is True
+    assert "Strict mode stopped the forward" in panel.status.value
+    assert "blocks.1.ffn.0" in panel.status.value and panel.report is None
+    assert "Block swap is off" in panel.timeline_note.value
+
+
+def test_layout_panel_without_a_model_says_so():
+    panel = LayoutPanel(None)
+    assert panel.inspect() is None
+    assert "no model to inspect yet" in panel.status.value
+
+
+# --- the real parts, tiny -----------------------------------------------------------------------------
+needs_quant = pytest.mark.skipif(not studio._has_part("quant", "quant_report"), reason="wanstudio.quant not built")
+needs_inspector = pytest.mark.skipif(not studio._has_part("inspector", "inspect_layout"), reason="no inspector")
+needs_offload = pytest.mark.skipif(not studio._has_part("offload", "FakeTransferBackend"), reason="no offload")
+
+
+@needs_inspector
+@needs_offload
+def test_layout_panel_on_the_real_inspector_with_a_simulated_block_swap():
+    torch.manual_seed(0)
+    model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
+    studio.simulated_block_swap(model, 2, prefetch=1)
+    panel = LayoutPanel(model)
+    report = panel.inspect()
+    assert report is not None and len(report.rows) > 50
+    assert "torch.sdpa" in values(panel.kernel)
+    assert panel.timeline.layout.display is None and bytes(panel.timeline.value[:4]) == b"\x89PNG"
+    assert "block copies" in panel.timeline_note.value and "simulated" in panel.timeline_note.value
+    panel.only_non_contiguous.value = True
+    assert len(studio.report_rows(report.filter(only_non_contiguous=True))) < len(report.rows)
+
+
+@needs_quant
+@needs_inspector
+def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_counted():
+    torch.manual_seed(0)
+    model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
+    ws_quant = pytest.importorskip("wanstudio.quant")
+    ws_quant.quantize(model, QuantMode.FP8_E4M3FN_FAST)
+    inputs = studio.example_inputs(model.config)
+    layer = studio.fast_linear_layers(model, inputs)[0]
+    assert studio.strict_forward_error(model, inputs) is None
+    moved = studio.misalign(model, layer)
+    assert moved.data_ptr() % 16 and moved.storage_offset() == 1
+    error = studio.strict_forward_error(model, inputs)
+    assert isinstance(error, LayoutError) and layer in str(error)
+    studio.realign(model, layer)
+    cost = studio.hidden_copy_cost(model, inputs, layer, repeats=1)
+    assert cost.copies_per_forward >= 1 and cost.bytes_per_forward > 0 and layer in cost.copied[0]
+    assert studio.strict_forward_error(model, inputs) is None  # left aligned
+    assert "hidden cop" in str(cost)
+
+
+@needs_quant
+def test_compare_quant_modes(tiny_model):
+    modes = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
+    cmp = studio.compare_quant_modes(tiny_model, modes)
+    assert [r.mode.value for r in cmp.rows] == modes
+    base, fp8, fp4 = cmp.rows
+    assert base.ratio == 1.0 and math.isinf(base.sqnr_db) and base.linear_bytes == fp8.linear_bytes / fp8.ratio
+    assert 0.2 < fp8.ratio < 0.3 and fp8.sqnr_db > 25  # fp32 -> fp8 (+ scales)
+    assert fp4.ratio < fp8.ratio and 12 < fp4.sqnr_db < fp8.sqnr_db
+    assert fp8.worst_layer.startswith("blocks.") and "dequantize" in fp8.paths
+    assert "| fp4_scaled |" in cmp.to_markdown() and "<table" in cmp._repr_html_()
+    assert cmp.plot().data[:4] == b"\x89PNG"
+    assert not studio._quantized_layers(tiny_model)  # measured, not changed
+
+
+@needs_quant
+def test_load_pipeline_tiny_measures_then_quantizes(monkeypatch, tiny_model):
+    import copy
+
+    class Tiny:
+        @classmethod
+        def tiny(cls, seed, device, dtype):
+            pipe = FakePipeline(copy.deepcopy(tiny_model))
+            pipe.tiny_args = (seed, device, dtype)
+            return pipe
+
+    monkeypatch.setattr(studio, "_pipeline_class", lambda: Tiny)
+    result = studio.load_pipeline(LoadSettings(quantization="fp8_e4m3fn_fast", seed=3))
+    assert result.pipeline.tiny_args == (3, "cpu", torch.float32)
+    assert result.report.mode is QuantMode.FP8_E4M3FN_FAST and result.report.model_sqnr_db > 20
+    assert set(studio._quant_paths_in(result.model)) == {"scaled_mm"}
+    assert result.pipeline.settings["quantization"] == "fp8_e4m3fn_fast"
+    summary = studio.summarize(result.pipeline, result.settings, result.seconds)
+    assert "float8_e4m3fn" in summary.to_text() and "scaled_mm x" in summary.to_text()
+
+
+needs_pipeline = pytest.mark.skipif(
+    not (studio._has_part("pipeline", "InfiniteTalkPipeline") and studio._has_part("encoders", "VAE")
+         and studio._has_part("media", "asset_path")), reason="pipeline / encoders / media not built")
+
+
+@needs_pipeline
+@needs_quant
+def test_load_panel_with_the_real_loader_on_the_tiny_preset():
+    panel = LoadPanel(find=False, device="cpu")
+    panel.quantization.value = "fp8_e4m3fn_scaled"
+    panel.load_button.click()
+    assert panel.last_error is None, panel.last_traceback
+    assert type(panel.pipeline).__name__ == "InfiniteTalkPipeline"
+    assert "float8_e4m3fn" in panel.summary_html.value and "dequantize x" in panel.summary_html.value
+    assert "SQNR" in panel.report_html.value and "blocks.0." in panel.report_html.value
+
+
+@needs_pipeline
+def test_generate_panel_cancel_and_resume_with_the_real_tiny_pipeline(tmp_path):
+    pipe = studio.load_pipeline(LoadSettings()).pipeline
+    out = tmp_path / "talk.mp4"
+    panel = GeneratePanel(pipe, out=out)  # the shipped portrait and speech
+    panel.steps.value, panel.max_frames.value = 1, 25  # two clips of 17 frames
+    on_progress = panel._on_progress
+
+    def cancel_after_clip_1(event):
+        on_progress(event)
+        if event.kind == "clip" and event.clip == 1:
+            panel.cancel()
+
+    panel._on_progress = cancel_after_clip_1
+    panel.generate_button.click()
+    assert panel.wait(300)
+    assert isinstance(panel.last_error, GenerationCancelled), panel.last_traceback
+    assert panel.finished_clips == 1 and panel.resume.value and not out.exists()
+    assert (tmp_path / "talk.mp4.work" / "clip_0000.pt").is_file()
+    panel._on_progress = on_progress
+    panel.generate_button.click()
+    assert panel.wait(300)
+    assert panel.last_error is None, panel.last_traceback
+    assert panel.result.resumed_clips == 1 and panel.result.num_frames == 25
+    (video,) = panel.video_box.children
+    assert bytes(video.value) == out.read_bytes() and len(video.value) > 1000
+
+
+# --- studio helpers --------------------------------------------------------------------------------------
+def test_load_settings_validation():
+    with pytest.raises(ConfigError, match="needs|loads real weights"):
+        LoadSettings(preset="infinitetalk-14b")
+    with pytest.raises(ConfigError, match="blocks_to_swap"):
+        LoadSettings(blocks_to_swap=3)  # tiny has 2 blocks
+    with pytest.raises(ws.UnknownOptionError, match="Did you mean"):
+        LoadSettings(quantization="fp8_e4m3_scaled")
+    assert LoadSettings(precision="bf16").dtype == torch.bfloat16
+    assert LoadSettings(attention="sageattn").problems()[0].startswith("attention 'sageattn'")
+
+
+def _write(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_weight_paths_from_a_toml_file(tmp_path):
+    for rel in ("wan/index.json", "it.safetensors", "vae.pth", "t5.pth", "clip.pth"):
+        _write(tmp_path / rel)
+    (tmp_path / "w2v").mkdir()
+    cfg = tmp_path / "wanstudio.toml"
+    cfg.write_text('[weights]\ndit = ["wan/index.json"]\ninfinitetalk = "it.safetensors"\nvae = "vae.pth"\n'
+                   'text_encoder = "t5.pth"\nclip = "clip.pth"\nwav2vec = "w2v"\n')
+    w = WeightPaths.from_file(cfg)
+    assert w.dit == (str(tmp_path / "wan/index.json"),) and w.wav2vec == str(tmp_path / "w2v")
+    assert w.missing() == [] and w.source == str(cfg)
+    assert w.as_kwargs()["dit"] == [str(tmp_path / "wan/index.json")]
+    assert studio.find_weights({}, search=[tmp_path / "nothing.toml", cfg]) == w
+    assert studio.find_weights({studio.WEIGHTS_ENV: str(cfg)}, search=[]) == w
+    assert studio.find_weights({studio.WEIGHTS_ENV: str(tmp_path)}, search=[]) == w  # folder with a config
+    assert "Real weights from" in studio.describe_weights(w)
+
+
+def test_weight_paths_json_errors(tmp_path):
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"weights": {"dit": "a", "vae": "b", "clip": "c", "wav2vec": "d", "text": "e"}}))
+    with pytest.raises(ConfigError, match="unknown entries \\['text'\\]"):
+        WeightPaths.from_file(cfg)
+    cfg.write_text(json.dumps({"dit": "a", "vae": "b"}))
+    with pytest.raises(ConfigError, match="no path for text_encoder, clip, wav2vec"):
+        WeightPaths.from_file(cfg)
+    with pytest.raises(ConfigError, match="neither a folder nor a file"):
+        studio.find_weights({studio.WEIGHTS_ENV: str(tmp_path / "nope")})
+
+
+def test_weight_paths_found_in_an_official_download_folder(tmp_path):
+    wan = tmp_path / "Wan2.1-I2V-14B-480P"
+    _write(wan / "diffusion_pytorch_model.safetensors.index.json")
+    _write(wan / "Wan2.1_VAE.pth")
+    _write(wan / "models_t5_umt5-xxl-enc-bf16.pth")
+    _write(wan / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    _write(wan / "google" / "umt5-xxl" / "tokenizer.json")
+    _write(tmp_path / "InfiniteTalk" / "single" / "infinitetalk.safetensors")
+    _write(tmp_path / "InfiniteTalk" / "multi" / "infinitetalk.safetensors")
+    _write(tmp_path / "chinese-wav2vec2-base" / "config.json")
+    w = studio.find_weights({studio.WEIGHTS_ENV: str(tmp_path)}, search=[])
+    assert w.dit == (str(wan / "diffusion_pytorch_model.safetensors.index.json"),)
+    assert w.infinitetalk == str(tmp_path / "InfiniteTalk" / "single" / "infinitetalk.safetensors")
+    assert w.tokenizer == str(wan / "google" / "umt5-xxl") and w.wav2vec == str(tmp_path / "chinese-wav2vec2-base")
+    assert w.missing() == []
+
+
+def test_weight_folder_without_the_files_says_what_is_missing(tmp_path):
+    _write(tmp_path / "Wan2.1_VAE.pth")
+    with pytest.raises(ConfigError, match="cannot find dit .*wanstudio.toml"):
+        WeightPaths.from_folder(tmp_path)
+
+
+def test_no_weights_means_tiny(tmp_path):
+    assert studio.find_weights({}, search=[tmp_path / "none.toml"]) is None
+    assert "tiny-infinitetalk" in studio.describe_weights(None)
+
+
+@pytest.mark.parametrize("preset", ["tiny-infinitetalk", "tiny-t2v"])
+def test_example_inputs_run_the_model(preset):
+    torch.manual_seed(0)
+    model = ws.WanModel(ws.WanConfig.preset(preset)).eval()
+    out = studio.forward(model, studio.example_inputs(model.config))
+    assert out.shape == (1, 16, 2, 4, 4) and torch.isfinite(out).all()
+
+
+def test_truncated_shares_weights(tiny_model):
+    view = studio.truncated(tiny_model, 1)
+    assert len(view.blocks) == 1 and len(tiny_model.blocks) == 2 and view.config.num_layers == 1
+    assert view.blocks[0].ffn[0].weight is tiny_model.blocks[0].ffn[0].weight
+    assert studio.forward(view, studio.example_inputs(view.config)).shape == (1, 16, 2, 4, 4)
+
+
+def test_module_memory_counts_bytes_per_dtype():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2).to(torch.bfloat16))
+    mem = studio.module_memory("m", m)
+    assert mem.parameters == 4 * 8 + 8 + 8 * 2 + 2
+    assert mem.bytes_by_dtype == {"float32": 40 * 4, "bfloat16": 18 * 2}
+    assert mem.bytes_by_device == {"cpu": 40 * 4 + 18 * 2}
+
+
+def test_swap_timeline_spans():
+    from types import SimpleNamespace
+
+    entry = SimpleNamespace(unit="blocks.1", copy_start=0.0, copy_end=2.0, compute_ready=1.0,
+                            compute_start=2.0, compute_end=3.0)
+    spans = studio.swap_timeline(SimpleNamespace(timeline=(entry,)))
+    assert [(s.kind, s.start, s.end) for s in spans] == [("copy", 0.0, 2.0), ("wait", 1.0, 2.0),
+                                                          ("compute", 2.0, 3.0)]
+    assert studio.swap_timeline(None) == []
+
+
+def test_quant_availability_on_the_cpu():
+    status = studio.quant_availability("cpu")
+    assert set(status) == set(QuantMode)
+    assert status[QuantMode.FP8_E4M3FN_FAST].available  # _scaled_mm runs on the CPU
+    assert "_scaled_mm" in status[QuantMode.FP8_E4M3FN_FAST].kernel
+
+
+def test_output_path_honours_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(studio.OUTPUT_ENV, str(tmp_path / "videos"))
+    assert studio.output_path("x.mp4") == tmp_path / "videos" / "x.mp4"
+    assert (tmp_path / "videos").is_dir()

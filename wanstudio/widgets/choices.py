@@ -1,0 +1,103 @@
+"""Dropdown choices, generated from the registry in ``options.py``, labelled with availability.
+
+Every dropdown of the studio gets its options here, so a mode the registry adds appears in
+every panel, and a mode that cannot run on this machine says why in its label
+("sageattn — needs a CUDA GPU") instead of failing after a long load. Values are always the
+registry's strings; labels are for people.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .. import options
+from ..options import AttentionMode, BasePrecision, Option, QuantMode, Scheduler, SizeClass, SpeakerMix
+from ..studio import ModeStatus, attention_availability, precision_availability, quant_availability
+
+SEP = " — "  # between a mode name and the reason it cannot run
+MAX_REASON = 48  # characters of the reason shown in a label (the full text sits below the control)
+
+# The registries that become dropdowns, in the order the docs list them.
+REGISTRIES: dict[str, type[Option]] = {
+    "Quantization (`quantization=`)": QuantMode,
+    "Attention (`attention=`)": AttentionMode,
+    "Base precision (`dtype=`)": BasePrecision,
+    "Sampler (`scheduler=`)": Scheduler,
+    "Size class (`size_class=`)": SizeClass,
+    "Two speakers (`speaker_mix=`)": SpeakerMix,
+}
+
+
+def short_reason(reason: str) -> str:
+    """A label-sized version of an availability reason.
+
+    "package 'sageattention' is not installed (pip install ...)" -> "not installed";
+    "needs a CUDA GPU (cpu is not one)" -> "needs a CUDA GPU".
+    """
+    text = reason.strip()
+    if re.match(r"^package \S+ is not installed", text):
+        return "not installed"
+    text = re.split(r" \(|; |: ", text, maxsplit=1)[0].strip().rstrip(".")
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1].rstrip() + "…"
+
+
+def label(member: Option, status: ModeStatus | None = None) -> str:
+    if status is None or status.available:
+        return member.value
+    return f"{member.value}{SEP}{short_reason(status.reason) or 'not available here'}"
+
+
+def choices(kind: type[Option], statuses: Mapping[Option, ModeStatus] | None = None) -> list[tuple[str, str]]:
+    """(label, value) pairs for an ipywidgets Dropdown, in registry order."""
+    statuses = statuses or {}
+    return [(label(m, statuses.get(m)), m.value) for m in kind]
+
+
+def quant_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    return choices(QuantMode, quant_availability(device))
+
+
+def attention_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    return choices(AttentionMode, attention_availability(device))
+
+
+def precision_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    return choices(BasePrecision, precision_availability(device))
+
+
+def scheduler_choices() -> list[tuple[str, str]]:
+    return choices(Scheduler)
+
+
+def size_class_choices() -> list[tuple[str, str]]:
+    return [(f"{m.value}p", m.value) for m in SizeClass]
+
+
+def speaker_mix_choices() -> list[tuple[str, str]]:
+    return [(f"{m.value}: {m.description}", m.value) for m in SpeakerMix]
+
+
+def device_choices() -> list[tuple[str, str]]:
+    """The CPU and every visible CUDA device, named."""
+    out = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out.append((f"cuda:{i} ({torch.cuda.get_device_name(i)})", f"cuda:{i}"))
+    out.append(("cpu", "cpu"))
+    return out
+
+
+def options_markdown(level: int = 3) -> str:
+    """Every registry as a Markdown table under its own heading: the README's options section.
+
+    ``tests/test_widgets.py`` checks that README.md contains exactly this text, so the README
+    and the registry cannot drift apart.
+    """
+    hashes = "#" * level
+    parts = []
+    for title, kind in REGISTRIES.items():
+        parts.append(f"{hashes} {title}\n\n{options.options_table(kind)}\n")
+    return "\n".join(parts)
