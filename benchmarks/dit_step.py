@@ -92,8 +92,9 @@ def build(preset: str, seed: int = 0) -> ws.WanModel:
     return ws.WanModel(ws.WanConfig.preset(preset), device="cuda", dtype=torch.bfloat16).eval()
 
 
-def free(*objs) -> None:
-    del objs
+def free() -> None:
+    """Release what the caller has dropped, compiled graphs (they hold their model's weights) too."""
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -164,7 +165,8 @@ def suite_matrix(args, rows: list[Row], reference: dict) -> None:
                     name = "wanstudio" + (" (compiled blocks)" if args.compile else "")
                     rows.append(Row(name, preset, args.size, qname, aname, swap, ms, peak, tflops, note))
                     print(rows[-1], flush=True)
-            free(model)
+            del model
+            free()
 
 
 def suite_peer(args, rows: list[Row], reference: dict) -> None:
@@ -184,16 +186,21 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
     host = {k: v.cpu() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ours = run_model(model, inputs).float().cpu()
-    free(model)
+    del model
+    free()
     kw = dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim,
               ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, text_dim=cfg.text_dim)
     if cfg.is_i2v:
         kw.update(image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim)
-    with torch.device("meta"):
-        twin = diffusers.WanTransformer3DModel(**kw)
+    torch.set_default_dtype(torch.bfloat16)  # built straight on the GPU in bf16, as ours
+    try:
+        with torch.device("cuda"):
+            twin = diffusers.WanTransformer3DModel(**kw).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     names = {diffusers_to_official(k): k for k in twin.state_dict()}
-    twin.load_state_dict({names[k]: v.to("cuda") for k, v in host.items()}, assign=True)
-    twin = twin.to("cuda", torch.bfloat16).eval()
+    twin.load_state_dict({names[k]: v for k, v in host.items()})
+    del host
     hidden = torch.cat([inputs["x"], inputs["y"]], 1).bfloat16() if cfg.is_i2v else inputs["x"].bfloat16()
 
     def call():
@@ -222,7 +229,8 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
                         peak, (flops["linear"] + flops["attention"]) / (ms * 1e-3) / 1e12,
                         "block_level, 1 block per group, stream"))
         print(rows[-1], flush=True)
-    free(twin)
+    twin = None  # noqa: F841  (the closure above holds the name)
+    free()
 
 
 def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
@@ -245,7 +253,6 @@ def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
         ms = cuda_ms(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,  # noqa: B023
                                               out_dtype=torch.bfloat16), reps=10)
         rates[f"fp8 {name}"] = 2 * L * k * n / (ms * 1e-3) / 1e12
-        free(a, w, a8, w8)
     q = torch.randn(1, cfg.num_heads, L, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, q, q), reps=5)
     rates["attention sdpa"] = 4 * L * L * cfg.head_dim * cfg.num_heads / (ms * 1e-3) / 1e12
@@ -256,7 +263,8 @@ def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
         rates["attention sageattn"] = 4 * L * L * cfg.head_dim * cfg.num_heads / (ms * 1e-3) / 1e12
     except ImportError:
         pass
-    free(q)
+    q = a = w = a8 = w8 = None  # drop the buffers before the models are built  # noqa: F841
+    free()
     return rates
 
 

@@ -354,3 +354,9 @@ def test_strict_layout_at_load_covers_every_forward(tmp_path):
     layer.weight = misaligned  # one element past a 16-byte boundary
     with pytest.raises(ws.LayoutError, match=r"blocks\.0\.self_attn\.q"):
         call(model, make_inputs(model.config))
+
+
+def test_fp16_fast_needs_a_gpu(tmp_path):
+    save_file(_state(_seeded("tiny-t2v")), tmp_path / "dit.safetensors")
+    with pytest.raises(ws.UnsupportedModeError, match="'fp16_fast' .* needs a CUDA GPU"):
+        load_model(tmp_path / "dit.safetensors", dtype="fp16_fast")

@@ -547,3 +547,11 @@ def test_unrecognised_missing_and_corrupt_files(tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no weight files"):
         VAE.from_files(empty)
+
+
+def test_tiny_constructors_leave_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    TextEncoder.tiny(), ImageEncoder.tiny(), AudioEncoder.tiny(), VAE.tiny()
+    assert torch.equal(torch.rand(3), expected)

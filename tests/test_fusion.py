@@ -30,3 +30,15 @@ def test_compiled_blocks_compute_the_same_function_and_keep_contracts_eager():
     assert set(model.state_dict()) == set(ws.quantize(ws.WanModel(cfg).eval(), "fp8_e4m3fn_scaled_fast").state_dict())
     uncompile_blocks(model)
     assert "forward" not in vars(model.blocks[0])
+
+
+def test_blocks_share_one_compiled_graph():
+    """Per-block Python constants read inside a block would make torch.compile recompile for
+    every block (and fall back to eager after 8): the blocks must share their graphs."""
+    torch.manual_seed(0)
+    cfg = ws.WanConfig.preset("tiny-infinitetalk").replace(num_layers=4)
+    model = compile_blocks(ws.WanModel(cfg).eval())
+    inputs = make_inputs(cfg, speakers=2)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        call(model, inputs)

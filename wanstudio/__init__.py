@@ -28,6 +28,7 @@ from .layout import LayoutContract, Operand, StrideRule, is_strict_layout, set_s
 from .model import WanModel
 from .offload import BlockSwapStats, disable_block_swap, enable_block_swap, plan_block_swap, swap_placement
 from .options import ATTENTION_MODES, QUANT_MODES, AttentionMode, BasePrecision, QuantMode, parse_option
+from .pipeline import GeneratedVideo, InfiniteTalkPipeline, ProgressEvent, TqdmProgress
 from .quant import (
     DEFAULT_KEEP,
     QuantizedLinear,

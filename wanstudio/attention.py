@@ -31,6 +31,7 @@ from torch import nn
 from .attention_backends import registry, sdpa
 from .attention_backends.base import Availability, normalize_device
 from .errors import BackendUnavailableError, ConfigError
+from .layout import layout_name
 from .options import AttentionMode, parse_option
 
 __all__ = [
@@ -59,18 +60,22 @@ def attention(
     v: torch.Tensor,
     *,
     mode: AttentionMode | str = AttentionMode.SDPA,
-    where: str = "attention",
+    where: str | nn.Module = "attention",
 ) -> torch.Tensor:
     """Softmax attention with scale D^-0.5, no mask.
 
     Args:
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D] (the model's layout; views are fine).
         mode: an :class:`AttentionMode` (or its name).
-        where: the calling module's name, for layout errors and warnings.
+        where: the calling module (or its name), for layout errors and warnings. Modules pass
+            themselves, not ``layout_name(self)``: a per-block string read inside a compiled
+            block would make torch.compile specialise (and recompile) for every block.
 
     Returns:
         [B, Lq, H, D] (possibly a transposed view of the kernel's output).
     """
+    if not isinstance(where, str):
+        where = layout_name(where)
     backend = BACKENDS.get(mode)
     if backend is None:
         backend = BACKENDS[parse_option(AttentionMode, mode)]

@@ -249,6 +249,26 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
             BasePrecision.FP16: torch.float16, BasePrecision.FP16_FAST: torch.float16}[prec]
 
 
+def _enable_fp16_accumulation_if_asked(precision, device: torch.device) -> None:
+    """``fp16_fast``: fp16 weights and fp16 matmul accumulation (a process-wide cuBLAS switch)."""
+    if isinstance(precision, torch.dtype) or parse_option(BasePrecision, precision) is not BasePrecision.FP16_FAST:
+        return
+    from .errors import UnsupportedModeError
+
+    if device.type != "cuda":
+        raise UnsupportedModeError(
+            f"base precision 'fp16_fast' (fp16 matmul accumulation) needs a CUDA GPU; device is {device}. "
+            f"Use 'fp16' or 'bf16' here."
+        )
+    if not hasattr(torch.backends.cuda.matmul, "allow_fp16_accumulation"):
+        raise UnsupportedModeError(
+            f"base precision 'fp16_fast' needs torch >= 2.7 (allow_fp16_accumulation); this is "
+            f"torch {torch.__version__}. Use 'fp16'."
+        )
+    torch.backends.cuda.matmul.allow_fp16_accumulation = True
+    log.info("fp16_fast: cuBLAS fp16 accumulation enabled for this process")
+
+
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace a (meta) parameter or buffer by ``tensor`` without copying it again."""
     module_name, _, leaf = name.rpartition(".")
@@ -288,8 +308,9 @@ def load_model(
     """
     from .model import WanModel
 
-    dtype = parse_dtype(dtype)
     device = torch.device(device)
+    _enable_fp16_accumulation_if_asked(dtype, device)
+    dtype = parse_dtype(dtype)
     if attention is not None:  # bad names fail before any file is read
         attention = parse_option(AttentionMode, attention)
     quantization = parse_option(QuantMode, quantization)

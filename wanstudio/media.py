@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import imageio_ffmpeg
 import numpy as np
-import pyloudnorm
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -157,6 +155,8 @@ def loudness_normalize(
     wave = np.asarray(wave, dtype=np.float64)
     if wave.ndim != 1:
         raise ShapeError(f"loudness_normalize wants mono audio [N]; got shape {wave.shape}.")
+    import pyloudnorm  # imported on use: wanstudio.media loads on machines without it
+
     meter = pyloudnorm.Meter(sample_rate)
     if wave.size < meter.block_size * sample_rate:
         return wave.astype(np.float32)
@@ -456,6 +456,8 @@ def _existing_file(path: str | os.PathLike, kind: str) -> Path:
 def _ffmpeg_command(args: list[str], *, reads_stdin: bool = False, loglevel: str = "error") -> list[str]:
     """The bundled ffmpeg with ``args``; stdin stays closed unless the command reads it."""
     quiet = [] if reads_stdin else ["-nostdin"]
+    import imageio_ffmpeg  # imported on use: the DiT and encoders load on GPU boxes without ffmpeg
+
     return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-v", loglevel, *quiet, *args]
 
 

@@ -55,8 +55,9 @@ class AudioEncoder:
             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
             mask_time_prob=0.0, mask_feature_prob=0.0,
         )
-        torch.manual_seed(seed)
-        return cls(Wav2Vec2Model(config).eval().requires_grad_(False))
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+            torch.manual_seed(seed)
+            return cls(Wav2Vec2Model(config).eval().requires_grad_(False))
 
     @classmethod
     def from_files(

@@ -38,8 +38,9 @@ class ImageEncoder:
             num_attention_heads=2, image_size=224, patch_size=14, hidden_act="gelu",
             layer_norm_eps=1e-5,
         )
-        torch.manual_seed(seed)
-        return cls(CLIPVisionModel(config).eval().requires_grad_(False))
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+            torch.manual_seed(seed)
+            return cls(CLIPVisionModel(config).eval().requires_grad_(False))
 
     @classmethod
     def from_files(

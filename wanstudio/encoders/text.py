@@ -81,8 +81,9 @@ class TextEncoder:
             num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
             relative_attention_max_distance=128, pad_token_id=0, eos_token_id=1,
         )
-        torch.manual_seed(seed)
-        return cls(UMT5EncoderModel(config).eval().requires_grad_(False), tokenizer)
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+            torch.manual_seed(seed)
+            return cls(UMT5EncoderModel(config).eval().requires_grad_(False), tokenizer)
 
     @classmethod
     def from_files(

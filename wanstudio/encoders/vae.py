@@ -36,8 +36,9 @@ class VAE:
     @classmethod
     def tiny(cls, seed: int = 0) -> VAE:
         """The real block structure (and latent mean / std) at base width 8, seeded weights."""
-        torch.manual_seed(seed)
-        return cls(AutoencoderKLWan(base_dim=8, z_dim=16).eval().requires_grad_(False))
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+            torch.manual_seed(seed)
+            return cls(AutoencoderKLWan(base_dim=8, z_dim=16).eval().requires_grad_(False))
 
     @classmethod
     def from_files(

@@ -9,7 +9,6 @@ from torch import nn
 
 from ..attention import attention
 from ..config import WanConfig
-from ..layout import layout_name
 from ..options import AttentionMode
 from .rope import apply_rope, rope_1d_cos_sin
 
@@ -112,7 +111,7 @@ class AudioCrossAttention(nn.Module):
         q = q.reshape(B * f, L // f, H, d)  # (B*f, h*w, H, d)
         out = attention(
             q, k.reshape(B * f, N_a, H, d), v.reshape(B * f, N_a, H, d),
-            mode=self.attention_mode, where=layout_name(self),
+            mode=self.attention_mode, where=self,
         )
         return self.proj(out.reshape(B, L, D))
 

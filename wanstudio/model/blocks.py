@@ -8,7 +8,6 @@ from torch import nn
 
 from ..attention import attention
 from ..config import WanConfig
-from ..layout import layout_name
 from ..options import AttentionMode
 from .audio import AudioCrossAttention, reference_attention_map
 from .layers import FP32LayerNorm, RMSNorm
@@ -43,7 +42,7 @@ class SelfAttention(nn.Module):
         if ref_masks is not None:
             with torch.no_grad():
                 ref_map = reference_attention_map(q, k, ref_masks, ref_masks.shape[-1])
-        out = attention(q, k, v, mode=self.attention_mode, where=layout_name(self))
+        out = attention(q, k, v, mode=self.attention_mode, where=self)
         return self.o(out.reshape(B, L, D)), ref_map
 
 
@@ -69,15 +68,14 @@ class CrossAttention(nn.Module):
         """x [B, L, D]; text [B, text_len, D]; image [B, 257, D] or None."""
         B, L, D = x.shape
         H, d = self.num_heads, self.head_dim
-        where = layout_name(self)
         q = self.norm_q(self.q(x)).view(B, L, H, d)
         k = self.norm_k(self.k(text)).view(B, -1, H, d)
         v = self.v(text).view(B, -1, H, d)
-        out = attention(q, k, v, mode=self.attention_mode, where=where)
+        out = attention(q, k, v, mode=self.attention_mode, where=self)
         if self.has_image:
             k_img = self.norm_k_img(self.k_img(image)).view(B, -1, H, d)
             v_img = self.v_img(image).view(B, -1, H, d)
-            out = out + attention(q, k_img, v_img, mode=self.attention_mode, where=where)
+            out = out + attention(q, k_img, v_img, mode=self.attention_mode, where=self)
         return self.o(out.reshape(B, L, D))
 
 
