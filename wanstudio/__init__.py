@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedModeError,
     WanstudioError,
 )
+from .fusion import compile_blocks, uncompile_blocks
 from .inspector import LayoutReport, LayoutRow, inspect_layout
 from .layout import LayoutContract, Operand, StrideRule, is_strict_layout, set_strict_layout, strict_layout
 from .model import WanModel

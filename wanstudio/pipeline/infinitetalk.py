@@ -239,6 +239,8 @@ class InfiniteTalkPipeline:
         dtype: torch.dtype | str = torch.bfloat16,
         vae_dtype: torch.dtype | str = torch.float32,
         config=None,
+        compile_blocks: bool = False,
+        strict_layout: bool = False,
     ) -> InfiniteTalkPipeline:
         """Load every part from local files.
 
@@ -251,6 +253,9 @@ class InfiniteTalkPipeline:
             clip: CLIP ViT-H/14. wav2vec: chinese-wav2vec2-base folder or file.
             quantization / attention: names from ``wanstudio.QUANT_MODES`` / ``ATTENTION_MODES``.
             blocks_to_swap: DiT blocks kept in host memory and streamed in (CUDA).
+            compile_blocks: torch.compile each DiT block (fuses its elementwise work; on an
+                H200 a 14B forward goes from 3.67 s to 2.92 s in bf16). First call compiles.
+            strict_layout: every DiT forward checks kernel layout contracts strictly.
             device: default CUDA when available. dtype: DiT / text / CLIP compute dtype.
             vae_dtype: the VAE's dtype (fp32 as in the reference code).
             config: a WanConfig or preset name; None infers it from the DiT file headers.
@@ -297,7 +302,8 @@ class InfiniteTalkPipeline:
         # host memory (never the GPU) and sets the attention backend
         model = load_model(paths, config=cfg, device=device, dtype=dtype,
                            quantization=quantization.value, attention=attention.value,
-                           blocks_to_swap=blocks_to_swap)
+                           blocks_to_swap=blocks_to_swap, compile_blocks=compile_blocks,
+                           strict_layout=strict_layout)
         model.eval().requires_grad_(False)
         identity = "dit=" + ",".join(_file_id(p) for p in paths)
         settings = dict(quantization=quantization.value, attention=attention.value,
