@@ -16,11 +16,9 @@ queries vs 32 audio tokens, 40 heads), and the dispatcher's CPU overhead per cal
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +26,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_timing import Timer  # noqa: E402
 
 import wanstudio.attention as A  # noqa: E402
 from wanstudio.attention_backends import sdpa  # noqa: E402
@@ -57,33 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--output", type=Path, default=None, help="also write the table here")
     return p.parse_args(argv)
-
-
-class Timer:
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, max(5, repeats)
-
-    def median_ms(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        if self.device.type != "cuda":
-            times = []
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize(self.device)
-        times = []
-        for _ in range(self.repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
 
 
 def make_qkv(batch, q_len, k_len, heads, head_dim, dtype, device, seed=0):
@@ -221,7 +194,7 @@ def main(argv=None) -> str:
     dtype = DTYPES[args.dtype]
     modes = [AttentionMode(m) for m in args.modes] if args.modes else list(AttentionMode)
     availability = A.available_attention_modes(device)
-    timer = Timer(device, args.warmup, args.repeats)
+    timer = Timer(device, args.warmup, args.repeats, min_repeats=5)
     B, H, D = args.batch, args.heads, args.head_dim
 
     lines = [

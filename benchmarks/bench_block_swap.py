@@ -30,6 +30,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_timing import time_ms  # noqa: E402
 
 from wanstudio import WanConfig, WanModel  # noqa: E402
 from wanstudio.offload import (  # noqa: E402
@@ -75,23 +76,6 @@ def make_inputs(cfg: WanConfig, args, device) -> tuple[dict, tuple[int, int, int
     return kw, (f, h, w), tokens
 
 
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
 def measure(model, inputs, args, device, n: int, backend) -> dict:
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
@@ -100,7 +84,6 @@ def measure(model, inputs, args, device, n: int, backend) -> dict:
     if cuda:
         torch.cuda.synchronize()
     enable_s = time.perf_counter() - t0
-    timer = Timer(device)
 
     def forward():
         with torch.inference_mode():
@@ -108,11 +91,11 @@ def measure(model, inputs, args, device, n: int, backend) -> dict:
                   **{k: v for k, v in inputs.items() if k not in ("x", "t", "context")})
 
     for _ in range(args.warmup):
-        timer(forward)
+        time_ms(forward, device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = [timer(forward) for _ in range(args.repeats)]
+    times = [time_ms(forward, device) for _ in range(args.repeats)]
     row = dict(
         n=n,
         ms=statistics.median(times),

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
-import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -32,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_timing import Timer  # noqa: E402
 
 from wanstudio.errors import UnsupportedModeError  # noqa: E402
 from wanstudio.options import QuantMode, parse_option  # noqa: E402
@@ -52,32 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--output", type=Path, default=None, help="also write the tables here")
     p.add_argument("--check", action="store_true", help="exit 1 if a fast fp8 mode loses to bf16")
     return p.parse_args(argv)
-
-
-class Timer:
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, max(3, repeats)
-
-    def median_ms(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type != "cuda":
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize(self.device)
-        for _ in range(self.repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(self.device)
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
 
 
 def card(device: torch.device) -> str:
@@ -207,7 +180,7 @@ def main(argv=None) -> int:
     modes = [parse_option(QuantMode, m) for m in args.modes] if args.modes else [
         m for m in QuantMode if m is not QuantMode.DISABLED
     ]
-    timer = Timer(device, args.warmup, args.repeats)
+    timer = Timer(device, args.warmup, args.repeats, min_repeats=3)
     header = (
         f"## One Linear, M = {args.m:,} tokens, bf16 activations — {card(device)}\n\n"
         f"{date.today().isoformat()}; median of {timer.repeats} calls after {args.warmup} warm-up "

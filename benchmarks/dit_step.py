@@ -16,12 +16,12 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from bench_timing import Timer
 
 import wanstudio as ws
 from wanstudio.options import AttentionMode, QuantMode, parse_option
@@ -51,21 +51,6 @@ def forward_flops(cfg: ws.WanConfig, frames: int, width: int, height: int, speak
         "linear": per_block_linear * cfg.num_layers,
         "attention": per_block_attn * cfg.num_layers,
     }
-
-
-def cuda_ms(fn, reps: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 # --- inputs and models ---------------------------------------------------------------------------
@@ -118,7 +103,7 @@ def measure(model, inputs, flops: dict, reps: int) -> tuple[float, float, float]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        ms = cuda_ms(lambda: run_model(model, inputs), reps=reps)
+        ms = Timer("cuda", 1, reps).median_ms(lambda: run_model(model, inputs))
     peak = torch.cuda.max_memory_allocated() / 2**30
     return ms, peak, (flops["linear"] + flops["attention"]) / (ms * 1e-3) / 1e12
 
@@ -209,7 +194,7 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
 
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        ms = cuda_ms(call, reps=args.reps)
+        ms = Timer("cuda", 1, args.reps).median_ms(call)
         theirs = call().float().cpu()
     peak = torch.cuda.max_memory_allocated() / 2**30
     tflops = (flops["linear"] + flops["attention"]) / (ms * 1e-3) / 1e12
@@ -223,7 +208,7 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            ms = cuda_ms(call, reps=args.reps)
+            ms = Timer("cuda", 1, args.reps).median_ms(call)
         peak = torch.cuda.max_memory_allocated() / 2**30
         rows.append(Row("diffusers group offload", preset, args.size, "bf16", "default", cfg.num_layers, ms,
                         peak, (flops["linear"] + flops["attention"]) / (ms * 1e-3) / 1e12,
@@ -245,21 +230,21 @@ def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
     for name, (k, n) in {"qkvo": (D, D), "ffn_up": (D, Fd), "ffn_down": (Fd, D)}.items():
         a = torch.randn(L, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        ms = cuda_ms(lambda: F.linear(a, w), reps=10)  # noqa: B023
+        ms = Timer("cuda", 1, 10).median_ms(lambda: F.linear(a, w))  # noqa: B023
         rates[f"bf16 {name}"] = 2 * L * k * n / (ms * 1e-3) / 1e12
         a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
         sa = torch.ones(L, 1, device="cuda")
         sb = torch.ones(1, n, device="cuda")
-        ms = cuda_ms(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,  # noqa: B023
-                                              out_dtype=torch.bfloat16), reps=10)
+        ms = Timer("cuda", 1, 10).median_ms(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,  # noqa: B023
+                                                                     out_dtype=torch.bfloat16))
         rates[f"fp8 {name}"] = 2 * L * k * n / (ms * 1e-3) / 1e12
     q = torch.randn(1, cfg.num_heads, L, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
-    ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, q, q), reps=5)
+    ms = Timer("cuda", 1, 5).median_ms(lambda: F.scaled_dot_product_attention(q, q, q))
     rates["attention sdpa"] = 4 * L * L * cfg.head_dim * cfg.num_heads / (ms * 1e-3) / 1e12
     try:
         from sageattention import sageattn
 
-        ms = cuda_ms(lambda: sageattn(q, q, q, tensor_layout="HND"), reps=5)
+        ms = Timer("cuda", 1, 5).median_ms(lambda: sageattn(q, q, q, tensor_layout="HND"))
         rates["attention sageattn"] = 4 * L * L * cfg.head_dim * cfg.num_heads / (ms * 1e-3) / 1e12
     except ImportError:
         pass
