@@ -92,3 +92,45 @@ def test_module_entry_point_runs():
     assert result.returncode == 0
     for command in ("demo", "infinitetalk", "doctor"):
         assert command in result.stdout
+
+
+def test_inspect_reports_layouts_and_exits_nonzero_on_violations(tmp_path, capsys, monkeypatch):
+    from wanstudio.cli import main
+
+    csv = tmp_path / "rows.csv"
+    assert main(["inspect", "--speakers", "2", "--quantization", "fp8_e4m3fn_fast", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "violations: 0" in out and "torch._scaled_mm" in out
+    assert csv.read_text().count("\n") > 100
+
+    class ReportWithViolation:
+        def summary(self):
+            return "violations: 1"
+
+        def violations(self):
+            return ["blocks.0.self_attn.q mat2 align"]
+
+        def __len__(self):
+            return 1
+
+    monkeypatch.setattr("wanstudio.inspector.inspect_layout", lambda model, inputs: ReportWithViolation())
+    assert main(["inspect", "--preset", "tiny-t2v"]) == 1
+
+
+def test_bench_refuses_to_run_without_a_gpu(capsys):
+    from wanstudio.cli import main
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("has a GPU")
+    assert main(["bench", "--suite", "roofline"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_forward_flops_match_the_published_wan_14b_figures():
+    from wanstudio.bench import forward_flops
+
+    flops = forward_flops(__import__("wanstudio").WanConfig.preset("i2v-14b"), 81, 832, 480)
+    assert flops["tokens"] == 32760
+    # issue 10: "Linear 0.78 PFLOP + attention 0.90 PFLOP per forward"
+    assert flops["linear"] / 1e15 == pytest.approx(0.786, abs=0.005)
+    assert flops["attention"] / 1e15 == pytest.approx(0.900, abs=0.005)

@@ -1,4 +1,4 @@
-"""The ``wanstudio`` command: ``demo``, ``infinitetalk`` and ``doctor``.
+"""The ``wanstudio`` command: ``demo``, ``infinitetalk``, ``inspect``, ``bench`` and ``doctor``.
 
 Every choice list (quantization, attention, precision, scheduler, size class, speaker mix)
 comes from ``wanstudio.options``; nothing here spells a mode name.
@@ -119,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.BF16.value)
     _add_generation_args(it, steps=40, prompt="")
+
+    ins = sub.add_parser("inspect", help="layout of every tensor reaching every kernel (one forward)",
+                         description="Run one DiT forward under the layout inspector and print its "
+                         "summary; exit status 1 when a kernel's layout contract is violated.")
+    ins.add_argument("--preset", default="tiny-infinitetalk",
+                     help="config of a random-weight model (ignored with --dit)")
+    ins.add_argument("--dit", nargs="+", default=None, help="checkpoint file(s) instead of random weights")
+    ins.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
+    ins.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
+    ins.add_argument("--latent", type=int, nargs=3, default=(3, 8, 8), metavar=("F", "H", "W"),
+                     help="latent frames, height, width of the random input (default 3 8 8)")
+    ins.add_argument("--speakers", type=int, choices=(1, 2), default=1)
+    ins.add_argument("--strict", action="store_true", help="raise at the first violated contract")
+    ins.add_argument("--csv", default=None, help="also write every row here")
+    ins.add_argument("--device", default="cpu")
+    ins.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.FP32.value)
+
+    bench = sub.add_parser("bench", help="GPU benchmark of one DiT forward (wanstudio bench --help)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     doctor = sub.add_parser("doctor", help="what works on this machine and why not")
     doctor.add_argument("--device", default=None, help="device to check (default: cuda if any)")
@@ -294,10 +314,76 @@ def _attention_report(device) -> list[str]:
     return out
 
 
-COMMANDS = {"demo": cmd_demo, "infinitetalk": cmd_infinitetalk, "doctor": cmd_doctor}
+def cmd_inspect(args) -> int:
+    import torch
+
+    from . import layout
+    from .checkpoints import load_model, parse_dtype
+    from .config import WanConfig
+    from .inspector import inspect_layout
+    from .model import WanModel
+
+    if args.dit:
+        model = load_model(args.dit, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                           attention=args.attention)
+    else:
+        from .attention import set_attention
+        from .quant import quantize
+
+        torch.manual_seed(0)
+        model = WanModel(WanConfig.preset(args.preset), device=args.device, dtype=parse_dtype(args.dtype))
+        quantize(model, args.quantization)
+        set_attention(model, args.attention)
+    inputs = _random_inputs(model.config, *args.latent, speakers=args.speakers, device=args.device)
+    with layout.strict_layout(args.strict):
+        report = inspect_layout(model.eval(), inputs)
+    print(report.summary())
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"wanstudio inspect: {len(report)} rows written to {args.csv}")
+    return 1 if report.violations() else 0
+
+
+def _random_inputs(cfg, frames: int, height: int, width: int, *, speakers: int, device) -> dict:
+    """Seeded random inputs of the model's shapes at the given latent size."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    inputs = dict(x=rnd(1, cfg.out_dim, frames, height, width), t=torch.tensor([500.0], device=device),
+                  context=rnd(1, 16, cfg.text_dim))
+    if cfg.is_i2v:
+        inputs.update(y=rnd(1, cfg.cond_dim, frames, height, width), clip_fea=rnd(1, 257, cfg.clip_dim))
+    if cfg.audio:
+        f_video = cfg.vae_scale * (frames - 1) + 1
+        inputs["audio"] = rnd(1, speakers, f_video, cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
+        if speakers == 2:
+            masks = torch.zeros(3, height * 8, width * 8, device=device)
+            masks[0, :, : width * 4], masks[1, :, width * 4 :] = 1, 1
+            masks[2] = 1 - masks[0] - masks[1]
+            inputs["ref_target_masks"] = masks
+    return inputs
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+COMMANDS = {"demo": cmd_demo, "infinitetalk": cmd_infinitetalk, "inspect": cmd_inspect,
+            "bench": cmd_bench, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: `wanstudio bench --help` lists the benchmark's options
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
