@@ -361,3 +361,17 @@ def test_fp16_fast_needs_a_gpu(tmp_path):
     save_file(_state(_seeded("tiny-t2v")), tmp_path / "dit.safetensors")
     with pytest.raises(ws.UnsupportedModeError, match="'fp16_fast' .* needs a CUDA GPU"):
         load_model(tmp_path / "dit.safetensors", dtype="fp16_fast")
+
+
+def test_an_fp8_tensor_outside_the_quantized_layers_is_dequantized_with_its_scale(tmp_path):
+    reference = _seeded("tiny-t2v")
+    sd = _state(reference)
+    w = sd["text_embedding.0.weight"]  # keep-listed: never quantized
+    scale = w.abs().amax(dim=1).float() / 448
+    sd["text_embedding.0.weight"] = (w / scale[:, None]).to(torch.float8_e4m3fn)
+    sd["text_embedding.0.scale_weight"] = scale
+    save_file(sd, tmp_path / "dit.safetensors")
+    model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, quantization="fp8_e4m3fn_scaled")
+    loaded = model.text_embedding[0].weight
+    assert loaded.dtype == torch.float32
+    assert ((loaded - w).norm() / w.norm()).item() < 0.05  # e4m3 rounding, scale applied per row

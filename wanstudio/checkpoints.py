@@ -377,12 +377,15 @@ def _real_tensor(entries: dict[str, TensorEntry], name: str) -> torch.Tensor:
     """A tensor as the checkpoint means it: an fp8 weight outside the quantized layers (a
     keep-listed layer stored in fp8) is dequantized with its stored scale."""
     tensor = read_tensor(entries[name])
-    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        scale = _scale_entry(entries, name) if name.endswith(".weight") else None
-        tensor = tensor.float() * (read_tensor(scale).float().reshape(-1, *[1] * (tensor.dim() - 1))
-                                   if scale is not None and read_tensor(scale).numel() > 1
-                                   else (read_tensor(scale).float() if scale is not None else 1.0))
-    return tensor
+    if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return tensor
+    scale_entry = _scale_entry(entries, name) if name.endswith(".weight") else None
+    if scale_entry is None:
+        return tensor.float()
+    scale = read_tensor(scale_entry).float()  # [] / [1] per tensor, or [N] per output channel
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, *[1] * (tensor.dim() - 1))
+    return tensor.float() * scale
 
 
 def _storage_mode(requested: QuantMode, entries: dict[str, TensorEntry], info: CheckpointInfo) -> QuantMode:
