@@ -423,6 +423,35 @@ def test_generate_panel_takes_the_pipeline_from_a_load_panel(tiny_model, media):
     assert gen.pipeline is load.pipeline
 
 
+def test_generate_uses_the_pipeline_own_size_unless_unticked(tiny_model, media):
+    # the tiny preset's own 64x64, not a 480p bucket (~600x600: minutes on a CPU instead of seconds)
+    image, audio, out = media
+    pipe = FakePipeline(tiny_model)
+    pipe.default_size = (64, 64)
+    panel = GeneratePanel(pipe, image=image, audio=audio, out=out)
+    assert panel.own_size.value and panel.own_size.layout.display is None
+    assert "64x64" in panel.own_size.description and panel.size_class.disabled
+    panel.generate_button.click()
+    assert panel.wait(JOIN) and panel.last_error is None, panel.last_traceback
+    assert "size_class" not in pipe.calls[-1][1]  # the pipeline picks its own size
+    panel.own_size.value = False
+    assert not panel.size_class.disabled
+    panel.size_class.value = "720"
+    panel.generate_button.click()
+    assert panel.wait(JOIN)
+    assert pipe.calls[-1][1]["size_class"] == "720"
+    # a pipeline without a size of its own: no checkbox, the size class is used
+    plain = GeneratePanel(FakePipeline(tiny_model), image=image, audio=audio, out=out)
+    assert plain.own_size.layout.display == "none" and not plain.size_class.disabled
+    # a LoadPanel's pipeline arrives later: the checkbox appears when it is loaded
+    load = LoadPanel(loader=FakeLoader(tiny_model), find=False, device="cpu")
+    later = GeneratePanel(load, image=image, audio=audio, out=out)
+    assert later.own_size.layout.display == "none"
+    load.loader = lambda settings: LoadResult(pipe, settings, 0.1, None, "")
+    load.load()
+    assert later.own_size.layout.display is None and later.size_class.disabled
+
+
 def test_error_html_escapes_and_names_the_type():
     text = error_html(ValueError("<b>bad</b>\nsecond line"))
     assert "&lt;b&gt;bad&lt;/b&gt;<br>second line" in text and "ValueError" in text

@@ -11,6 +11,7 @@ from ..errors import WanstudioError
 
 STYLE = {"description_width": "150px"}
 WIDE = widgets.Layout(width="95%")
+SLIDER_WIDTH = "480px"  # ipywidgets' default 300 px leaves a 60 px track after a 150 px label
 _COLORS = {"info": "#444", "ok": "#1a7f37", "warn": "#9a6700", "error": "#b42318", "busy": "#0550ae"}
 
 
@@ -46,6 +47,41 @@ def error_html(error: BaseException, context: str = "") -> str:
 
 def format_traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+
+
+def slider_layout() -> widgets.Layout:
+    """A slider wide enough to drag (its track ~250 px next to the 150 px description)."""
+    return widgets.Layout(width=SLIDER_WIDTH, max_width="95%")
+
+
+def fit_layout(**more) -> widgets.Layout:
+    """As wide as its content: for checkboxes whose description is longer than the default
+    300 px (ipywidgets cuts it with an ellipsis) and toggle buttons (which wrap below their
+    description at the default width)."""
+    return widgets.Layout(width="auto", **more)
+
+
+def inline(widget: widgets.DOMWidget) -> widgets.DOMWidget:
+    """Lay ``widget`` out like the other labelled controls: description on the left in its
+    150 px column, the control to its right (ToggleButtons otherwise stack the two)."""
+    widget.add_class("widget-inline-hbox")
+    return widget
+
+
+def table_style(scope: str) -> widgets.HTML:
+    """An invisible widget holding the CSS for the HTML tables inside the panel ``.scope``.
+
+    The ipywidgets HTML widget draws its content at the controls' 28 px line height and lets
+    every cell wrap, so a report table rendered inside a panel had two- and three-line cells
+    (``36.0 / KiB``) and rows 60 px tall. One line per cell (the last column, the prose, may
+    wrap) at the notebook's own line height.
+    """
+    css = (
+        f".{scope} table {{ border-collapse: collapse; }}\n"
+        f".{scope} th, .{scope} td {{ line-height: 1.35; padding: 1px 6px; }}\n"
+        f".{scope} td:not(:last-child), .{scope} th {{ white-space: nowrap; }}\n"
+    )
+    return widgets.HTML(f"<style>{css}</style>", layout=widgets.Layout(display="none"))
 
 
 def row(*children, **layout) -> widgets.HBox:

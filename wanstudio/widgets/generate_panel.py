@@ -24,7 +24,17 @@ from .. import studio
 from ..errors import PipelineError, WanstudioError
 from ..options import Scheduler, SizeClass, SpeakerMix, parse_option
 from . import choices
-from .common import STYLE, WIDE, error_html, format_traceback, heading, status_html
+from .common import (
+    STYLE,
+    WIDE,
+    error_html,
+    fit_layout,
+    format_traceback,
+    heading,
+    inline,
+    slider_layout,
+    status_html,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,7 @@ class GenerateRequest:
     bboxes: tuple | None = None
     prompt: str = ""
     negative_prompt: str | None = None
-    size_class: str = SizeClass.P480.value
+    size_class: str | None = SizeClass.P480.value  # None: the pipeline's own size (tiny: 64x64)
     scheduler: str = Scheduler.EULER.value
     steps: int = 40
     shift: float = 7.0
@@ -81,6 +91,8 @@ class GenerateRequest:
         kw = asdict(self)
         for key in ("image", "audio", "strict_layout"):
             kw.pop(key)
+        if self.size_class is None:
+            kw.pop("size_class")
         if self.audio2 is None:
             kw.pop("audio2"), kw.pop("speaker_mix"), kw.pop("bboxes")
         return kw
@@ -133,8 +145,10 @@ def video_widget(path: str | Path, max_bytes: int = MAX_INLINE_BYTES) -> widgets
     size = path.stat().st_size
     if size > max_bytes:
         return widgets.HTML(status_html(f"{path} is {size / 2**20:.0f} MiB: open it from the file browser."))
+    # drawn at least 320 px wide (the tiny preset's 64x64 would be a stamp), at most 640 x 480
     return widgets.Video(value=path.read_bytes(), format="mp4", controls=True, autoplay=False, loop=False,
-                         layout=widgets.Layout(max_width="640px"))
+                         layout=widgets.Layout(width="100%", min_width="320px", max_width="640px",
+                                               max_height="480px"))
 
 
 def _resolve_pipeline(source):
@@ -187,8 +201,8 @@ class GeneratePanel(widgets.VBox):
         self.audio_path = widgets.Text(value=str(audio), description="speech (speaker 1)", style=STYLE,
                                        layout=widgets.Layout(width="70%"))
         self.audio_upload = widgets.FileUpload(accept="audio/*", multiple=False, description="upload")
-        self.speakers = widgets.ToggleButtons(options=[("one speaker", 1), ("two speakers", 2)], value=1,
-                                              description="speakers", style=STYLE)
+        self.speakers = inline(widgets.ToggleButtons(options=[("one speaker", 1), ("two speakers", 2)], value=1,
+                                                     description="speakers", style=STYLE, layout=fit_layout()))
         self.audio2_path = widgets.Text(description="speech (speaker 2)", style=STYLE,
                                         layout=widgets.Layout(width="70%"))
         self.audio2_upload = widgets.FileUpload(accept="audio/*", multiple=False, description="upload")
@@ -205,15 +219,20 @@ class GeneratePanel(widgets.VBox):
                                                 style=STYLE, layout=WIDE)
         self.size_class = widgets.Dropdown(options=choices.size_class_choices(), value=SizeClass.P480.value,
                                            description="size class", style=STYLE)
+        # a pipeline with a size of its own (the tiny preset: 64x64) uses it unless unticked; a
+        # 480p bucket on the tiny preset is a ~600x600 video: minutes on a CPU instead of seconds
+        self.own_size = widgets.Checkbox(value=True, description="the pipeline's own size", indent=True,
+                                         style=STYLE, layout=fit_layout(display="none"))
         self.scheduler = widgets.Dropdown(options=choices.scheduler_choices(), value=Scheduler.EULER.value,
                                           description="sampler", style=STYLE)
-        self.steps = widgets.IntSlider(value=steps, min=1, max=100, description="steps", style=STYLE)
+        self.steps = widgets.IntSlider(value=steps, min=1, max=100, description="steps", style=STYLE,
+                                       layout=slider_layout())
         self.shift = widgets.BoundedFloatText(value=DEFAULT_SHIFT[SizeClass.P480], min=0.01, max=100.0,
                                               step=0.5, description="shift", style=STYLE)
         self.text_scale = widgets.FloatSlider(value=5.0, min=1.0, max=15.0, step=0.5,
-                                              description="text guidance", style=STYLE)
+                                              description="text guidance", style=STYLE, layout=slider_layout())
         self.audio_scale = widgets.FloatSlider(value=4.0, min=1.0, max=15.0, step=0.5,
-                                               description="audio guidance", style=STYLE)
+                                               description="audio guidance", style=STYLE, layout=slider_layout())
         self.seed = widgets.BoundedIntText(value=42, min=0, max=2**31 - 1, description="seed", style=STYLE)
         self.max_frames = widgets.BoundedIntText(value=max_frames, min=1, max=10**7, description="max frames",
                                                  style=STYLE)
@@ -221,15 +240,17 @@ class GeneratePanel(widgets.VBox):
         self.out = widgets.Text(value=str(out), description="output mp4", style=STYLE,
                                 layout=widgets.Layout(width="70%"))
         self.resume = widgets.Checkbox(value=False, description="resume (continue the run in <out>.work)",
-                                       indent=False)
+                                       indent=True, style=STYLE, layout=fit_layout())
         self.strict = widgets.Checkbox(value=False, description="strict layout (raise before a bad launch)",
-                                       indent=False)
+                                       indent=True, style=STYLE, layout=fit_layout())
         # --- actions and results
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = widgets.Button(description="Cancel", button_style="warning", icon="stop",
                                             disabled=True)
-        self.clip_bar = widgets.IntProgress(value=0, min=0, max=1, description="clips", style=STYLE)
-        self.step_bar = widgets.IntProgress(value=0, min=0, max=1, description="steps", style=STYLE)
+        self.clip_bar = widgets.IntProgress(value=0, min=0, max=1, description="clips", style=STYLE,
+                                            layout=slider_layout())
+        self.step_bar = widgets.IntProgress(value=0, min=0, max=1, description="steps", style=STYLE,
+                                            layout=slider_layout())
         self.progress_text = widgets.HTML()
         self.status = widgets.HTML()
         self.video_box = widgets.Box()
@@ -237,21 +258,26 @@ class GeneratePanel(widgets.VBox):
         self.generate_button.on_click(lambda _b: self.generate())
         self.cancel_button.on_click(lambda _b: self.cancel())
         self.speakers.observe(lambda _c: self._speakers_changed(), "value")
+        self.own_size.observe(lambda _c: self._own_size_changed(), "value")
         self.size_class.observe(lambda c: setattr(self.shift, "value", DEFAULT_SHIFT[parse_option(SizeClass, c.new)]),
                                 "value")
         self._speakers_changed()
+        self._pipeline_changed()
+        if callable(getattr(pipeline, "on_loaded", None)):  # a LoadPanel: its pipeline comes later
+            pipeline.on_loaded(lambda _result: self._pipeline_changed())
         super().__init__([
             heading("Image and speech"),
             widgets.HBox([self.image_path, self.image_upload]),
             widgets.HBox([self.audio_path, self.audio_upload]),
             self.speakers, self.two_box,
             heading("Prompt"), self.prompt, self.negative_prompt,
-            heading("Sampling"), self.size_class, self.scheduler, self.steps, self.shift,
+            heading("Sampling"), self.size_class, self.own_size, self.scheduler, self.steps, self.shift,
             self.text_scale, self.audio_scale, self.seed, self.max_frames,
             heading("Output"), self.out, self.resume, self.strict,
             widgets.HBox([self.generate_button, self.cancel_button]),
             self.clip_bar, self.step_bar, self.progress_text, self.status, self.video_box,
         ], layout=widgets.Layout(width="100%"))
+        self.add_class("wanstudio-generate-panel")
 
     # --- state ---------------------------------------------------------------------------------------
     @property
@@ -268,6 +294,25 @@ class GeneratePanel(widgets.VBox):
 
     def _speakers_changed(self) -> None:
         self.two_box.layout.display = None if self.speakers.value == 2 else "none"
+
+    def pipeline_size(self) -> tuple[int, int] | None:
+        """The pipeline's own (width, height), if it has one (the tiny preset: 64x64)."""
+        size = getattr(self.pipeline, "default_size", None)
+        try:
+            width, height = (int(v) for v in size)
+        except (TypeError, ValueError):
+            return None
+        return width, height
+
+    def _pipeline_changed(self) -> None:
+        size = self.pipeline_size()
+        self.own_size.layout.display = None if size else "none"
+        if size:
+            self.own_size.description = f"use the pipeline's own size, {size[0]}x{size[1]} (not the size class)"
+        self._own_size_changed()
+
+    def _own_size_changed(self) -> None:
+        self.size_class.disabled = bool(self.own_size.value and self.pipeline_size())
 
     def _uploads_folder(self) -> Path:
         return Path(self.out.value).expanduser().parent / "uploads"
@@ -302,7 +347,8 @@ class GeneratePanel(widgets.VBox):
         return GenerateRequest(
             image=image, audio=audio, audio2=audio2, speaker_mix=mix or SpeakerMix.PARA.value, bboxes=bboxes,
             prompt=self.prompt.value, negative_prompt=self.negative_prompt.value or None,
-            size_class=self.size_class.value, scheduler=self.scheduler.value, steps=self.steps.value,
+            size_class=None if self.size_class.disabled else self.size_class.value,
+            scheduler=self.scheduler.value, steps=self.steps.value,
             shift=float(self.shift.value), text_scale=float(self.text_scale.value),
             audio_scale=float(self.audio_scale.value), seed=int(self.seed.value),
             max_frames=int(self.max_frames.value), out=out, resume=self.resume.value,
@@ -319,6 +365,7 @@ class GeneratePanel(widgets.VBox):
             pipe = self.pipeline
             if pipe is None:
                 raise PipelineError("no pipeline loaded yet: click Load in the load panel first")
+            self._pipeline_changed()  # the pipeline may have been swapped since the panel was built
             request = self.read_request()
         except Exception as e:
             self._show_error(e)
@@ -358,6 +405,10 @@ class GeneratePanel(widgets.VBox):
         self.last_event = event
         if event.kind == "start":
             self.finished_clips = event.resumed_clips
+            if not self._cancel.is_set():
+                self.status.value = status_html(  # the inputs are encoded: sampling starts now
+                    f"Generating {event.clips} clip{'s' if event.clips != 1 else ''} of {event.steps} "
+                    f"step{'s' if event.steps != 1 else ''} each…", "busy")
         elif event.kind in ("clip", "done"):
             self.finished_clips = event.clip
         self.clip_bar.max = max(1, event.clips)

@@ -11,10 +11,25 @@ from torch import nn
 
 from .. import studio
 from ..errors import LayoutError
-from .common import STYLE, error_html, format_traceback, heading, set_options, status_html
+from .common import STYLE, error_html, fit_layout, format_traceback, heading, set_options, status_html
 from .plots import png_bytes, swap_timeline_figure
 
 ALL = ""  # the "no filter" value of the role / kernel dropdowns
+
+# The report's table inside the panel: the HTML widget's 28 px line height and word wrapping
+# made every shape / stride a three-line cell (rows 60 px tall, a dozen rows per screen) and
+# pushed kernel / contract off to the right. One line per row, a header that stays in view, and
+# the report's summary once (the status line above the table already shows it).
+TABLE_CSS = """<style>
+.wanstudio-layout-panel .wanstudio-layout-report { line-height: 1.35; }
+.wanstudio-layout-panel .wanstudio-layout-report > pre { display: none; }  /* the status line has it */
+.wanstudio-layout-panel .wanstudio-layout-report p { margin: 4px 0; }
+.wanstudio-layout-panel .wanstudio-layout-report table { border-collapse: collapse; }
+.wanstudio-layout-panel .wanstudio-layout-report th,
+.wanstudio-layout-panel .wanstudio-layout-report td { white-space: nowrap; padding: 1px 6px; text-align: left; }
+.wanstudio-layout-panel .wanstudio-layout-report thead th {
+  position: sticky; top: 0; z-index: 1; background: var(--jp-layout-color1, #fff); }
+</style>"""
 
 
 def _resolve_model(source):
@@ -49,11 +64,13 @@ class LayoutPanel(widgets.VBox):
         self.inspect_button = widgets.Button(description="Inspect", button_style="primary", icon="search")
         self.strict = widgets.ToggleButton(value=False, description="strict mode", icon="shield",
                                            tooltip="raise LayoutError before a kernel gets a tensor it cannot take")
-        self.only_violations = widgets.Checkbox(value=False, description="violations only", indent=False)
-        self.only_non_contiguous = widgets.Checkbox(value=False, description="non-contiguous only", indent=False)
+        self.only_violations = widgets.Checkbox(value=False, description="violations only", indent=True,
+                                                style=STYLE, layout=fit_layout())
+        self.only_non_contiguous = widgets.Checkbox(value=False, description="non-contiguous only", indent=False,
+                                                    layout=fit_layout(margin="0 0 0 24px"))
         self.role = widgets.Dropdown(options=[("all roles", ALL)], description="role", style=STYLE)
         self.module = widgets.Text(description="module name", placeholder="e.g. blocks.0.self_attn",
-                                   style=STYLE, continuous_update=False)
+                                   style=STYLE, continuous_update=False, layout=widgets.Layout(width="480px"))
         self.kernel = widgets.Dropdown(options=[("all kernels", ALL)], description="kernel", style=STYLE)
         self.status = widgets.HTML()
         self.counts = widgets.HTML()
@@ -72,6 +89,7 @@ class LayoutPanel(widgets.VBox):
             self.status, self.counts, self.table,
             heading("Block swap timeline"), self.timeline_note, self.timeline,
         ], layout=widgets.Layout(width="100%"))
+        self.add_class("wanstudio-layout-panel")
 
     @property
     def model(self):
@@ -143,7 +161,7 @@ class LayoutPanel(widgets.VBox):
         self.counts.value = status_html(f"{len(studio.report_rows(shown))} of {total} rows shown; "
                                         f"{n_bad} violation{'s' if n_bad != 1 else ''} in all")
         to_html = getattr(shown, "_repr_html_", None)
-        self.table.value = to_html() if callable(to_html) else f"<pre>{html.escape(str(shown))}</pre>"
+        self.table.value = TABLE_CSS + (to_html() if callable(to_html) else f"<pre>{html.escape(str(shown))}</pre>")
 
     def _show_timeline(self, model) -> None:
         stats = getattr(model, "block_swap_stats", None) if model is not None else None

@@ -14,7 +14,17 @@ from ..errors import ConfigError
 from ..options import AttentionMode, QuantMode
 from ..studio import LoadResult, LoadSettings, WeightPaths
 from . import choices
-from .common import STYLE, error_html, format_traceback, heading, set_options, status_html
+from .common import (
+    STYLE,
+    error_html,
+    fit_layout,
+    format_traceback,
+    heading,
+    set_options,
+    slider_layout,
+    status_html,
+    table_style,
+)
 
 # field -> (label, placeholder, required)
 PATH_FIELDS: dict[str, tuple[str, str, bool]] = {
@@ -89,7 +99,7 @@ class LoadPanel(widgets.VBox):
             options=[(f"{p} (random weights, no files)" if p.startswith("tiny") else f"{p} (real weights)", p)
                      for p in presets],
             value=next((p for p in presets if not p.startswith("tiny")), presets[0]) if weights else presets[0],
-            description="preset", style=STYLE)
+            description="preset", style=STYLE, layout=widgets.Layout(width="60%"))
         self.paths: dict[str, widgets.Text | widgets.Textarea] = {}
         self.path_status: dict[str, widgets.HTML] = {}
         for name, (label, placeholder, _) in PATH_FIELDS.items():
@@ -115,15 +125,16 @@ class LoadPanel(widgets.VBox):
                                           value=AttentionMode.SDPA.value, description="attention",
                                           style=STYLE, layout=widgets.Layout(width="60%"))
         self.blocks_to_swap = widgets.IntSlider(value=0, min=0, max=PRESETS[self.preset.value].num_layers,
-                                                description="blocks to swap", style=STYLE)
-        self.prefetch = widgets.IntSlider(value=1, min=0, max=4, description="prefetch", style=STYLE)
+                                                description="blocks to swap", style=STYLE, layout=slider_layout())
+        self.prefetch = widgets.IntSlider(value=1, min=0, max=4, description="prefetch", style=STYLE,
+                                          layout=slider_layout())
         self.accuracy = widgets.Checkbox(value=True, description="measure per-layer quantization accuracy",
-                                         indent=False)
+                                         indent=True, style=STYLE, layout=fit_layout())
         self.load_button = widgets.Button(description="Load", button_style="primary", icon="download")
         self.mode_notes = widgets.HTML()
         self.status = widgets.HTML()
         self.summary_html = widgets.HTML()
-        self.report_html = widgets.HTML()
+        self.report_html = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))
         self.modes_html = widgets.HTML()
         modes = widgets.Accordion(children=[self.modes_html], titles=("Every mode on this device",))
         modes.selected_index = None
@@ -142,8 +153,9 @@ class LoadPanel(widgets.VBox):
             self.blocks_to_swap, self.prefetch, self.accuracy, self.mode_notes,
             widgets.HBox([self.load_button]), self.status,
             heading("Loaded model"), self.summary_html, heading("Quantization accuracy per layer"),
-            self.report_html, modes,
+            self.report_html, modes, table_style("wanstudio-load-panel"),
         ], layout=widgets.Layout(width="100%"))
+        self.add_class("wanstudio-load-panel")
         self._preset_changed()
         self._device_changed()
 
