@@ -105,8 +105,9 @@ def bench_shape(label, q, k, v, timer, modes, availability, rows) -> dict[str, f
             err = slice_error(out, ref)
             del out
             ms = timer.median_ms(fn)
-            rows.append((label, name, kernel, f"{ms:.2f}", f"{tflops(B, Lq, Lk, H, D, ms):.0f}",
-                         f"{err:.2%}", ""))
+            rows.append(
+                (label, name, kernel, f"{ms:.2f}", f"{tflops(B, Lq, Lk, H, D, ms):.0f}", f"{err:.2%}", "")
+            )
         except Exception as e:  # record and go on: one backend's failure is a result
             rows.append((label, name, kernel, "—", "—", "—", short(f"failed: {type(e).__name__}: {e}")))
         if q.is_cuda:
@@ -120,15 +121,16 @@ def bench_shape(label, q, k, v, timer, modes, availability, rows) -> dict[str, f
         before = sum(A.rerouted_attention_calls().values())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_row(mode.value, found.kernel,
-                    lambda mode=mode: A.attention(q, k, v, mode=mode, where=label))
+            run_row(mode.value, found.kernel, lambda mode=mode: A.attention(q, k, v, mode=mode, where=label))
         if sum(A.rerouted_attention_calls().values()) > before:
             rows[-1] = (*rows[-1][:-1], "ran SDPA: outside the kernel's key-count domain")
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) views
     for name, backend in SDPA_KERNELS.items():
+
         def forced(backend=backend):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
+
         ms = run_row(f"sdpa[{name}]", "torch SDPA, this kernel only", forced)
         if ms is not None:
             sdpa_ms[name] = ms
@@ -159,8 +161,9 @@ def dispatch_overhead_us(device, dtype, calls=1000) -> tuple[float, float]:
     q, k, v = make_qkv(1, 16, 16, 2, 64, dtype, device)
 
     def direct():
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                              v.transpose(1, 2)).transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
 
     def dispatched():
         return A.attention(q, k, v)
@@ -205,9 +208,11 @@ def main(argv=None) -> str:
         f"({'CUDA events' if device.type == 'cuda' else 'wall clock'}). TFLOP/s = 4·B·Lq·Lk·D·H "
         "/ time. rel. err: 2 heads x 1024 queries of the output vs fp64.",
         "",
-        "SDPA preference rule: " + "; ".join(
+        "SDPA preference rule: "
+        + "; ".join(
             f"sm_{'/'.join(str(m) for m in r.arch_majors)}x, fp16/bf16, D <= {r.max_head_dim}: "
-            + " > ".join(sdpa.KERNEL_NAMES[b] for b in r.order) + f" ({r.evidence})"
+            + " > ".join(sdpa.KERNEL_NAMES[b] for b in r.order)
+            + f" ({r.evidence})"
             for r in sdpa.SDPA_RULES
         ),
         "",
@@ -241,8 +246,7 @@ def main(argv=None) -> str:
         f"({dispatched:.1f} µs via attention() vs {direct:.1f} µs direct SDPA, tiny shape)",
         "",
         "Not available here:",
-        *[f"- `{m.value}`: {a.reason}" for m, a in availability.items()
-          if m in modes and not a.available],
+        *[f"- `{m.value}`: {a.reason}" for m, a in availability.items() if m in modes and not a.available],
     ]
     table = "\n".join(lines)
     print(table)

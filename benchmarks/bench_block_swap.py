@@ -79,16 +79,19 @@ def make_inputs(cfg: WanConfig, args, device) -> tuple[dict, tuple[int, int, int
 def measure(model, inputs, args, device, n: int, backend) -> dict:
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
-    enable_block_swap(model, n, prefetch=args.prefetch, device=device if cuda else None,
-                      backend=backend)
+    enable_block_swap(model, n, prefetch=args.prefetch, device=device if cuda else None, backend=backend)
     if cuda:
         torch.cuda.synchronize()
     enable_s = time.perf_counter() - t0
 
     def forward():
         with torch.inference_mode():
-            model(inputs["x"], inputs["t"], inputs["context"],
-                  **{k: v for k, v in inputs.items() if k not in ("x", "t", "context")})
+            model(
+                inputs["x"],
+                inputs["t"],
+                inputs["context"],
+                **{k: v for k, v in inputs.items() if k not in ("x", "t", "context")},
+            )
 
     for _ in range(args.warmup):
         time_ms(forward, device)
@@ -106,7 +109,7 @@ def measure(model, inputs, args, device, n: int, backend) -> dict:
     )
     stats = getattr(model, "block_swap_stats", None)
     if stats is not None:
-        steps = stats.steps[-args.repeats:]
+        steps = stats.steps[-args.repeats :]
         row.update(
             copy=statistics.median(s.copy_ms for s in steps),
             hidden=statistics.median(s.hidden_ms for s in steps),
@@ -117,8 +120,7 @@ def measure(model, inputs, args, device, n: int, backend) -> dict:
             summary=stats.summary(),
         )
     else:
-        row.update(on_gpu=sum(t.numel() * t.element_size()
-                              for t in [*model.parameters(), *model.buffers()]))
+        row.update(on_gpu=sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
     return row
 
 
@@ -166,8 +168,11 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     inputs, latent, tokens = make_inputs(cfg, args, device)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    print(f"built {args.preset} ({weights / GIB:.2f} GiB of weights, {args.quantization}) on "
-          f"{device} in {build_s:.1f} s; latents {latent} = {tokens} tokens", flush=True)
+    print(
+        f"built {args.preset} ({weights / GIB:.2f} GiB of weights, {args.quantization}) on "
+        f"{device} in {build_s:.1f} s; latents {latent} = {tokens} tokens",
+        flush=True,
+    )
 
     rows = []
     plan = list(args.blocks) + ([0] if not args.no_recheck and 0 in args.blocks else [])
@@ -176,8 +181,11 @@ def main(argv=None) -> int:
         row["label"] = str(n) if i < len(args.blocks) else f"{n} (again, after disable)"
         rows.append(row)
         times = ", ".join(f"{t:.1f}" for t in row["times"])
-        print(f"N={row['label']}: {row['ms']:.1f} ms (runs {times}); peak "
-              f"{row['peak'] / GIB:.2f} GiB; host RSS {row['rss'] / GIB:.2f} GiB", flush=True)
+        print(
+            f"N={row['label']}: {row['ms']:.1f} ms (runs {times}); peak "
+            f"{row['peak'] / GIB:.2f} GiB; host RSS {row['rss'] / GIB:.2f} GiB",
+            flush=True,
+        )
         if "summary" in row:
             print(row["summary"], flush=True)
     disable_block_swap(model)

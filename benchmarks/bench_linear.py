@@ -59,8 +59,10 @@ def card(device: torch.device) -> str:
         triton = "none"
         if kernels.HAS_TRITON:
             triton = kernels.triton.__version__
-        return (f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda}, Triton {triton}")
+        return (
+            f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, Triton {triton}"
+        )
     return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__} (rehearsal)"
 
 
@@ -88,19 +90,45 @@ def bench_shape(k: int, n: int, args, modes, timer: Timer, device: torch.device)
     table = []
     with torch.no_grad():
         base_ms = timer.median_ms(lambda: lin(x))
-        table.append(dict(shape=shape, mode="bf16", path="F.linear", ms=base_ms, tflops=flops / base_ms / 1e9,
-                          speed=1.0, mib=lin.weight.nbytes / 2**20, sqnr=sqnr_db(ref, lin(x[:rows])), note=""))
+        table.append(
+            dict(
+                shape=shape,
+                mode="bf16",
+                path="F.linear",
+                ms=base_ms,
+                tflops=flops / base_ms / 1e9,
+                speed=1.0,
+                mib=lin.weight.nbytes / 2**20,
+                sqnr=sqnr_db(ref, lin(x[:rows])),
+                note="",
+            )
+        )
         for mode in modes:
-            row = dict(shape=shape, mode=mode.value, path="", ms=None, tflops=None, speed=None,
-                       mib=None, sqnr=None, note="")
+            row = dict(
+                shape=shape,
+                mode=mode.value,
+                path="",
+                ms=None,
+                tflops=None,
+                speed=None,
+                mib=None,
+                sqnr=None,
+                note="",
+            )
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     q = QuantizedLinear.from_linear(lin, mode)
                     path, detail = q.path_for(device, torch.bfloat16)
                     ms = timer.median_ms(lambda q=q: q(x))
-                    row.update(path=path, ms=ms, tflops=flops / ms / 1e9, speed=base_ms / ms,
-                               mib=q.weight_nbytes / 2**20, sqnr=sqnr_db(ref, q(x[:rows])))
+                    row.update(
+                        path=path,
+                        ms=ms,
+                        tflops=flops / ms / 1e9,
+                        speed=base_ms / ms,
+                        mib=q.weight_nbytes / 2**20,
+                        sqnr=sqnr_db(ref, q(x[:rows])),
+                    )
                 row["note"] = detail + "".join(f"; warning: {c.message}" for c in caught)
                 del q
             except UnsupportedModeError as exc:
@@ -128,8 +156,9 @@ def bench_parts(x, lin, timer: Timer, device, shape: str) -> list:
         if q.path_for(device, torch.bfloat16)[0] == "scaled_mm":
             xq, sa = fp8.quantize_rows_eager(x)
             wt, sb, bias = q.weight.t(), q._scale_b, lin.bias
-            mm_ms = timer.median_ms(lambda: torch._scaled_mm(
-                xq, wt, scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16))
+            mm_ms = timer.median_ms(
+                lambda: torch._scaled_mm(xq, wt, scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)
+            )
             out.append((shape, "torch._scaled_mm e4m3, row-wise scales, bf16 out + bias", mm_ms))
             del xq, sa
         del q
@@ -140,7 +169,8 @@ def bench_parts(x, lin, timer: Timer, device, shape: str) -> list:
     out.append((shape, f"NVFP4 weight [{n}, {k}] -> bf16, eager", deq_eager))
     if device.type == "cuda" and kernels.HAS_TRITON:
         deq_fused = timer.median_ms(
-            lambda: kernels.dequantize_fp4_triton(packed, bscale, ts, k, torch.bfloat16))
+            lambda: kernels.dequantize_fp4_triton(packed, bscale, ts, k, torch.bfloat16)
+        )
         out.append((shape, f"NVFP4 weight [{n}, {k}] -> bf16, fused Triton", deq_fused))
     return out
 
@@ -150,9 +180,12 @@ def _f(v, fmt: str) -> str:
 
 
 def render(header: str, table: list, parts: list) -> str:
-    lines = [header, "",
-             "| K -> N | mode | path | ms | TFLOP/s | x bf16 | weight MiB | SQNR dB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| K -> N | mode | path | ms | TFLOP/s | x bf16 | weight MiB | SQNR dB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in table:
         lines.append(
             f"| {r['shape']} | `{r['mode']}` | {r['path']} | {_f(r['ms'], '.3f')} | "
@@ -177,9 +210,11 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; use --device cpu to rehearse", file=sys.stderr)
         return 2
-    modes = [parse_option(QuantMode, m) for m in args.modes] if args.modes else [
-        m for m in QuantMode if m is not QuantMode.DISABLED
-    ]
+    modes = (
+        [parse_option(QuantMode, m) for m in args.modes]
+        if args.modes
+        else [m for m in QuantMode if m is not QuantMode.DISABLED]
+    )
     timer = Timer(device, args.warmup, args.repeats, min_repeats=3)
     header = (
         f"## One Linear, M = {args.m:,} tokens, bf16 activations — {card(device)}\n\n"
@@ -200,9 +235,13 @@ def main(argv=None) -> int:
     if args.output:
         args.output.write_text(text + "\n")
     slower = [
-        r for r in table
-        if r["mode"].startswith("fp8") and r["mode"].endswith("_fast") and r["path"] == "scaled_mm"
-        and r["speed"] is not None and r["speed"] <= 1.0
+        r
+        for r in table
+        if r["mode"].startswith("fp8")
+        and r["mode"].endswith("_fast")
+        and r["path"] == "scaled_mm"
+        and r["speed"] is not None
+        and r["speed"] <= 1.0
     ]
     for r in slower:
         print(f"SLOWER THAN BF16: {r['mode']} at {r['shape']}: {r['speed']:.2f}x", file=sys.stderr)

@@ -51,8 +51,9 @@ def _inputs(cfg: ws.WanConfig, device: str, latents: tuple[int, int, int]) -> di
         inputs["clip_fea"] = torch.randn(1, 257, cfg.clip_dim, device=device, generator=g)
     if cfg.audio:
         f_video = cfg.vae_scale * (latents[0] - 1) + 1
-        inputs["audio"] = torch.randn(1, 1, f_video, cfg.audio_window, cfg.audio_layers, cfg.audio_dim,
-                                      device=device, generator=g)
+        inputs["audio"] = torch.randn(
+            1, 1, f_video, cfg.audio_window, cfg.audio_layers, cfg.audio_dim, device=device, generator=g
+        )
     return inputs
 
 
@@ -108,8 +109,14 @@ def main() -> None:
     p.add_argument("--quantization", default="disabled", choices=ws.QUANT_MODES)
     p.add_argument("--attention", default="sdpa", choices=ws.ATTENTION_MODES)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--latents", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
-                   help="latent frames, height, width (default: 81 frames at 832 x 480)")
+    p.add_argument(
+        "--latents",
+        type=int,
+        nargs=3,
+        default=(21, 60, 104),
+        metavar=("F", "H", "W"),
+        help="latent frames, height, width (default: 81 frames at 832 x 480)",
+    )
     p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a rehearsal)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -143,7 +150,7 @@ def main() -> None:
                 _set_arm(model, arm, real)
                 _timed(model, inputs)
             for i in range(args.reps):
-                for arm in (arms if i % 2 == 0 else arms[::-1]):
+                for arm in arms if i % 2 == 0 else arms[::-1]:
                     _set_arm(model, arm, real)
                     times[arm].append(_timed(model, inputs))
             checks, host_ms, strict_ms = _host_time_in_checks(model, inputs, real)
@@ -154,18 +161,22 @@ def main() -> None:
     base = statistics.median(times["no checks"])
     pt, ph, pw = cfg.patch_size
     tokens = latents[0] // pt * (latents[1] // ph) * (latents[2] // pw)
-    print(f"\n{card}, torch {torch.__version__}; "
-          f"{args.preset} bf16, quantization {args.quantization}, attention {args.attention}, "
-          f"latents {list(latents)} ({tokens} tokens), median of {args.reps} forwards per arm\n")
+    print(
+        f"\n{card}, torch {torch.__version__}; "
+        f"{args.preset} bf16, quantization {args.quantization}, attention {args.attention}, "
+        f"latents {list(latents)} ({tokens} tokens), median of {args.reps} forwards per arm\n"
+    )
     print("| card | arm | median forward (ms) | all (ms) | vs no checks |")
     print("|---|---|---:|---|---:|")
     for arm in arms:
         med = statistics.median(times[arm])
         runs = ", ".join(f"{t:.0f}" for t in times[arm])
         print(f"| {card} | {arm} | {med:.1f} | {runs} | {100 * (med / base - 1):+.2f} % |")
-    print(f"\n{checks} operand checks per forward; host time inside the checks: {host_ms:.2f} ms "
-          f"({100 * host_ms / strict_ms:.3f} % of that {strict_ms:.0f} ms strict forward, "
-          f"{1e3 * host_ms / max(checks, 1):.1f} us per operand)")
+    print(
+        f"\n{checks} operand checks per forward; host time inside the checks: {host_ms:.2f} ms "
+        f"({100 * host_ms / strict_ms:.3f} % of that {strict_ms:.0f} ms strict forward, "
+        f"{1e3 * host_ms / max(checks, 1):.1f} us per operand)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,14 +49,34 @@ def build_pipeline(quant: str, compile_blocks: bool) -> ws.InfiniteTalkPipeline:
         compile_model_blocks(model)
     with torch.device("cuda"):
         vae = VAE(AutoencoderKLWan.from_config(config("wan2.1-vae.json")).eval().requires_grad_(False))
-        text = TextEncoder(UMT5EncoderModel(UMT5Config.from_dict(config("umt5-xxl.json"))).to(torch.bfloat16)
-                           .eval().requires_grad_(False), tiny_tokenizer())
-        clip = ImageEncoder(CLIPVisionModel(CLIPVisionConfig.from_dict(config("clip-vit-h-14.json")))
-                            .to(torch.float16).eval().requires_grad_(False))
-        audio = AudioEncoder(Wav2Vec2Model(Wav2Vec2Config.from_dict(config("chinese-wav2vec2-base.json")))
-                             .eval().requires_grad_(False))
-    return ws.InfiniteTalkPipeline(model, vae, text, clip, audio, identity=f"random infinitetalk-14b ({quant})",
-                                   frame_num=81, size=(832, 480))
+        text = TextEncoder(
+            UMT5EncoderModel(UMT5Config.from_dict(config("umt5-xxl.json")))
+            .to(torch.bfloat16)
+            .eval()
+            .requires_grad_(False),
+            tiny_tokenizer(),
+        )
+        clip = ImageEncoder(
+            CLIPVisionModel(CLIPVisionConfig.from_dict(config("clip-vit-h-14.json")))
+            .to(torch.float16)
+            .eval()
+            .requires_grad_(False)
+        )
+        audio = AudioEncoder(
+            Wav2Vec2Model(Wav2Vec2Config.from_dict(config("chinese-wav2vec2-base.json")))
+            .eval()
+            .requires_grad_(False)
+        )
+    return ws.InfiniteTalkPipeline(
+        model,
+        vae,
+        text,
+        clip,
+        audio,
+        identity=f"random infinitetalk-14b ({quant})",
+        frame_num=81,
+        size=(832, 480),
+    )
 
 
 def main(argv=None) -> int:
@@ -70,27 +90,46 @@ def main(argv=None) -> int:
     pipe = build_pipeline(args.quant, args.compile)
     rng = np.random.default_rng(0)
     t = np.arange(int(81 / 25 * 16000)) / 16000
-    wave = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    wave = (
+        0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+        + 0.01 * rng.standard_normal(t.size)
+    ).astype(np.float32)
     image = torch.rand(3, 480, 832) * 2 - 1
     rows = []
     for steps in [1] + args.steps:  # the 1-step run warms up (and compiles)
         events = []
         torch.cuda.synchronize()
         start = time.perf_counter()
-        pipe(image, wave, prompt="a person talking", steps=steps, text_scale=args.text_scale,
-             audio_scale=args.audio_scale, size=(832, 480), frame_num=81, progress=events.append,
-             keep_frames=False)
+        pipe(
+            image,
+            wave,
+            prompt="a person talking",
+            steps=steps,
+            text_scale=args.text_scale,
+            audio_scale=args.audio_scale,
+            size=(832, 480),
+            frame_num=81,
+            progress=events.append,
+            keep_frames=False,
+        )
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-        step_times = [b.elapsed - a.elapsed for a, b in zip(events, events[1:]) if b.kind == "step" and a.kind == "step"]
+        step_times = [
+            b.elapsed - a.elapsed for a, b in zip(events, events[1:]) if b.kind == "step" and a.kind == "step"
+        ]
         calls = 2 if args.text_scale == 1 else 3
         if steps > 1:
             rows.append((steps, calls, wall, statistics.median(step_times) if step_times else float("nan")))
-        print(f"steps={steps}: clip {wall:.1f} s; step times {[round(s, 2) for s in step_times[:5]]}", flush=True)
-    print(f"\nCard: {torch.cuda.get_device_name()}, torch {torch.__version__}; infinitetalk-14b + umT5-XXL + CLIP ViT-H "
-          f"+ wav2vec2-base + Wan VAE, random weights; 832x480, 81 frames (1 clip); quantization {args.quant}, "
-          f"{'compiled blocks' if args.compile else 'eager'}, attention sdpa; text scale {args.text_scale}, "
-          f"audio scale {args.audio_scale}\n")
+        print(
+            f"steps={steps}: clip {wall:.1f} s; step times {[round(s, 2) for s in step_times[:5]]}",
+            flush=True,
+        )
+    print(
+        f"\nCard: {torch.cuda.get_device_name()}, torch {torch.__version__}; infinitetalk-14b + umT5-XXL + CLIP ViT-H "
+        f"+ wav2vec2-base + Wan VAE, random weights; 832x480, 81 frames (1 clip); quantization {args.quant}, "
+        f"{'compiled blocks' if args.compile else 'eager'}, attention sdpa; text scale {args.text_scale}, "
+        f"audio scale {args.audio_scale}\n"
+    )
     print("| steps | DiT calls per step | CFG step (median) s | whole clip s | peak VRAM GiB |")
     print("|---|---|---|---|---|")
     peak = torch.cuda.max_memory_allocated() / 2**30

@@ -8,8 +8,9 @@ import torch
 import wanstudio as ws
 
 
-def make_inputs(cfg: ws.WanConfig, *, batch=1, frames=3, height=6, width=10, speakers=1,
-                text_tokens=7, seed=0) -> dict:
+def make_inputs(
+    cfg: ws.WanConfig, *, batch=1, frames=3, height=6, width=10, speakers=1, text_tokens=7, seed=0
+) -> dict:
     """Random inputs for WanModel.forward at latent size (frames, height, width)."""
     g = torch.Generator().manual_seed(seed)
     inputs = dict(

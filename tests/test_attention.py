@@ -163,8 +163,9 @@ def test_sdpa_takes_the_models_strided_views_without_copying():
     before = sum(COPY_COUNTS.values())
     out = A.attention(q, k, v, where="audio")
     assert sum(COPY_COUNTS.values()) == before
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, torch.float64),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k, v, torch.float64), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sdpa_kernel_choice_is_reported_and_cpu_keeps_torchs_order():
@@ -191,9 +192,15 @@ def _direct_sdpa(q, k, v, *, mode=None, where=None):
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("preset, speakers", [
-    ("tiny-t2v", 1), ("tiny-i2v", 1), ("tiny-infinitetalk", 1), ("tiny-infinitetalk", 2),
-])
+@pytest.mark.parametrize(
+    "preset, speakers",
+    [
+        ("tiny-t2v", 1),
+        ("tiny-i2v", 1),
+        ("tiny-infinitetalk", 1),
+        ("tiny-infinitetalk", 2),
+    ],
+)
 def test_tiny_models_give_identical_output_through_the_dispatcher(monkeypatch, preset, speakers):
     model = tiny(preset)
     inputs = make_inputs(model.config, batch=2, speakers=speakers)
@@ -253,31 +260,46 @@ def test_a_missing_package_is_named(machine):
 
 def test_a_package_built_for_another_torch_is_named(machine):
     machine.modules["flash_attn_interface"] = ImportError(
-        "flash_attn_3/_C.abi3.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+        "flash_attn_3/_C.abi3.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
+    )
     reason = A.available_attention_modes(GPU0)[M.FLASH_ATTN_3].reason
     assert "is installed but fails to import" in reason
     assert "undefined symbol" in reason and "built for another torch" in reason
 
 
-@pytest.mark.parametrize("module, missing, mode, expected", [
-    ("sageattention", "triton", M.SAGEATTN,
-     "package 'sageattention' is installed but needs 'triton', which is not"),
-    ("flash_attn", "flash_attn_2_cuda", M.FLASH_ATTN_2,
-     "package 'flash_attn' is installed but its compiled extension 'flash_attn_2_cuda' is missing"),
-])
+@pytest.mark.parametrize(
+    "module, missing, mode, expected",
+    [
+        (
+            "sageattention",
+            "triton",
+            M.SAGEATTN,
+            "package 'sageattention' is installed but needs 'triton', which is not",
+        ),
+        (
+            "flash_attn",
+            "flash_attn_2_cuda",
+            M.FLASH_ATTN_2,
+            "package 'flash_attn' is installed but its compiled extension 'flash_attn_2_cuda' is missing",
+        ),
+    ],
+)
 def test_a_missing_dependency_or_extension_is_named(machine, module, missing, mode, expected):
     machine.modules[module] = ModuleNotFoundError(f"No module named {missing!r}", name=missing)
     assert A.available_attention_modes(GPU0)[mode].reason.startswith(expected)
 
 
-@pytest.mark.parametrize("mode, capability, expected", [
-    (M.FLASH_ATTN_2, (7, 5), "GPU too old: needs compute capability >= 8.0"),
-    (M.FLASH_ATTN, (7, 5), "GPU too old: needs compute capability >= 8.0"),
-    (M.SAGEATTN, (7, 5), "GPU too old: needs compute capability >= 8.0"),
-    (M.SAGEATTN_3_FP8, (8, 6), "GPU too old: needs compute capability >= 8.9"),
-    (M.SAGEATTN_3, (9, 0), "wrong GPU architecture: needs compute capability 10.0, 12.0, 12.1"),
-    (M.XFORMERS, (3, 7), "GPU too old: needs compute capability >= 5.0"),
-])
+@pytest.mark.parametrize(
+    "mode, capability, expected",
+    [
+        (M.FLASH_ATTN_2, (7, 5), "GPU too old: needs compute capability >= 8.0"),
+        (M.FLASH_ATTN, (7, 5), "GPU too old: needs compute capability >= 8.0"),
+        (M.SAGEATTN, (7, 5), "GPU too old: needs compute capability >= 8.0"),
+        (M.SAGEATTN_3_FP8, (8, 6), "GPU too old: needs compute capability >= 8.9"),
+        (M.SAGEATTN_3, (9, 0), "wrong GPU architecture: needs compute capability 10.0, 12.0, 12.1"),
+        (M.XFORMERS, (3, 7), "GPU too old: needs compute capability >= 5.0"),
+    ],
+)
 def test_a_too_old_gpu_is_named(machine, mode, capability, expected):
     machine.capability, machine.name = capability, "Old Card"
     install_fa2(machine)  # installed packages do not help an old GPU
@@ -290,13 +312,18 @@ def test_a_too_old_gpu_is_named(machine, mode, capability, expected):
 def test_xformers_without_kernels_is_found_by_the_tiny_call(machine):
     def no_kernels(q, k, v):
         raise NotImplementedError(
-            "No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+            "No operator found for `memory_efficient_attention_forward` with inputs:\n ..."
+        )
 
     machine.install("xformers", (0, 0, 35))
     machine.install("xformers.ops", memory_efficient_attention=no_kernels)
-    machine.install("xformers._cpp_lib", _cpp_library_load_exception=RuntimeError(
-        "xFormers can't load C++/CUDA extensions. xFormers was built for:\n"
-        "    PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu128)"))
+    machine.install(
+        "xformers._cpp_lib",
+        _cpp_library_load_exception=RuntimeError(
+            "xFormers can't load C++/CUDA extensions. xFormers was built for:\n"
+            "    PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu128)"
+        ),
+    )
     found = A.available_attention_modes(GPU0)[M.XFORMERS]
     assert not found.available
     assert "a tiny test call failed (NotImplementedError: No operator found" in found.reason
@@ -397,8 +424,10 @@ def test_per_block_override(machine):
     calls.clear()  # the probe's call
     modes = A.model_attention_modes(model)
     assert {n: m.value for n, m in modes.items()} == {
-        "blocks.0.self_attn": "sdpa", "blocks.0.cross_attn": "sdpa",
-        "blocks.1.self_attn": "flash_attn_2", "blocks.1.cross_attn": "flash_attn_2",
+        "blocks.0.self_attn": "sdpa",
+        "blocks.0.cross_attn": "sdpa",
+        "blocks.1.self_attn": "flash_attn_2",
+        "blocks.1.cross_attn": "flash_attn_2",
     }
     with torch.no_grad():
         mixed = call(model, inputs)
@@ -552,10 +581,13 @@ def test_sageattn_3_fp8_needs_sageattention_2(machine):
     assert "needs sageattention >= 2" in reason
 
 
-@pytest.mark.parametrize("capability, kernel", [
-    ((9, 0), "sageattn_qk_int8_pv_fp8_cuda_sm90"),
-    ((8, 9), "sageattn_qk_int8_pv_fp8_cuda"),
-])
+@pytest.mark.parametrize(
+    "capability, kernel",
+    [
+        ((9, 0), "sageattn_qk_int8_pv_fp8_cuda_sm90"),
+        ((8, 9), "sageattn_qk_int8_pv_fp8_cuda"),
+    ],
+)
 def test_sageattn_3_fp8_uses_hoppers_own_kernel(machine, capability, kernel):
     machine.capability = capability
     used = []
@@ -564,11 +596,16 @@ def test_sageattn_3_fp8_uses_hoppers_own_kernel(machine, capability, kernel):
         def fn(q, k, v, tensor_layout="HND", **kw):
             used.append((name, tensor_layout, kw.get("pv_accum_dtype")))
             return exact_nhd(q, k, v)
+
         return fn
 
-    machine.install("sageattention", (2, 2, 0), sageattn=fake("sageattn"),
-                    sageattn_qk_int8_pv_fp8_cuda=fake("sageattn_qk_int8_pv_fp8_cuda"),
-                    sageattn_qk_int8_pv_fp8_cuda_sm90=fake("sageattn_qk_int8_pv_fp8_cuda_sm90"))
+    machine.install(
+        "sageattention",
+        (2, 2, 0),
+        sageattn=fake("sageattn"),
+        sageattn_qk_int8_pv_fp8_cuda=fake("sageattn_qk_int8_pv_fp8_cuda"),
+        sageattn_qk_int8_pv_fp8_cuda_sm90=fake("sageattn_qk_int8_pv_fp8_cuda_sm90"),
+    )
     found = A.available_attention_modes(GPU0)[M.SAGEATTN_3_FP8]
     assert found.available and kernel in found.kernel
     q, k, v = qkv(1, 20, 30, dtype=torch.float16)

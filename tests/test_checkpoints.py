@@ -76,9 +76,12 @@ def test_infinitetalk_weights_merge_on_top_of_wan_shards(tmp_path):
     base_stale = dict(base, **{"head.head.bias": torch.zeros_like(base["head.head.bias"])})
     save_file(base_stale, tmp_path / "wan_i2v.safetensors")
     # the InfiniteTalk file also carries the correct head bias: later files win
-    save_file(dict(audio, **{"head.head.bias": base["head.head.bias"]}), tmp_path / "infinitetalk.safetensors")
-    loaded = load_model([tmp_path / "wan_i2v.safetensors", tmp_path / "infinitetalk.safetensors"],
-                        dtype=torch.float32)
+    save_file(
+        dict(audio, **{"head.head.bias": base["head.head.bias"]}), tmp_path / "infinitetalk.safetensors"
+    )
+    loaded = load_model(
+        [tmp_path / "wan_i2v.safetensors", tmp_path / "infinitetalk.safetensors"], dtype=torch.float32
+    )
     assert loaded.config.audio
     _same_output(model, loaded)
 
@@ -88,9 +91,17 @@ def test_diffusers_named_file_loads_into_official_names(tmp_path):
     cfg = ws.WanConfig.preset("tiny-i2v")
     torch.manual_seed(3)
     twin = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=36,
-        out_channels=16, text_dim=cfg.text_dim, freq_dim=256, ffn_dim=cfg.ffn_dim, num_layers=2,
-        image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=128,
+        in_channels=36,
+        out_channels=16,
+        text_dim=cfg.text_dim,
+        freq_dim=256,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=2,
+        image_dim=cfg.clip_dim,
+        added_kv_proj_dim=cfg.dim,
     )
     with torch.no_grad():
         for p in twin.parameters():
@@ -187,7 +198,9 @@ def test_a_vae_file_is_recognised(tmp_path):
 def test_shape_mismatch_lists_key_expected_and_found(tmp_path):
     save_file(_state(_tiny("tiny-t2v")), tmp_path / "dit.safetensors")
     wider = ws.WanConfig.preset("tiny-t2v").replace(ffn_dim=768)
-    with pytest.raises(ws.CheckpointError, match=r"blocks\.0\.ffn\.0\.weight: expected \(768, 256\), found \(512, 256\)"):
+    with pytest.raises(
+        ws.CheckpointError, match=r"blocks\.0\.ffn\.0\.weight: expected \(768, 256\), found \(512, 256\)"
+    ):
         load_model(tmp_path / "dit.safetensors", config=wider)
 
 
@@ -234,19 +247,25 @@ def test_peak_host_memory_stays_near_one_copy_of_the_model(tmp_path):
     del model
     out = subprocess.run(
         [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big.safetensors"), json.dumps(cfg)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = figures["peak_delta"] / figures["model_bytes"]
-    print(f"peak RSS growth {figures['peak_delta'] / 2**20:.0f} MiB for a "
-          f"{figures['model_bytes'] / 2**20:.0f} MiB model: {ratio:.2f}x")
+    print(
+        f"peak RSS growth {figures['peak_delta'] / 2**20:.0f} MiB for a "
+        f"{figures['model_bytes'] / 2**20:.0f} MiB model: {ratio:.2f}x"
+    )
     assert ratio < 1.3
 
 
 def test_attention_mode_is_set_at_load_and_bad_names_are_refused(tmp_path):
     save_file(_state(_tiny("tiny-t2v")), tmp_path / "dit.safetensors")
     model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, attention="sdpa")
-    assert {m.attention_mode for m in model.modules() if hasattr(m, "attention_mode")} == {ws.AttentionMode.SDPA}
+    assert {m.attention_mode for m in model.modules() if hasattr(m, "attention_mode")} == {
+        ws.AttentionMode.SDPA
+    }
     with pytest.raises(ws.UnknownOptionError, match="Did you mean 'sageattn'"):
         load_model(tmp_path / "dit.safetensors", attention="sageatn")
 
@@ -261,8 +280,12 @@ def test_block_swap_at_load_needs_a_gpu(tmp_path):
 # Whole-model SQNR bars: the single-layer bars of issue 3 (tests/test_quant.py), which the tiny
 # two-block model must also meet end to end.
 _MODEL_SQNR_BARS = {
-    "fp8_e4m3fn": 28, "fp8_e4m3fn_scaled": 30, "fp8_e4m3fn_scaled_fast": 27, "fp8_e5m2_scaled": 24,
-    "fp4_scaled": 19, "fp4_experimental": 17,
+    "fp8_e4m3fn": 28,
+    "fp8_e4m3fn_scaled": 30,
+    "fp8_e4m3fn_scaled_fast": 27,
+    "fp8_e5m2_scaled": 24,
+    "fp4_scaled": 19,
+    "fp4_experimental": 17,
 }
 
 
@@ -307,7 +330,9 @@ def test_bf16_file_quantized_on_load_meets_its_mode_bar(tmp_path, mode):
     save_file({k: v.bfloat16() for k, v in _state(reference).items()}, tmp_path / "dit.safetensors")
     model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, quantization=mode)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == 2 * (4 + 6 + 2 + 3)  # per block: self q/k/v/o, cross q/k/v/o + k_img/v_img, ffn, audio
+    assert len(layers) == 2 * (
+        4 + 6 + 2 + 3
+    )  # per block: self q/k/v/o, cross q/k/v/o + k_img/v_img, ffn, audio
     assert {layer.mode.value for layer in layers} == {mode}
     assert model.quantization.value == mode
     assert _sqnr_vs(model, reference) >= _MODEL_SQNR_BARS[mode]
@@ -320,8 +345,9 @@ def test_scaled_fp8_file_runs_in_its_storage_mode_when_quantization_is_disabled(
     assert model.quantization is ws.QuantMode.FP8_E4M3FN_SCALED
     assert model.checkpoint_info.scaled_fp8_marker and model.checkpoint_info.has_fp8
     assert _sqnr_vs(model, reference) >= _MODEL_SQNR_BARS["fp8_e4m3fn_scaled"]
-    fast = load_model(tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float32,
-                      quantization="fp8_e4m3fn_scaled_fast")
+    fast = load_model(
+        tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float32, quantization="fp8_e4m3fn_scaled_fast"
+    )
     assert _sqnr_vs(fast, reference) >= _MODEL_SQNR_BARS["fp8_e4m3fn_scaled_fast"]
 
 
@@ -330,8 +356,10 @@ def test_plain_fp8_file_runs_as_stored(tmp_path):
     from wanstudio.quant import quantizable_linears
 
     names = {n for n, _ in quantizable_linears(reference)}
-    sd = {k: (v.to(torch.float8_e4m3fn) if k.rpartition(".")[0] in names and k.endswith(".weight") else v)
-          for k, v in _state(reference).items()}
+    sd = {
+        k: (v.to(torch.float8_e4m3fn) if k.rpartition(".")[0] in names and k.endswith(".weight") else v)
+        for k, v in _state(reference).items()
+    }
     save_file(sd, tmp_path / "dit_fp8.safetensors")
     model = load_model(tmp_path / "dit_fp8.safetensors", dtype=torch.float32)
     assert model.quantization is ws.QuantMode.FP8_E4M3FN
@@ -346,8 +374,9 @@ def test_a_mode_that_contradicts_the_file_says_which_mode_fits(tmp_path):
 
 def test_strict_layout_at_load_covers_every_forward(tmp_path):
     save_file(_state(_seeded("tiny-t2v")), tmp_path / "dit.safetensors")
-    model = load_model(tmp_path / "dit.safetensors", dtype=torch.float32, strict_layout=True,
-                       quantization="fp8_e4m3fn_fast")
+    model = load_model(
+        tmp_path / "dit.safetensors", dtype=torch.float32, strict_layout=True, quantization="fp8_e4m3fn_fast"
+    )
     assert ws.is_strict_layout(model)
     layer = model.blocks[0].self_attn.q
     misaligned = torch.empty(layer.weight.numel() + 1, dtype=layer.weight.dtype)[1:].view_as(layer.weight)

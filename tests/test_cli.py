@@ -56,8 +56,25 @@ def test_doctor_reports_every_mode(capsys):
     "argv, match",
     [
         (["--image", "a.png", "--audio", "a.wav"], "missing weights: --dit, --vae, --text-encoder"),
-        (["--image", "a.png", "--audio", "a.wav", "--dit", "nope.safetensors", "--vae", "v",
-          "--text-encoder", "t", "--clip", "c", "--wav2vec", "w"], "--dit: no such file"),
+        (
+            [
+                "--image",
+                "a.png",
+                "--audio",
+                "a.wav",
+                "--dit",
+                "nope.safetensors",
+                "--vae",
+                "v",
+                "--text-encoder",
+                "t",
+                "--clip",
+                "c",
+                "--wav2vec",
+                "w",
+            ],
+            "--dit: no such file",
+        ),
         (["--image", "a.png", "--audio", "a.wav", "--audio2", "b.wav", "--tiny"], "--bbox twice"),
         (["--image", "a.png", "--audio", "a.wav", "--tiny"], "image: no such file"),
     ],
@@ -78,17 +95,34 @@ def test_infinitetalk_tiny_wiring(tmp_path, capsys):
     from wanstudio.media import asset_path, probe_media
 
     out = tmp_path / "talk.mp4"
-    argv = ["infinitetalk", "--tiny", "--image", str(asset_path("portrait.png")),
-            "--audio", str(asset_path("speech.wav")), "--out", str(out), "--steps", "1",
-            "--max-frames", "20", "--text-scale", "1", "--scheduler", "unipc", "--quiet"]
+    argv = [
+        "infinitetalk",
+        "--tiny",
+        "--image",
+        str(asset_path("portrait.png")),
+        "--audio",
+        str(asset_path("speech.wav")),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--max-frames",
+        "20",
+        "--text-scale",
+        "1",
+        "--scheduler",
+        "unipc",
+        "--quiet",
+    ]
     assert main(argv) == 0
     assert probe_media(out)["frames"] == 20
     assert "20 frames" in capsys.readouterr().out
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "wanstudio.cli", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "wanstudio.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
     for command in ("demo", "infinitetalk", "doctor"):
         assert command in result.stdout

@@ -108,8 +108,13 @@ def official_clip(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.T
         "textual.blocks.0.attn.q.weight": torch.randn(8, 8),  # XLM-RoBERTa tower, ignored
         "log_scale": torch.tensor(4.6),
     }
-    names = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
-             "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
+    names = {
+        "layer_norm1": "norm1",
+        "layer_norm2": "norm2",
+        "self_attn.out_proj": "attn.proj",
+        "mlp.fc1": "mlp.0",
+        "mlp.fc2": "mlp.2",
+    }
     for i in range(layers):
         src, dst = f"encoder.layers.{i}", f"visual.transformer.{i}"
         for leaf in ("weight", "bias"):
@@ -122,10 +127,14 @@ def official_clip(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.T
 
 
 _VAE_RESIDUAL = {
-    "norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight",
-    "conv1.bias": "residual.2.bias", "norm2.gamma": "residual.3.gamma",
-    "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
-    "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias",
+    "norm1.gamma": "residual.0.gamma",
+    "conv1.weight": "residual.2.weight",
+    "conv1.bias": "residual.2.bias",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2.weight": "residual.6.weight",
+    "conv2.bias": "residual.6.bias",
+    "conv_shortcut.weight": "shortcut.weight",
+    "conv_shortcut.bias": "shortcut.bias",
 }
 
 
@@ -133,11 +142,11 @@ def official_vae_key(key: str) -> str:
     """diffusers AutoencoderKLWan key -> Wan2.1_VAE.pth key."""
     for hf, official in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
         if key.startswith(hf):
-            return official + key[len(hf):]
+            return official + key[len(hf) :]
     side, rest = key.split(".", 1)
     for hf, official in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
         if rest.startswith(hf):
-            return f"{side}.{official}{rest[len(hf):]}"
+            return f"{side}.{official}{rest[len(hf) :]}"
     if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", rest):
         index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[m[1], m[2]]
         return f"{side}.middle.{index}.{_VAE_RESIDUAL.get(m[3], m[3])}"
@@ -161,8 +170,7 @@ def _t5_bucket(rel: torch.Tensor, num_buckets: int = 32, max_dist: int = 128) ->
     buckets = (rel > 0).long() * half
     rel = rel.abs()
     exact = half // 2
-    large = exact + (torch.log(rel.double() / exact) / math.log(max_dist / exact)
-                     * (half - exact)).long()
+    large = exact + (torch.log(rel.double() / exact) / math.log(max_dist / exact) * (half - exact)).long()
     return buckets + torch.where(rel < exact, rel, large.clamp(max=half - 1))
 
 
@@ -197,7 +205,7 @@ def official_t5_forward(sd: dict[str, torch.Tensor], ids: torch.Tensor, heads: i
 
 def official_vit_penultimate(sd: dict[str, torch.Tensor], pixels: torch.Tensor, heads: int):
     """wan/modules/clip.py VisionTransformer(use_31_block=True) on normalised pixels, float64."""
-    w = {k[len("visual."):]: v.double() for k, v in sd.items() if k.startswith("visual.")}
+    w = {k[len("visual.") :]: v.double() for k, v in sd.items() if k.startswith("visual.")}
     x = F.conv2d(pixels.double(), w["patch_embedding.weight"], stride=14)
     x = x.flatten(2).transpose(1, 2)  # (B, patches, D)
     x = torch.cat([w["cls_embedding"].expand(x.shape[0], -1, -1), x], dim=1) + w["pos_embedding"]
@@ -234,8 +242,7 @@ def test_text_embeddings_are_trimmed_to_the_token_count(text):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_official_umt5_file_matches_the_hf_model(text, tmp_path, suffix):
     path = _save(official_t5(text.model.state_dict()), tmp_path / f"umt5{suffix}")
-    loaded = TextEncoder.from_files(path, text.tokenizer, dtype=torch.float32,
-                                    config=text.model.config)
+    loaded = TextEncoder.from_files(path, text.tokenizer, dtype=torch.float32, config=text.model.config)
     for got, want in zip(loaded.encode(PROMPTS), text.encode(PROMPTS)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -254,8 +261,9 @@ def test_hf_umt5_folder_loads_with_its_tokenizer(text, tmp_path):
     torch.testing.assert_close(loaded.encode(PROMPTS[:1])[0], text.encode(PROMPTS[:1])[0])
 
 
-@pytest.mark.parametrize("scale_kind", [None, "row", "tensor"],
-                         ids=["fp8", "scaled-fp8-per-row", "scaled-fp8-per-tensor"])
+@pytest.mark.parametrize(
+    "scale_kind", [None, "row", "tensor"], ids=["fp8", "scaled-fp8-per-row", "scaled-fp8-per-tensor"]
+)
 def test_fp8_text_encoder_is_dequantized_to_the_compute_dtype(text, tmp_path, scale_kind):
     file, dequantized = {}, dict(text.model.state_dict())
     for hf_key, weight in text.model.state_dict().items():
@@ -265,21 +273,29 @@ def test_fp8_text_encoder_is_dequantized_to_the_compute_dtype(text, tmp_path, sc
         if ".attn." not in key and ".ffn." not in key:  # embeddings and norms stay unquantized
             file[key] = weight
             continue
-        scale = {None: torch.ones(1, 1), "tensor": weight.abs().max().view(1, 1) / 448,
-                 "row": weight.abs().amax(dim=1, keepdim=True) / 448}[scale_kind]  # (out | 1, 1)
+        scale = {
+            None: torch.ones(1, 1),
+            "tensor": weight.abs().max().view(1, 1) / 448,
+            "row": weight.abs().amax(dim=1, keepdim=True) / 448,
+        }[scale_kind]  # (out | 1, 1)
         file[key] = fp8 = (weight / scale).to(torch.float8_e4m3fn)
         if scale_kind is not None:
             file[key.removesuffix("weight") + "scale_weight"] = scale.flatten()
         dequantized[hf_key] = fp8.float() * scale
     if scale_kind is not None:
         file["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)  # ComfyUI's marker
-    loaded = TextEncoder.from_files(_save(file, tmp_path / "umt5_fp8.safetensors"), text.tokenizer,
-                                    dtype=torch.float32, config=text.model.config)
+    loaded = TextEncoder.from_files(
+        _save(file, tmp_path / "umt5_fp8.safetensors"),
+        text.tokenizer,
+        dtype=torch.float32,
+        config=text.model.config,
+    )
     reference = TextEncoder.tiny()
     reference.model.load_state_dict(dequantized)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
-    torch.testing.assert_close(loaded.encode(PROMPTS[:1])[0], reference.encode(PROMPTS[:1])[0],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.encode(PROMPTS[:1])[0], reference.encode(PROMPTS[:1])[0], rtol=0, atol=0
+    )
 
 
 def test_fp8_scale_of_the_wrong_shape_is_refused():
@@ -315,9 +331,9 @@ def test_image_features_are_the_official_penultimate_block(image):
     config = image.model.config
     images = torch.rand(1, 3, 120, 100) * 2 - 1
     pixels = F.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False)
-    pixels = (pixels * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        CLIP_STD
-    ).view(1, 3, 1, 1)
+    pixels = (pixels * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(
+        1, 3, 1, 1
+    )
     official = official_clip(image.model.state_dict(), config.num_hidden_layers)
     want = official_vit_penultimate(official, pixels, config.num_attention_heads)
     got = image.encode(images)
@@ -402,8 +418,13 @@ def test_single_wav2vec2_file_with_pretraining_keys_loads(audio, tmp_path):
         key = key.replace("parametrizations.weight.original0", "weight_g")
         key = key.replace("parametrizations.weight.original1", "weight_v")
         state[f"wav2vec2.{key}"] = value  # Wav2Vec2ForPreTraining layout, old weight-norm names
-    state.update({"wav2vec2.masked_spec_embed": torch.rand(audio.dim),
-                  "project_q.weight": torch.rand(4, 4), "quantizer.codevectors": torch.rand(1, 4, 2)})
+    state.update(
+        {
+            "wav2vec2.masked_spec_embed": torch.rand(audio.dim),
+            "project_q.weight": torch.rand(4, 4),
+            "quantizer.codevectors": torch.rand(1, 4, 2),
+        }
+    )
     path = _save(state, tmp_path / "wav2vec2.safetensors")
     loaded = AudioEncoder.from_files(path, config=audio.model.config)
     wave = _wave(0.7)
@@ -511,24 +532,27 @@ def component_files(text, image, audio, vae, tmp_path_factory):
         "image": _save(official_clip(image.model.state_dict(), layers), folder / "clip.pth"),
         "audio": _save(audio.model.state_dict(), folder / "wav2vec2.safetensors"),
         "vae": _save(official_vae(vae.model.state_dict()), folder / "vae.safetensors"),
-        "dit": _save({"model.diffusion_model.head.modulation": torch.zeros(1, 2, 4)},
-                     folder / "dit.safetensors"),
+        "dit": _save(
+            {"model.diffusion_model.head.modulation": torch.zeros(1, 2, 4)}, folder / "dit.safetensors"
+        ),
     }
 
 
 @pytest.mark.parametrize(
     ("given", "loader", "message"),
     [
-        ("vae", lambda p: TextEncoder.from_files(p, TextEncoder.tiny().tokenizer),
-         r"Wan2.1 VAE.*not a umT5 text encoder.*VAE\.from_files"),
+        (
+            "vae",
+            lambda p: TextEncoder.from_files(p, TextEncoder.tiny().tokenizer),
+            r"Wan2.1 VAE.*not a umT5 text encoder.*VAE\.from_files",
+        ),
         ("text", VAE.from_files, r"umT5-XXL encoder.*not a Wan VAE.*TextEncoder\.from_files"),
         ("audio", ImageEncoder.from_files, r"wav2vec2.*AudioEncoder\.from_files"),
         ("image", AudioEncoder.from_files, r"open-clip.*ImageEncoder\.from_files"),
         ("dit", VAE.from_files, r"Wan2.1 DiT.*wanstudio\.load_model"),
     ],
 )
-def test_a_file_of_another_component_says_what_it_looks_like(component_files, given, loader,
-                                                             message):
+def test_a_file_of_another_component_says_what_it_looks_like(component_files, given, loader, message):
     with pytest.raises(CheckpointError, match=message):
         loader(component_files[given])
 

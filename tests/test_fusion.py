@@ -27,7 +27,9 @@ def test_compiled_blocks_compute_the_same_function_and_keep_contracts_eager():
     assert any("scaled_mm" in k for k in kernels) and any("sdpa" in k.lower() for k in kernels), kernels
     assert sqnr_db(compiled, eager_fp8) > 60  # same function: only fusion rounding differs
     assert sqnr_db(compiled, reference) > 25
-    assert set(model.state_dict()) == set(ws.quantize(ws.WanModel(cfg).eval(), "fp8_e4m3fn_scaled_fast").state_dict())
+    assert set(model.state_dict()) == set(
+        ws.quantize(ws.WanModel(cfg).eval(), "fp8_e4m3fn_scaled_fast").state_dict()
+    )
     uncompile_blocks(model)
     assert "forward" not in vars(model.blocks[0])
 

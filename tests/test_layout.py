@@ -74,8 +74,12 @@ def hooks_of(model: nn.Module) -> dict[str, int]:
     """Number of forward / backward hooks on every module (nonzero entries only)."""
     out = {}
     for name, m in model.named_modules():
-        n = (len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-             + len(m._backward_pre_hooks))
+        n = (
+            len(m._forward_hooks)
+            + len(m._forward_pre_hooks)
+            + len(m._backward_hooks)
+            + len(m._backward_pre_hooks)
+        )
         if n:
             out[name or "(model)"] = n
     return out
@@ -106,8 +110,9 @@ class ScaledMMRecorder:
 MM = LayoutContract(
     "test_mm",
     (
-        Operand("a", dtypes=(torch.float32,), ndim=2, stride=StrideRule.ROW_MAJOR, align=16,
-                divisible=((1, 16),)),
+        Operand(
+            "a", dtypes=(torch.float32,), ndim=2, stride=StrideRule.ROW_MAJOR, align=16, divisible=((1, 16),)
+        ),
         Operand("b", ndim=2, stride=StrideRule.COL_MAJOR, align=16, divisible=((0, 16), (-1, 16))),
         Operand("q", stride=StrideRule.LAST_DIM_CONTIGUOUS, divisible=((-1, 2), (2, 4))),
         Operand("c", stride=StrideRule.CONTIGUOUS, optional=True),
@@ -121,11 +126,27 @@ MM = LayoutContract(
 def _layouts() -> list[torch.Tensor]:
     base = torch.randn(32, 48)
     return [
-        base, base.t(), base[:, :32], base[1:], base[:, 1:], base[::2], base.t()[:, 1:],
-        misaligned_copy(base), misaligned_copy(base, 4), base.double(), base[None],
-        torch.randn(4, 3, 2).transpose(1, 2), torch.randn(5, 1), torch.randn(1, 5).t(),
-        torch.randn(0, 16), torch.randn(()), torch.empty(32, 48, device="meta"), torch.randn(2, 3, 8),
-        torch.randn(2, 3, 8).transpose(0, 2), torch.randn(3, 5, 6)[:, :, ::2], torch.randn(7),
+        base,
+        base.t(),
+        base[:, :32],
+        base[1:],
+        base[:, 1:],
+        base[::2],
+        base.t()[:, 1:],
+        misaligned_copy(base),
+        misaligned_copy(base, 4),
+        base.double(),
+        base[None],
+        torch.randn(4, 3, 2).transpose(1, 2),
+        torch.randn(5, 1),
+        torch.randn(1, 5).t(),
+        torch.randn(0, 16),
+        torch.randn(()),
+        torch.empty(32, 48, device="meta"),
+        torch.randn(2, 3, 8),
+        torch.randn(2, 3, 8).transpose(0, 2),
+        torch.randn(3, 5, 6)[:, :, ::2],
+        torch.randn(7),
         torch.empty(48, 32, device="meta").t(),
     ]
 
@@ -175,7 +196,8 @@ def test_outside_strict_mode_a_copy_fixes_stride_and_alignment_and_is_counted():
     assert out["q"].stride(-1) == 1
     assert COPY_COUNTS[("blocks.7.ffn.0", "test_mm", "b")] == before + 1
     assert [(e.operand.name, e.copied, {v.rule for v in e.violations}) for e in events] == [
-        ("b", True, {"stride", "align"}), ("q", True, {"stride"}),
+        ("b", True, {"stride", "align"}),
+        ("q", True, {"stride"}),
     ]
     assert events[0].result is out["b"] and events[0].tensor is b_bad
 
@@ -287,17 +309,35 @@ def test_report_has_a_row_per_module_call_and_role_with_every_field(talk_report)
     out = [r for r in report.rows if r.call == 0 and r.role == "output"]
     assert [o.shape for o in out] == [(1, 16, 3, 4, 6)]
     w = next(r for r in report.rows if r.module == "blocks.1.self_attn.q" and r.tensor == "weight")
-    assert (w.role, w.module_type, w.shape, w.dtype, w.device) == ("parameter", "Linear", (256, 256), "float32", "cpu")
-    assert (w.stride, w.contiguous, w.storage_offset, w.aligned16, w.majorness) == ((256, 1), True, 0, True, "row")
+    assert (w.role, w.module_type, w.shape, w.dtype, w.device) == (
+        "parameter",
+        "Linear",
+        (256, 256),
+        "float32",
+        "cpu",
+    )
+    assert (w.stride, w.contiguous, w.storage_offset, w.aligned16, w.majorness) == (
+        (256, 1),
+        True,
+        0,
+        True,
+        "row",
+    )
     assert w.nbytes == 256 * 256 * 4 and w.status == "n/a" and w.kernel == ""
     # rows name modules by their qualified names; children nest deeper than parents
     names = {n for n, _ in model.named_modules()}
     assert {r.module for r in report.rows} <= names
-    assert {"blocks.0", "blocks.1.ffn.2", "audio_proj", "img_emb.proj.4", "head"} <= {r.module for r in report.rows}
+    assert {"blocks.0", "blocks.1.ffn.2", "audio_proj", "img_emb.proj.4", "head"} <= {
+        r.module for r in report.rows
+    }
     assert w.depth == 3
     # rope's (cos, sin) pair is walked into its elements
     assert {r.tensor for r in report.rows if r.module == "blocks.0.self_attn" and r.role == "input"} == {
-        "x", "rope[0]", "rope[1]", "ref_masks"}
+        "x",
+        "rope[0]",
+        "rope[1]",
+        "ref_masks",
+    }
 
 
 def test_kernel_operand_rows_carry_the_contract_verdict(talk_report):
@@ -314,13 +354,17 @@ def test_kernel_operand_rows_carry_the_contract_verdict(talk_report):
 
 def test_no_hooks_before_or_after_inspection(talk_report):
     model, _ = talk_report
-    globals_before = (dict(torch.nn.modules.module._global_forward_hooks),
-                      dict(torch.nn.modules.module._global_forward_pre_hooks))
+    globals_before = (
+        dict(torch.nn.modules.module._global_forward_hooks),
+        dict(torch.nn.modules.module._global_forward_pre_hooks),
+    )
     assert hooks_of(model) == {}
     inspect_layout(model, make_inputs(model.config, **SMALL))
     assert hooks_of(model) == {}
-    assert (dict(torch.nn.modules.module._global_forward_hooks),
-            dict(torch.nn.modules.module._global_forward_pre_hooks)) == globals_before
+    assert (
+        dict(torch.nn.modules.module._global_forward_hooks),
+        dict(torch.nn.modules.module._global_forward_pre_hooks),
+    ) == globals_before
     assert layout._LISTENERS == []
 
 
@@ -376,8 +420,9 @@ def test_positional_and_keyword_inputs_give_the_same_rows():
     model = tiny("tiny-i2v")
     inputs = make_inputs(model.config, **SMALL)
     by_dict = inspect_layout(model, inputs)
-    by_args = inspect_layout(model, inputs["x"], inputs["t"], inputs["context"],
-                             clip_fea=inputs["clip_fea"], y=inputs["y"])
+    by_args = inspect_layout(
+        model, inputs["x"], inputs["t"], inputs["context"], clip_fea=inputs["clip_fea"], y=inputs["y"]
+    )
     assert by_dict.rows == by_args.rows
 
 
@@ -386,7 +431,9 @@ def test_filter(talk_report):
     self_attn = report.filter(module="self_attn")
     assert self_attn.rows and all("self_attn" in r.module for r in self_attn)
     exact = report.filter(module=re.compile(r"^blocks\.\d+\.self_attn$"), role="kernel operand")
-    assert {(r.module, r.tensor) for r in exact} == {(f"blocks.{i}.self_attn", n) for i in (0, 1) for n in "qkv"}
+    assert {(r.module, r.tensor) for r in exact} == {
+        (f"blocks.{i}.self_attn", n) for i in (0, 1) for n in "qkv"
+    }
     assert len(report.filter(role=("input", "output"))) == sum(r.role in ("input", "output") for r in report)
     assert len(report.filter(kernel="sdpa")) == 24 and len(report.filter(kernel="_scaled_mm")) == 0
     nc = report.filter(only_non_contiguous=True)
@@ -443,17 +490,38 @@ def test_to_pandas_or_a_clear_import_error(talk_report):
 
 
 def _row(i: int, **kw) -> LayoutRow:
-    base = dict(call=i, depth=1, module=f"blocks.{i}.ffn.0", module_type="Linear", role="input",
-                tensor="x", shape=(2, 3), dtype="float32", device="cpu", stride=(3, 1),
-                contiguous=True, storage_offset=0, aligned16=True, majorness="row", nbytes=24)
+    base = dict(
+        call=i,
+        depth=1,
+        module=f"blocks.{i}.ffn.0",
+        module_type="Linear",
+        role="input",
+        tensor="x",
+        shape=(2, 3),
+        dtype="float32",
+        device="cpu",
+        stride=(3, 1),
+        contiguous=True,
+        storage_offset=0,
+        aligned16=True,
+        majorness="row",
+        nbytes=24,
+    )
     base.update(kw)
     return LayoutRow(**base)
 
 
 def test_html_highlights_violations_red_and_copies_amber_and_truncates():
     rows = [_row(i) for i in range(1000)]
-    rows[500] = _row(500, role="kernel operand", kernel="k", status="violation", rule="stride: <bad>",
-                     copies=1, copy_bytes=24)
+    rows[500] = _row(
+        500,
+        role="kernel operand",
+        kernel="k",
+        status="violation",
+        rule="stride: <bad>",
+        copies=1,
+        copy_bytes=24,
+    )
     rows[900] = _row(900, role="kernel operand", kernel="k", status="ok", copies=1, copy_bytes=24)
     report = LayoutReport(rows, title="Toy")
     report.html_max_rows = 50
@@ -543,7 +611,10 @@ def test_b_the_fp8_matmul_contract_itself_rejects_a_row_major_mat2():
     mat2 = torch.zeros(64, 32, dtype=FP8)  # [K, N] row-major
     with strict_layout(), pytest.raises(LayoutError, match="column-major"):
         contract.enforce("blocks.0.ffn.2", mat2=mat2)
-    assert contract.enforce("blocks.0.ffn.2", mat2=torch.zeros(32, 64, dtype=FP8).t())["mat2"].stride() == (1, 64)
+    assert contract.enforce("blocks.0.ffn.2", mat2=torch.zeros(32, 64, dtype=FP8).t())["mat2"].stride() == (
+        1,
+        64,
+    )
 
 
 # --- incident (c): a non-contiguous q reaching a backend that needs stride(-1) == 1 --------------
@@ -584,8 +655,10 @@ def test_c_in_the_model_a_transposed_q_shows_up_at_its_module(monkeypatch):
     assert all(r.copies == 1 and r.copy_bytes == 18 * 256 * 4 for r in bad)
     with torch.no_grad():
         torch.testing.assert_close(call(model, inputs), reference)
-    with strict_layout(), torch.no_grad(), pytest.raises(
-        LayoutError, match=r"^blocks\.0\.self_attn: kernel torch.sdpa, operand 'q'"
+    with (
+        strict_layout(),
+        torch.no_grad(),
+        pytest.raises(LayoutError, match=r"^blocks\.0\.self_attn: kernel torch.sdpa, operand 'q'"),
     ):
         call(model, inputs)
 
@@ -609,17 +682,28 @@ def test_d_block_swapped_weights_keep_their_contracts():
     swap_rows = report.filter(kernel="block_swap_copy")
     assert {r.module.split(".")[0] + "." + r.module.split(".")[1] for r in swap_rows} >= {"blocks.1"}
     assert all(r.aligned16 and r.status == "ok" for r in swap_rows)
+
     # the fp8 weights and scales reach _scaled_mm in their resident layout, from the slot
     def block1(rep: LayoutReport) -> list[LayoutRow]:
-        return [r for r in rep.rows if r.module.startswith("blocks.1") and r.kernel != "block_swap_copy"
-                and r.role in ("parameter", "kernel operand")]
+        return [
+            r
+            for r in rep.rows
+            if r.module.startswith("blocks.1")
+            and r.kernel != "block_swap_copy"
+            and r.role in ("parameter", "kernel operand")
+        ]
 
     swapped, ref_rows = block1(report), block1(inspect_layout(resident, inputs))
     assert any(r.tensor == "mat2" for r in swapped) and any(r.tensor == "scale_weight" for r in swapped)
     assert [(r.module, r.tensor) for r in swapped] == [(r.module, r.tensor) for r in ref_rows]
     for r, ref in zip(swapped, ref_rows):
         assert (r.shape, r.stride, r.dtype, r.majorness, r.aligned16) == (
-            ref.shape, ref.stride, ref.dtype, ref.majorness, True), (r.module, r.tensor)
+            ref.shape,
+            ref.stride,
+            ref.dtype,
+            ref.majorness,
+            True,
+        ), (r.module, r.tensor)
     with torch.no_grad():
         assert torch.equal(call(model, inputs), reference)
     offload.disable_block_swap(model)
@@ -680,6 +764,7 @@ def _strict_cost(model, inputs, rounds: int) -> dict[str, float]:
                 return inner(self, where, **tensors)
             finally:
                 spent[0] += time.perf_counter() - t0
+
         return enforce
 
     arms = {
@@ -693,7 +778,7 @@ def _strict_cost(model, inputs, rounds: int) -> dict[str, float]:
     try:
         with torch.no_grad():
             for i in range(rounds):
-                for arm in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
+                for arm in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                     enforce, strict = arms[arm]
                     mp.setattr(LayoutContract, "enforce", enforce)
                     set_strict_layout(model, strict)
@@ -709,8 +794,11 @@ def _strict_cost(model, inputs, rounds: int) -> dict[str, float]:
         return statistics.median(r[i] for r in results[arm])
 
     forward = med("off", 0)
-    return dict(forward=forward, direct=(med("strict_timed", 1) - med("off_timed", 1)) / forward,
-                ab=med("strict", 0) / forward - 1)
+    return dict(
+        forward=forward,
+        direct=(med("strict_timed", 1) - med("off_timed", 1)) / forward,
+        ab=med("strict", 0) / forward - 1,
+    )
 
 
 @pytest.mark.parametrize("mode", [QuantMode.DISABLED, QuantMode.FP8_E4M3FN_FAST], ids=str)
@@ -729,7 +817,9 @@ def test_strict_mode_checks_cost_under_2_percent_of_a_tiny_forward(talk_base, mo
         if attempts[-1]["direct"] < 0.02:
             break
     best = min(attempts, key=lambda a: a["direct"])
-    print(f"\n{mode}: {len(checks)} operand checks per forward; forward {best['forward'] * 1e3:.2f} ms "
-          f"CPU; strict-mode checks {best['direct']:.2%} of it (strict on vs off: {best['ab']:+.2%})")
+    print(
+        f"\n{mode}: {len(checks)} operand checks per forward; forward {best['forward'] * 1e3:.2f} ms "
+        f"CPU; strict-mode checks {best['direct']:.2%} of it (strict on vs off: {best['ab']:+.2%})"
+    )
     assert best["direct"] < 0.02, f"checks cost {[format(a['direct'], '.2%') for a in attempts]} of a forward"
     assert best["ab"] < 0.10  # the A/B comparison agrees within its resolution

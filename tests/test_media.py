@@ -45,10 +45,12 @@ def _peak_hz(wave: np.ndarray, rate: int) -> float:
 def _frames(count: int, height: int = 48, width: int = 64) -> np.ndarray:
     """uint8 [F, H, W, 3]: a moving gradient, so every frame differs."""
     y, x = np.mgrid[:height, :width]
-    return np.stack([
-        np.stack([(x * 4 + f * 8) % 256, (y * 5) % 256, np.full_like(x, f * 9 % 256)], axis=-1)
-        for f in range(count)
-    ]).astype(np.uint8)
+    return np.stack(
+        [
+            np.stack([(x * 4 + f * 8) % 256, (y * 5) % 256, np.full_like(x, f * 9 % 256)], axis=-1)
+            for f in range(count)
+        ]
+    ).astype(np.uint8)
 
 
 @pytest.fixture()
@@ -149,17 +151,16 @@ def test_wav_decodes_to_16k_mono(tmp_path):
 def test_compressed_audio_decodes_to_the_right_length_and_rate(tmp_path, suffix):
     source = _write_wav(tmp_path / "a.wav", _sine(2.0, 22050), 22050)
     encoded = tmp_path / f"a{suffix}"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source), str(encoded)],
-                   check=True)
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source), str(encoded)], check=True
+    )
     wave = load_audio(encoded)
     assert abs(wave.size - 2.0 * 16000) <= 16000 / 25  # within one video frame
     assert abs(_peak_hz(wave, 16000) - 440) < 2
 
 
 def test_loudness_lands_on_minus_23_lufs():
-    wave = _sine(3.0, amp=0.05) + 0.01 * np.random.default_rng(0).standard_normal(48000).astype(
-        np.float32
-    )
+    wave = _sine(3.0, amp=0.05) + 0.01 * np.random.default_rng(0).standard_normal(48000).astype(np.float32)
     before = wave.copy()
     out = loudness_normalize(wave)
     assert abs(pyloudnorm.Meter(16000).integrated_loudness(out) + 23) < 0.5

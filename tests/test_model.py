@@ -76,8 +76,9 @@ def test_state_dict_keys_are_the_official_names():
     assert len(per_block) == 10 + 2 + 15 + 4 + 1 + 2 + 6
 
 
-@pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-i2v", "tiny-infinitetalk", "t2v-1.3b", "i2v-14b",
-                                    "infinitetalk-14b"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-t2v", "tiny-i2v", "tiny-infinitetalk", "t2v-1.3b", "i2v-14b", "infinitetalk-14b"]
+)
 def test_config_is_inferred_back_from_state_dict_shapes(preset):
     cfg = ws.WanConfig.preset(preset)
     model = ws.WanModel(cfg, device="meta")
@@ -98,10 +99,18 @@ def test_config_validation_names_the_problem():
 def _diffusers_twin(cfg: ws.WanConfig):
     diffusers = pytest.importorskip("diffusers")
     kwargs = dict(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps,
+        patch_size=cfg.patch_size,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
     )
     if cfg.is_i2v:
         kwargs.update(image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim)
@@ -145,8 +154,11 @@ def test_matches_diffusers_wan_transformer_in_fp32(preset, same_sinusoid, monkey
         padded = torch.nn.functional.pad(inputs["context"], (0, 0, 0, cfg.text_len - 9))
         hidden = inputs["x"] if not cfg.is_i2v else torch.cat([inputs["x"], inputs["y"]], dim=1)
         theirs = twin(
-            hidden_states=hidden, timestep=inputs["t"], encoder_hidden_states=padded,
-            encoder_hidden_states_image=inputs.get("clip_fea"), return_dict=False,
+            hidden_states=hidden,
+            timestep=inputs["t"],
+            encoder_hidden_states=padded,
+            encoder_hidden_states_image=inputs.get("clip_fea"),
+            return_dict=False,
         )[0]
     assert ours.shape == theirs.shape == inputs["x"].shape
     assert max_rel_err(ours, theirs) <= (1e-5 if same_sinusoid else 5e-5)

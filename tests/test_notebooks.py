@@ -70,7 +70,9 @@ def test_first_code_cell_is_the_guarded_colab_install(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_notebooks_are_thin(name):
     for cell in code_cells(load(name)):
-        body = [line for line in cell.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        body = [
+            line for line in cell.source.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        ]
         assert len(body) <= 10, f"{name} {cell.id}: {len(body)} lines of code; move logic into wanstudio"
         assert not any(line.startswith(("def ", "class ")) for line in body), f"{name} {cell.id}"
 
@@ -100,10 +102,29 @@ def test_notebook_runs_under_nbval(name, tmp_path):
     folder.mkdir()
     path = with_expected_outputs(name, folder)
     env = {k: v for k, v in os.environ.items() if k != "WANSTUDIO_WEIGHTS"}
-    env.update(WANSTUDIO_OUTPUT=str(tmp_path / "videos"), XDG_CONFIG_HOME=str(tmp_path / "config"),
-               PYTHONWARNINGS="ignore::DeprecationWarning", MPLBACKEND="Agg")
-    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "--rootdir", str(tmp_path), "--nbval-cell-timeout", "600", str(path)]
+    env.update(
+        WANSTUDIO_OUTPUT=str(tmp_path / "videos"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        PYTHONWARNINGS="ignore::DeprecationWarning",
+        MPLBACKEND="Agg",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--nbval-lax",
+        "--nbval-current-env",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "--rootdir",
+        str(tmp_path),
+        "--nbval-cell-timeout",
+        "600",
+        str(path),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     if name == "02_infinitetalk.ipynb":

@@ -52,14 +52,16 @@ def _inputs(cfg: WanConfig) -> dict:
 
 def _run(model: WanModel, inputs: dict) -> torch.Tensor:
     with torch.inference_mode():
-        return model(inputs["x"], inputs["t"], inputs["context"],
-                     **{k: v for k, v in inputs.items() if k not in ("x", "t", "context")})
+        return model(
+            inputs["x"],
+            inputs["t"],
+            inputs["context"],
+            **{k: v for k, v in inputs.items() if k not in ("x", "t", "context")},
+        )
 
 
 def _hooks(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 def _snapshot(model: nn.Module) -> dict[str, tuple]:
@@ -97,8 +99,7 @@ def test_placement_puts_the_last_n_blocks_in_pinned_host_memory():
 
 
 def test_placement_with_embedding_offloads():
-    placement = swap_placement(WanConfig.preset("tiny-i2v"), 0, offload_txt_emb=True,
-                               offload_img_emb=True)
+    placement = swap_placement(WanConfig.preset("tiny-i2v"), 0, offload_txt_emb=True, offload_img_emb=True)
     host = {n.split(".")[0] for n, where in placement.items() if where == "cpu_pinned"}
     assert host == {"text_embedding", "img_emb"}
 
@@ -136,9 +137,7 @@ def test_i2v_with_embeddings_offloaded_is_bitwise_identical():
     fb = FakeTransferBackend()
     enable_block_swap(model, 2, prefetch=2, offload_txt_emb=True, offload_img_emb=True, backend=fb)
     assert torch.equal(_run(model, inputs), ref)
-    assert [c.split("->")[0] for c in fb.copies()] == [
-        "text_embedding", "img_emb", "blocks.0", "blocks.1"
-    ]
+    assert [c.split("->")[0] for c in fb.copies()] == ["text_embedding", "img_emb", "blocks.0", "blocks.1"]
 
 
 # --- slots and schedule -------------------------------------------------------------------------
@@ -166,19 +165,73 @@ def test_pool_is_never_larger_than_the_swapped_units():
     "n, prefetch, expected",
     [
         # prefetch 1: a block's copy starts when the block before it starts
-        (2, 1, ["run blocks.0", "copy blocks.2", "run blocks.1", "copy blocks.3", "run blocks.2",
-                "run blocks.3"]),
+        (
+            2,
+            1,
+            [
+                "run blocks.0",
+                "copy blocks.2",
+                "run blocks.1",
+                "copy blocks.3",
+                "run blocks.2",
+                "run blocks.3",
+            ],
+        ),
         # prefetch 2: two blocks ahead
-        (2, 2, ["copy blocks.2", "run blocks.0", "copy blocks.3", "run blocks.1", "run blocks.2",
-                "run blocks.3"]),
+        (
+            2,
+            2,
+            [
+                "copy blocks.2",
+                "run blocks.0",
+                "copy blocks.3",
+                "run blocks.1",
+                "run blocks.2",
+                "run blocks.3",
+            ],
+        ),
         # every block swapped: the model's forward starts the first `prefetch` copies
-        (4, 1, ["copy blocks.0", "copy blocks.1", "run blocks.0", "copy blocks.2", "run blocks.1",
-                "copy blocks.3", "run blocks.2", "run blocks.3"]),
-        (4, 2, ["copy blocks.0", "copy blocks.1", "copy blocks.2", "run blocks.0", "copy blocks.3",
-                "run blocks.1", "run blocks.2", "run blocks.3"]),
+        (
+            4,
+            1,
+            [
+                "copy blocks.0",
+                "copy blocks.1",
+                "run blocks.0",
+                "copy blocks.2",
+                "run blocks.1",
+                "copy blocks.3",
+                "run blocks.2",
+                "run blocks.3",
+            ],
+        ),
+        (
+            4,
+            2,
+            [
+                "copy blocks.0",
+                "copy blocks.1",
+                "copy blocks.2",
+                "run blocks.0",
+                "copy blocks.3",
+                "run blocks.1",
+                "run blocks.2",
+                "run blocks.3",
+            ],
+        ),
         # no prefetch: each copy when its block is reached
-        (2, 0, ["run blocks.0", "run blocks.1", "copy blocks.2", "run blocks.2", "copy blocks.3",
-                "run blocks.3"]),
+        (
+            2,
+            0,
+            [
+                "run blocks.0",
+                "run blocks.1",
+                "copy blocks.2",
+                "run blocks.2",
+                "copy blocks.3",
+                "run blocks.3",
+            ],
+        ),
     ],
 )
 def test_prefetch_schedule(n, prefetch, expected):
@@ -200,7 +253,7 @@ def test_events_order_compute_after_copy_and_copy_after_the_slots_last_compute()
     ops = fb.ops
 
     def at(*op) -> int:
-        return next(i for i, o in enumerate(ops) if o[:len(op)] == op)
+        return next(i for i, o in enumerate(ops) if o[: len(op)] == op)
 
     last_user: dict[int, str] = {}
     for i in range(4):
@@ -288,8 +341,9 @@ class PackedLinear(nn.Module):
         scale = w.abs().amax(dim=1) / 448.0
         self.register_buffer("weight", (w / scale[:, None]).to(torch.float8_e4m3fn))
         self.scale_weight = nn.Parameter(scale.float())
-        self.register_buffer("weight_packed", torch.randint(0, 255, (w.shape[0], w.shape[1] // 2),
-                                                            dtype=torch.uint8))
+        self.register_buffer(
+            "weight_packed", torch.randint(0, 255, (w.shape[0], w.shape[1] // 2), dtype=torch.uint8)
+        )
         self.register_buffer("_scale_b", scale.float()[None, :].clone(), persistent=False)
         self.register_buffer("bias_t", lin.bias.detach().clone()[:, None].t())  # (1, N), stride (1, 1)
         self.register_buffer("odd", torch.arange(10, dtype=torch.float64)[1::3])  # storage offset
@@ -323,8 +377,10 @@ def test_every_parameter_and_buffer_moves_with_its_layout_whatever_the_module():
     inputs = _inputs(model.config)
     ref = _run(model, inputs)
     block = model.blocks[1]
-    layouts = {n: (tuple(t.shape), tuple(t.stride()), t.dtype)
-               for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    layouts = {
+        n: (tuple(t.shape), tuple(t.stride()), t.dtype)
+        for n, t in [*block.named_parameters(), *block.named_buffers()]
+    }
     enable_block_swap(model, 1, backend=FakeTransferBackend())
     seen: set[str] = set()
     block.register_forward_pre_hook(
@@ -343,8 +399,10 @@ def test_every_parameter_and_buffer_moves_with_its_layout_whatever_the_module():
 def test_swapped_tensors_keep_layout_and_alignment():
     model = _model(layers=3)
     layouts = {
-        i: {n: (tuple(t.shape), tuple(t.stride()), t.dtype)
-            for n, t in [*b.named_parameters(), *b.named_buffers()]}
+        i: {
+            n: (tuple(t.shape), tuple(t.stride()), t.dtype)
+            for n, t in [*b.named_parameters(), *b.named_buffers()]
+        }
         for i, b in enumerate(model.blocks)
     }
     enable_block_swap(model, 2, backend=FakeTransferBackend())
@@ -366,8 +424,13 @@ def test_the_copy_declares_and_checks_a_layout_contract():
     with listen(events.append):
         _run(model, _inputs(model.config))
     swap_events = [e for e in events if e.kernel == "block_swap_copy"]
-    names = {n for n, _ in [*model.blocks[1].named_parameters(prefix="blocks.1"),
-                             *model.blocks[1].named_buffers(prefix="blocks.1")]}
+    names = {
+        n
+        for n, _ in [
+            *model.blocks[1].named_parameters(prefix="blocks.1"),
+            *model.blocks[1].named_buffers(prefix="blocks.1"),
+        ]
+    }
     assert {e.where for e in swap_events} == names
     assert not any(e.violations for e in swap_events)
 
@@ -469,8 +532,13 @@ def test_enable_packs_blocks_loaded_on_the_cpu():
     assert all(t.device.type == "cpu" for t in model.parameters())
     enable_block_swap(model, 2, backend=FakeTransferBackend())
     assert torch.equal(_run(model, inputs), ref)
-    assert set(plan) == {n for n, _ in [*model.named_parameters(remove_duplicate=False),
-                                        *model.named_buffers(remove_duplicate=False)]}
+    assert set(plan) == {
+        n
+        for n, _ in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    }
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -606,8 +674,7 @@ def test_a_forward_that_raises_releases_its_slot():
         _run(model, inputs)
     del block.forward
     host = model._block_swap.units[-1].host.flat
-    assert all(host.data_ptr() <= t.data_ptr() < host.data_ptr() + host.numel()
-               for t in block.parameters())
+    assert all(host.data_ptr() <= t.data_ptr() < host.data_ptr() + host.numel() for t in block.parameters())
     assert torch.equal(_run(model, inputs), ref)
 
 

@@ -87,14 +87,16 @@ class FakeAudio:
         per = sample_rate // 25
         feats = torch.zeros(T, self.layers, self.dim)
         for i in range(T):
-            chunk = wave[i * per:(i + 1) * per]
+            chunk = wave[i * per : (i + 1) * per]
             feats[i] = float(np.sqrt(np.mean(chunk**2))) if len(chunk) else 0.0
             feats[i, 0, 0] = i
         return feats
 
 
 def fake_velocity(x, t, context, audio, y):
-    return 0.1 * x + t[:, None, None, None, None] / 1e5 + context.mean() + 0.01 * audio.mean() + 0.1 * y.mean()
+    return (
+        0.1 * x + t[:, None, None, None, None] / 1e5 + context.mean() + 0.01 * audio.mean() + 0.1 * y.mean()
+    )
 
 
 class FakeDiT(torch.nn.Module):
@@ -117,7 +119,9 @@ class FakeDiT(torch.nn.Module):
 
     def forward(self, x, t, context, *, clip_fea=None, y=None, audio=None, ref_target_masks=None):
         n = len(self.calls)
-        self.calls.append(dict(x=x.clone(), t=t.clone(), context=context, audio=audio, masks=ref_target_masks))
+        self.calls.append(
+            dict(x=x.clone(), t=t.clone(), context=context, audio=audio, masks=ref_target_masks)
+        )
         if n == self.fail_at:
             raise RuntimeError("injected failure")
         if n == self.oom_at:
@@ -129,8 +133,9 @@ class FakeDiT(torch.nn.Module):
 def make_pipe(dit=None, **kw):
     dit = dit or FakeDiT()
     vae = FakeVAE()
-    pipe = InfiniteTalkPipeline(dit, vae, kw.pop("text", FakeText()), FakeImage(), kw.pop("audio", FakeAudio()),
-                                frame_num=17, **kw)
+    pipe = InfiniteTalkPipeline(
+        dit, vae, kw.pop("text", FakeText()), FakeImage(), kw.pop("audio", FakeAudio()), frame_num=17, **kw
+    )
     return pipe, dit, vae
 
 
@@ -140,7 +145,10 @@ IMAGE = torch.linspace(-0.8, 0.8, 3 * 32 * 48).reshape(3, 32, 48)  # a [3, H, W]
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
     t = np.arange(int(16000 * seconds)) / 16000
     rng = np.random.default_rng(seed)
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    return (
+        0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+        + 0.01 * rng.standard_normal(t.size)
+    ).astype(np.float32)
 
 
 FAST = dict(steps=3, motion_frame=5, loudness=None, progress=False)
@@ -152,10 +160,12 @@ def test_each_clip_calls_the_model_at_the_shifted_schedule_with_three_conditions
     pipe(IMAGE, speech(0.5), shift=5.0, **FAST)  # 12 frames: one clip
     sched = timestep_schedule(3, 5.0)
     assert len(dit.calls) == 3 * 3
-    assert [c["t"].item() for c in dit.calls] == pytest.approx([t for t in sched[:-1].tolist() for _ in range(3)])
+    assert [c["t"].item() for c in dit.calls] == pytest.approx(
+        [t for t in sched[:-1].tolist() for _ in range(3)]
+    )
     text = FakeText().encode(["", DEFAULT_NEGATIVE_PROMPT])
     for i in range(3):
-        cond, drop_text, uncond = dit.calls[3 * i: 3 * i + 3]
+        cond, drop_text, uncond = dit.calls[3 * i : 3 * i + 3]
         assert torch.equal(cond["context"][0], text[0]) and torch.equal(drop_text["context"][0], text[1])
         assert torch.equal(uncond["context"][0], text[1])
         assert cond["audio"].abs().sum() > 0 and torch.equal(cond["audio"], drop_text["audio"])
@@ -193,8 +203,19 @@ def hand_loop(pipe, vae, noise, head, audio, steps, shift, s_t, s_a, y):
 def test_sampling_matches_the_spec_written_out_and_overwrites_the_head():
     pipe, dit, vae = make_pipe()
     steps, shift, seed = 4, 7.0, 3
-    pipe(IMAGE, speech(1.0), steps=steps, shift=shift, seed=seed, text_scale=5.0, audio_scale=4.0,
-         motion_frame=5, loudness=None, progress=False, color_correction=0.0)  # 25 frames: 2 clips
+    pipe(
+        IMAGE,
+        speech(1.0),
+        steps=steps,
+        shift=shift,
+        seed=seed,
+        text_scale=5.0,
+        audio_scale=4.0,
+        motion_frame=5,
+        loudness=None,
+        progress=False,
+        color_correction=0.0,
+    )  # 25 frames: 2 clips
     assert len(vae.decoded) == 2
     gen = torch.Generator().manual_seed(seed)
     ref_video = torch.zeros(1, 3, 17, 32, 48)
@@ -217,10 +238,11 @@ def test_sampling_matches_the_spec_written_out_and_overwrites_the_head():
     assert torch.allclose(vae.decoded[1], want2, atol=1e-5)
     # before every call the head holds the clean latents
     for k, head in ((0, head1), (1, head2)):
-        for call in dit.calls[3 * steps * k: 3 * steps * (k + 1)]:
+        for call in dit.calls[3 * steps * k : 3 * steps * (k + 1)]:
             assert torch.allclose(call["x"][:, :, : head.shape[2]], head, atol=1e-6)
-        assert not torch.allclose(dit.calls[3 * steps * k]["x"][:, :, head.shape[2]:],
-                                  torch.zeros(1), atol=1e-3)
+        assert not torch.allclose(
+            dit.calls[3 * steps * k]["x"][:, :, head.shape[2] :], torch.zeros(1), atol=1e-3
+        )
 
 
 def test_every_clip_shares_the_image_condition():
@@ -238,8 +260,15 @@ def test_streaming_of_two_and_a_half_clips():
     (the last ends at 41 > 30: mirror-padded audio, output trimmed to 30 frames)."""
     events: list[ProgressEvent] = []
     pipe, dit, vae = make_pipe()
-    out = pipe(IMAGE, speech(1.2), steps=2, motion_frame=5, loudness=None, progress=events.append,
-               color_correction=0.0)
+    out = pipe(
+        IMAGE,
+        speech(1.2),
+        steps=2,
+        motion_frame=5,
+        loudness=None,
+        progress=events.append,
+        color_correction=0.0,
+    )
     plan = ClipPlan.make(30, 17, 5, 1000)
     assert plan.clips == out.clips == 3 == len(vae.decoded)
     assert out.frames.shape == (30, 32, 48, 3) and out.frames.dtype == torch.uint8
@@ -319,8 +348,10 @@ def test_resume_refuses_a_work_folder_of_other_settings(tmp_path):
 def test_nan_names_clip_and_step_and_finished_clips_stay_resumable(tmp_path):
     steps = 3
     pipe, _, _ = make_pipe(FakeDiT(nan_at=3 * steps + 3))  # clip 2, step 2, first call
-    msg = (r"clip 2 of 3, step 2 of 3: the latents hold NaN/Inf.*"
-           r"1 finished clip\(s\) .*resume=True to continue from clip 2")
+    msg = (
+        r"clip 2 of 3, step 2 of 3: the latents hold NaN/Inf.*"
+        r"1 finished clip\(s\) .*resume=True to continue from clip 2"
+    )
     with pytest.raises(ws.PipelineError, match=msg):
         pipe(IMAGE, speech(1.2), work_dir=tmp_path, **FAST)
     reference = make_pipe()[0](IMAGE, speech(1.2), **FAST).frames
@@ -430,8 +461,9 @@ def test_tiny_streaming_mp4_has_the_audio_duration(tiny_pipe, tmp_path):
 
     seconds = 2.5 * 12 / 25 + 5 / 25  # ~2.5 clips of 17 frames advancing by 12
     path = tmp_path / "talk.mp4"
-    out = tiny_pipe(asset_path("portrait.png"), speech(seconds), out=path, steps=2,
-                    motion_frame=5, progress=False)
+    out = tiny_pipe(
+        asset_path("portrait.png"), speech(seconds), out=path, steps=2, motion_frame=5, progress=False
+    )
     frames = int(seconds * 25)
     assert out.clips == ClipPlan.make(frames, 17, 5, 1000).clips == 3
     assert out.frames.shape == (frames, 64, 64, 3)
@@ -477,11 +509,19 @@ def test_from_files_refuses_a_dit_without_audio_modules_before_loading_anything(
     path = tmp_path / "i2v.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     with pytest.raises(ws.PipelineError, match="without InfiniteTalk's audio modules"):
-        InfiniteTalkPipeline.from_files(dit=path, vae="missing", text_encoder="missing",
-                                        clip="missing", wav2vec="missing", device="cpu")
+        InfiniteTalkPipeline.from_files(
+            dit=path, vae="missing", text_encoder="missing", clip="missing", wav2vec="missing", device="cpu"
+        )
     with pytest.raises(ws.UnknownOptionError, match="fp8_e4m3fn"):
-        InfiniteTalkPipeline.from_files(dit=path, vae="missing", text_encoder="missing", clip="missing",
-                                        wav2vec="missing", quantization="fp8", device="cpu")
+        InfiniteTalkPipeline.from_files(
+            dit=path,
+            vae="missing",
+            text_encoder="missing",
+            clip="missing",
+            wav2vec="missing",
+            quantization="fp8",
+            device="cpu",
+        )
 
 
 def test_size_comes_from_size_then_size_class_then_the_pipelines_default():

@@ -144,14 +144,24 @@ def test_fast_mode_runs_scaled_mm_with_rowwise_scales(layer_data, mode, monkeypa
 
     def spy(a, b, *args, **kw):
         if a.shape[0] == x.shape[0]:
-            seen.append((a.dtype, b.dtype, b.stride(), kw["scale_a"].shape, kw["scale_b"].shape,
-                         kw["scale_a"].dtype, kw["scale_b"].dtype))
+            seen.append(
+                (
+                    a.dtype,
+                    b.dtype,
+                    b.stride(),
+                    kw["scale_a"].shape,
+                    kw["scale_b"].shape,
+                    kw["scale_a"].dtype,
+                    kw["scale_b"].dtype,
+                )
+            )
         return real(a, b, *args, **kw)
 
     monkeypatch.setattr(torch, "_scaled_mm", spy)
     layer(x)
-    assert seen == [(E4, spec_for(mode).fp8_dtype, (1, 256), (512, 1), (1, 256),
-                     torch.float32, torch.float32)]  # e4m3 activations even for e5m2 weights
+    assert seen == [
+        (E4, spec_for(mode).fp8_dtype, (1, 256), (512, 1), (1, 256), torch.float32, torch.float32)
+    ]  # e4m3 activations even for e5m2 weights
 
 
 @pytest.mark.parametrize("mode", FAST_FP8, ids=str)
@@ -212,8 +222,9 @@ def test_input_tensor_is_unchanged(layer_data, mode):
         assert torch.equal(inp, before)
 
 
-@pytest.mark.parametrize("mode", [QuantMode.FP8_E4M3FN_SCALED, QuantMode.FP8_E4M3FN_FAST,
-                                  QuantMode.FP4_SCALED], ids=str)
+@pytest.mark.parametrize(
+    "mode", [QuantMode.FP8_E4M3FN_SCALED, QuantMode.FP8_E4M3FN_FAST, QuantMode.FP4_SCALED], ids=str
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_layer_computes_in_the_activation_dtype(layer_data, mode, dtype):
     lin, x, ref = layer_data
@@ -328,8 +339,12 @@ def test_swizzled_block_scales_match_torchs_reference():
 # --- memory and layout ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("mode", "low", "high"),
-    [(QuantMode.FP8_E4M3FN, 0.49, 0.51), (QuantMode.FP8_E4M3FN_SCALED, 0.49, 0.52),
-     (QuantMode.FP4_SCALED, 0.27, 0.29), (QuantMode.FP4_EXPERIMENTAL, 0.26, 0.28)],
+    [
+        (QuantMode.FP8_E4M3FN, 0.49, 0.51),
+        (QuantMode.FP8_E4M3FN_SCALED, 0.49, 0.52),
+        (QuantMode.FP4_SCALED, 0.27, 0.29),
+        (QuantMode.FP4_EXPERIMENTAL, 0.26, 0.28),
+    ],
     ids=str,
 )
 def test_quantized_bytes_against_bf16(layer_data, mode, low, high):
@@ -427,10 +442,12 @@ def test_fp4_scaled_fast_reports_why_the_native_path_is_not_used(layer_data):
 # --- state dicts and loading --------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("mode", "keys"),
-    [(QuantMode.FP8_E4M3FN, {"weight", "bias"}),
-     (QuantMode.FP8_E5M2_SCALED_FAST, {"weight", "scale_weight", "bias"}),
-     (QuantMode.FP4_SCALED, {"weight_packed", "weight_scale", "weight_scale_2", "bias"}),
-     (QuantMode.FP4_EXPERIMENTAL, {"weight_packed", "weight_scale", "bias"})],
+    [
+        (QuantMode.FP8_E4M3FN, {"weight", "bias"}),
+        (QuantMode.FP8_E5M2_SCALED_FAST, {"weight", "scale_weight", "bias"}),
+        (QuantMode.FP4_SCALED, {"weight_packed", "weight_scale", "weight_scale_2", "bias"}),
+        (QuantMode.FP4_EXPERIMENTAL, {"weight_packed", "weight_scale", "bias"}),
+    ],
     ids=str,
 )
 def test_state_dict_keys(mode, keys):
@@ -448,8 +465,9 @@ def test_scaled_fp8_checkpoint_with_per_tensor_scale_is_honoured_as_stored(mode,
     stored = (w / s).to(E4)
     bias = torch.randn(64).to(torch.bfloat16)
     layer = QuantizedLinear.empty(32, 64, mode, dtype=torch.bfloat16)
-    layer.load_state_dict({"weight": stored, alias: s.reshape(()), "bias": bias,
-                           "scale_input": torch.tensor(1.0)})
+    layer.load_state_dict(
+        {"weight": stored, alias: s.reshape(()), "bias": bias, "scale_input": torch.tensor(1.0)}
+    )
     assert torch.equal(layer.weight.view(torch.uint8), stored.view(torch.uint8))
     assert layer.scale_weight.shape == () and layer.scale_weight.item() == s.item()
     x = torch.randn(8, 32)
@@ -520,8 +538,9 @@ def test_quantize_weight_keeps_fp8_as_stored_and_requantizes_for_fp4():
     plain = quantize_weight(w4, QuantMode.FP8_E4M3FN, scale=torch.tensor(1.0))
     assert plain["weight"].data_ptr() == w4.data_ptr()
     fp4_out = quantize_weight(w4, QuantMode.FP4_SCALED, scale=torch.tensor(0.01))
-    deq = fp4.dequantize_nvfp4(fp4_out["weight_packed"], fp4_out["weight_scale"],
-                               fp4_out["weight_scale_2"], 32)
+    deq = fp4.dequantize_nvfp4(
+        fp4_out["weight_packed"], fp4_out["weight_scale"], fp4_out["weight_scale_2"], 32
+    )
     assert sqnr_db(w4.float() * 0.01, deq) > 19.0
     w = torch.randn(8, 8)
     assert torch.equal(quantize_weight(w, QuantMode.DISABLED)["weight"], w)
@@ -565,8 +584,11 @@ def tiny_t2v():
 def test_quantize_tiny_infinitetalk_in_every_mode(tiny_reference, mode):
     base, inputs, ref = tiny_reference
     model = copy.deepcopy(base)
-    kept_before = {n: m.weight for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and not n.startswith("blocks.")}
+    kept_before = {
+        n: m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not n.startswith("blocks.")
+    }
     assert quantize(model, mode) is model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
     for name, m in layers.items():
@@ -662,11 +684,13 @@ def _file_state(base: WanModel, kind: str) -> dict:
 
 @pytest.mark.parametrize(
     ("kind", "mode", "bar"),
-    [("fp8", QuantMode.FP8_E4M3FN, 25.0),
-     ("scaled_fp8", QuantMode.FP8_E4M3FN_SCALED, 25.0),
-     ("scaled_fp8", QuantMode.FP8_E4M3FN_SCALED_FAST, 24.0),
-     ("bf16", QuantMode.FP8_E4M3FN_SCALED, 25.0),
-     ("bf16", QuantMode.FP4_SCALED, 17.0)],
+    [
+        ("fp8", QuantMode.FP8_E4M3FN, 25.0),
+        ("scaled_fp8", QuantMode.FP8_E4M3FN_SCALED, 25.0),
+        ("scaled_fp8", QuantMode.FP8_E4M3FN_SCALED_FAST, 24.0),
+        ("bf16", QuantMode.FP8_E4M3FN_SCALED, 25.0),
+        ("bf16", QuantMode.FP4_SCALED, 17.0),
+    ],
     ids=str,
 )
 def test_saved_file_loads_into_a_quantized_meta_model(tmp_path, tiny_reference, kind, mode, bar):

@@ -41,10 +41,19 @@ def _compile(fn, signature: dict, constexprs: dict, warps: int) -> str:
 def test_activation_quantization_kernel_compiles_for_sm90(x_dtype):
     ptx = _compile(
         kernels._quantize_rows_kernel,
-        {"x_ptr": f"*{x_dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
-         "stride_x": "i32", "stride_q": "i32", "FP8_MAX": "constexpr", "TINY": "constexpr",
-         "BLOCK_K": "constexpr"},
-        {"FP8_MAX": 448.0, "TINY": fp8._TINY, "BLOCK_K": 8192}, 8,
+        {
+            "x_ptr": f"*{x_dtype}",
+            "q_ptr": "*fp8e4nv",
+            "s_ptr": "*fp32",
+            "K": "i32",
+            "stride_x": "i32",
+            "stride_q": "i32",
+            "FP8_MAX": "constexpr",
+            "TINY": "constexpr",
+            "BLOCK_K": "constexpr",
+        },
+        {"FP8_MAX": 448.0, "TINY": fp8._TINY, "BLOCK_K": 8192},
+        8,
     )
     ops = set(re.findall(r"\b(div\.[a-z0-9.]+|cvt\.rn\.satfinite\.e4m3x2\.f32)", ptx))
     assert ops == {"div.rn.f32", "cvt.rn.satfinite.e4m3x2.f32"}
@@ -56,11 +65,24 @@ def test_activation_quantization_kernel_compiles_for_sm90(x_dtype):
 def test_fp4_dequantization_kernel_compiles_for_sm90(out_dtype, nvfp4):
     _compile(
         kernels._dequantize_fp4_kernel,
-        {"p_ptr": "*u8", "s_ptr": "*u8", "g_ptr": "*fp32" if nvfp4 else "*u8",
-         "out_ptr": f"*{out_dtype}", "N": "i32", "KP": "i32", "K": "i32", "stride_p": "i32",
-         "stride_s": "i32", "stride_o": "i32", "BLOCK": "constexpr", "NVFP4": "constexpr",
-         "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-        {"BLOCK": 16 if nvfp4 else 32, "NVFP4": nvfp4, "BLOCK_R": 16, "BLOCK_C": 128}, 4,
+        {
+            "p_ptr": "*u8",
+            "s_ptr": "*u8",
+            "g_ptr": "*fp32" if nvfp4 else "*u8",
+            "out_ptr": f"*{out_dtype}",
+            "N": "i32",
+            "KP": "i32",
+            "K": "i32",
+            "stride_p": "i32",
+            "stride_s": "i32",
+            "stride_o": "i32",
+            "BLOCK": "constexpr",
+            "NVFP4": "constexpr",
+            "BLOCK_R": "constexpr",
+            "BLOCK_C": "constexpr",
+        },
+        {"BLOCK": 16 if nvfp4 else 32, "NVFP4": nvfp4, "BLOCK_R": 16, "BLOCK_C": 128},
+        4,
     )
 
 

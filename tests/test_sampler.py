@@ -46,8 +46,12 @@ def reference_schedule(steps: int, shift: float) -> list[float]:
 def test_schedule_is_shifted_linspace_then_zero(steps, shift):
     got = timestep_schedule(steps, shift)
     assert got.dtype == torch.float32 and got.shape == (steps + 1,)
-    assert torch.allclose(got.double(), torch.tensor(reference_schedule(steps, shift), dtype=torch.float64),
-                          rtol=1e-6, atol=1e-3)
+    assert torch.allclose(
+        got.double(),
+        torch.tensor(reference_schedule(steps, shift), dtype=torch.float64),
+        rtol=1e-6,
+        atol=1e-3,
+    )
     assert got[0] == 1000 and got[-1] == 0
     assert (got[1:] < got[:-1]).all()
 
@@ -60,8 +64,9 @@ def test_shift_formula_values():
     assert shift_timesteps(t, 11.0)[1].item() == pytest.approx(11 * 0.25 / (1 + 10 * 0.25) * 1000)
 
 
-@pytest.mark.parametrize("steps, shift", [(0, 7.0), (-1, 7.0), (2.5, 7.0), (True, 7.0), (4, 0.0), (4, -1.0),
-                                          (4, math.nan)])
+@pytest.mark.parametrize(
+    "steps, shift", [(0, 7.0), (-1, 7.0), (2.5, 7.0), (True, 7.0), (4, 0.0), (4, -1.0), (4, math.nan)]
+)
 def test_bad_schedule_arguments_raise(steps, shift):
     with pytest.raises(ws.PipelineError):
         make_sampler("euler", steps, shift)
@@ -116,8 +121,11 @@ def test_three_call_cfg_formula_and_call_order():
     guidance = Guidance(GuidanceConfig(text_scale=5.0, audio_scale=4.0))
     out = guidance(lambda c: calls.append(c) or v[c])
     assert calls == [Condition.COND, Condition.DROP_TEXT, Condition.UNCOND]
-    want = (v[Condition.UNCOND] + 5.0 * (v[Condition.COND] - v[Condition.DROP_TEXT])
-            + 4.0 * (v[Condition.DROP_TEXT] - v[Condition.UNCOND]))
+    want = (
+        v[Condition.UNCOND]
+        + 5.0 * (v[Condition.COND] - v[Condition.DROP_TEXT])
+        + 4.0 * (v[Condition.DROP_TEXT] - v[Condition.UNCOND])
+    )
     assert torch.allclose(out, want)
 
 
@@ -189,8 +197,10 @@ def test_color_match_undoes_a_lab_affine_drift():
     ref = torch.rand(3, 16, 16, generator=g) * 1.2 - 0.6  # in gamut with room to spare
     lab = rgb_to_lab((ref.permute(1, 2, 0) + 1) / 2)
     mean = lab.mean((0, 1))
-    drift = [(lab - mean) * torch.tensor(s, dtype=torch.float64) + mean + torch.tensor(o, dtype=torch.float64)
-             for s, o in (((0.9, 0.9, 0.9), (1.0, 1.0, 1.0)), ((0.8, 1.0, 0.9), (-3.0, 2.0, 0.5)))]
+    drift = [
+        (lab - mean) * torch.tensor(s, dtype=torch.float64) + mean + torch.tensor(o, dtype=torch.float64)
+        for s, o in (((0.9, 0.9, 0.9), (1.0, 1.0, 1.0)), ((0.8, 1.0, 0.9), (-3.0, 2.0, 0.5)))
+    ]
     frames = torch.stack([lab_to_rgb(d).permute(2, 0, 1).float() * 2 - 1 for d in drift], dim=1)
     out = match_colors(frames, ref, 1.0)
     assert out.shape == frames.shape and out.dtype == frames.dtype

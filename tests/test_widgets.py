@@ -55,8 +55,14 @@ class FakePipeline:
 
     identity = "tiny-infinitetalk(fake)"
 
-    def __init__(self, model, clips: int = 2, steps: int = 3, error: Exception | None = None,
-                 pause_at: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        model,
+        clips: int = 2,
+        steps: int = 3,
+        error: Exception | None = None,
+        pause_at: tuple[int, int] | None = None,
+    ):
         self.model = model
         self.settings = {}
         self.calls: list[tuple[tuple, dict]] = []
@@ -74,8 +80,11 @@ class FakePipeline:
         resumed = 1 if kw.get("resume") else 0
 
         def emit(kind, clip, step):
-            progress(ProgressEvent(kind, clip, self.clips, step, self.steps, 0.5, 1.0, clip * 10,
-                                   self.clips * 10, resumed))
+            progress(
+                ProgressEvent(
+                    kind, clip, self.clips, step, self.steps, 0.5, 1.0, clip * 10, self.clips * 10, resumed
+                )
+            )
 
         try:
             emit("start", resumed + 1, 0)
@@ -93,8 +102,15 @@ class FakePipeline:
             self.raised = e
             raise
         Path(out).write_bytes(b"\x00\x00\x00\x18ftypmp42fake-video")
-        return GeneratedVideo(frames=None, path=Path(out), num_frames=self.clips * 10, size=(64, 64),
-                              clips=self.clips, resumed_clips=resumed, seconds=0.1)
+        return GeneratedVideo(
+            frames=None,
+            path=Path(out),
+            num_frames=self.clips * 10,
+            size=(64, 64),
+            clips=self.clips,
+            resumed_clips=resumed,
+            seconds=0.1,
+        )
 
 
 class FakeReport:
@@ -115,8 +131,9 @@ class FakeLoader:
         if self.error is not None:
             raise self.error
         report = FakeReport(settings.quantization) if settings.quantization != QuantMode.DISABLED else None
-        return LoadResult(FakePipeline(self.model), settings, 0.25, report,
-                          "" if report else "no quantization")
+        return LoadResult(
+            FakePipeline(self.model), settings, 0.25, report, "" if report else "no quantization"
+        )
 
 
 # --- dropdowns == registry ---------------------------------------------------------------------------
@@ -137,7 +154,9 @@ def test_unavailable_modes_are_labelled_with_the_reason(monkeypatch):
     def fake_attention(device):
         out = {m: ModeStatus(False, "needs a CUDA GPU (cpu is not one)") for m in AttentionMode}
         out[AttentionMode.SDPA] = ModeStatus(True, "", "torch SDPA")
-        out[AttentionMode.SAGEATTN] = ModeStatus(False, "package 'sageattention' is not installed (pip install sageattention)")
+        out[AttentionMode.SAGEATTN] = ModeStatus(
+            False, "package 'sageattention' is not installed (pip install sageattention)"
+        )
         return out
 
     monkeypatch.setattr(choices, "attention_availability", fake_attention)
@@ -158,7 +177,9 @@ def test_cpu_labels_come_from_the_real_probes():
 
 
 def test_short_reason():
-    assert choices.short_reason("package 'xformers' is not installed (pip install xformers)") == "not installed"
+    assert (
+        choices.short_reason("package 'xformers' is not installed (pip install xformers)") == "not installed"
+    )
     assert choices.short_reason("GPU too old: needs compute capability >= 8.9 (Ada)") == "GPU too old"
     assert len(choices.short_reason("x" * 200)) <= choices.MAX_REASON
 
@@ -230,7 +251,9 @@ def test_load_panel_block_swap_is_off_on_the_cpu(tiny_model):
 
 
 def test_load_panel_shows_loader_errors_readably(tiny_model):
-    error = ws.CheckpointError("checkpoint does not match the i2v model\nDiagnosis: pass infinitetalk.safetensors")
+    error = ws.CheckpointError(
+        "checkpoint does not match the i2v model\nDiagnosis: pass infinitetalk.safetensors"
+    )
     panel = LoadPanel(loader=FakeLoader(tiny_model, error=error), find=False, device="cpu")
     assert panel.load() is None
     assert "CheckpointError" in panel.status.value and "Diagnosis: pass" in panel.status.value
@@ -241,7 +264,13 @@ def test_load_panel_shows_loader_errors_readably(tiny_model):
 
 def test_load_panel_real_paths_are_validated_and_passed_on(tiny_model, tmp_path):
     files = {}
-    for name in ("dit.safetensors.index.json", "infinitetalk.safetensors", "Wan2.1_VAE.pth", "umt5.pth", "clip.pth"):
+    for name in (
+        "dit.safetensors.index.json",
+        "infinitetalk.safetensors",
+        "Wan2.1_VAE.pth",
+        "umt5.pth",
+        "clip.pth",
+    ):
         (tmp_path / name).write_bytes(b"x" * 10)
         files[name] = tmp_path / name
     (tmp_path / "wav2vec").mkdir()
@@ -404,9 +433,15 @@ def test_uploads_are_saved_and_used(tiny_model, media):
     image, audio, out = media
     pipe = FakePipeline(tiny_model)
     panel = GeneratePanel(pipe, image="", audio=audio, out=out)
-    panel.image_upload.value = ({"name": "me.png", "type": "image/png", "size": 4,
-                                 "content": memoryview(image.read_bytes()),
-                                 "last_modified": datetime.datetime.now()},)
+    panel.image_upload.value = (
+        {
+            "name": "me.png",
+            "type": "image/png",
+            "size": 4,
+            "content": memoryview(image.read_bytes()),
+            "last_modified": datetime.datetime.now(),
+        },
+    )
     panel.generate_button.click()
     assert panel.wait(JOIN)
     used = Path(pipe.calls[-1][0][0])
@@ -484,15 +519,21 @@ class FakeLayoutReport:
 
 
 def test_layout_panel_filters_and_strict_mode(tiny_model):
-    rows = [FakeRow(module="blocks.0.self_attn", role="kernel operand", kernel="torch.sdpa", status="ok"),
-            FakeRow(module="blocks.1.ffn.0", role="kernel operand", kernel="torch._scaled_mm", status="violation"),
-            FakeRow(module="blocks.1.ffn.0", role="parameter", kernel="", status="n/a")]
+    rows = [
+        FakeRow(module="blocks.0.self_attn", role="kernel operand", kernel="torch.sdpa", status="ok"),
+        FakeRow(
+            module="blocks.1.ffn.0", role="kernel operand", kernel="torch._scaled_mm", status="violation"
+        ),
+        FakeRow(module="blocks.1.ffn.0", role="parameter", kernel="", status="n/a"),
+    ]
     calls = []
 
     def inspector(model, inputs, strict=False):
         calls.append((model, sorted(inputs), strict))
         if strict:
-            raise LayoutError("blocks.1.ffn.0: kernel torch._scaled_mm, operand 'w' violates its layout contract.")
+            raise LayoutError(
+                "blocks.1.ffn.0: kernel torch._scaled_mm, operand 'w' violates its layout contract."
+            )
         return FakeLayoutReport(rows)
 
     panel = LayoutPanel(tiny_model, inspector=inspector)
@@ -507,8 +548,12 @@ def test_layout_panel_filters_and_strict_mode(tiny_model):
     panel.module.value = "self_attn"
     panel.kernel.value = "torch.sdpa"
     panel.role.value = "kernel operand"
-    assert report.filters[-1] == {"only_violations": True, "module": "self_attn", "kernel": "torch.sdpa",
-                                  "role": "kernel operand"}
+    assert report.filters[-1] == {
+        "only_violations": True,
+        "module": "self_attn",
+        "kernel": "torch.sdpa",
+        "role": "kernel operand",
+    }
     panel.strict.value = True  # toggling re-inspects in strict mode
     assert calls[-1][2] is True
     assert "Strict mode stopped the forward" in panel.status.value
@@ -523,9 +568,15 @@ def test_layout_panel_without_a_model_says_so():
 
 
 # --- the real parts, tiny -----------------------------------------------------------------------------
-needs_quant = pytest.mark.skipif(not studio._has_part("quant", "quant_report"), reason="wanstudio.quant not built")
-needs_inspector = pytest.mark.skipif(not studio._has_part("inspector", "inspect_layout"), reason="no inspector")
-needs_offload = pytest.mark.skipif(not studio._has_part("offload", "FakeTransferBackend"), reason="no offload")
+needs_quant = pytest.mark.skipif(
+    not studio._has_part("quant", "quant_report"), reason="wanstudio.quant not built"
+)
+needs_inspector = pytest.mark.skipif(
+    not studio._has_part("inspector", "inspect_layout"), reason="no inspector"
+)
+needs_offload = pytest.mark.skipif(
+    not studio._has_part("offload", "FakeTransferBackend"), reason="no offload"
+)
 
 
 @needs_inspector
@@ -571,7 +622,9 @@ def test_compare_quant_modes(tiny_model):
     cmp = studio.compare_quant_modes(tiny_model, modes)
     assert [r.mode.value for r in cmp.rows] == modes
     base, fp8, fp4 = cmp.rows
-    assert base.ratio == 1.0 and math.isinf(base.sqnr_db) and base.linear_bytes == fp8.linear_bytes / fp8.ratio
+    assert (
+        base.ratio == 1.0 and math.isinf(base.sqnr_db) and base.linear_bytes == fp8.linear_bytes / fp8.ratio
+    )
     assert 0.2 < fp8.ratio < 0.3 and fp8.sqnr_db > 25  # fp32 -> fp8 (+ scales)
     assert fp4.ratio < fp8.ratio and 12 < fp4.sqnr_db < fp8.sqnr_db
     assert fp8.worst_layer.startswith("blocks.") and "dequantize" in fp8.paths
@@ -602,8 +655,13 @@ def test_load_pipeline_tiny_measures_then_quantizes(monkeypatch, tiny_model):
 
 
 needs_pipeline = pytest.mark.skipif(
-    not (studio._has_part("pipeline", "InfiniteTalkPipeline") and studio._has_part("encoders", "VAE")
-         and studio._has_part("media", "asset_path")), reason="pipeline / encoders / media not built")
+    not (
+        studio._has_part("pipeline", "InfiniteTalkPipeline")
+        and studio._has_part("encoders", "VAE")
+        and studio._has_part("media", "asset_path")
+    ),
+    reason="pipeline / encoders / media not built",
+)
 
 
 @needs_pipeline
@@ -669,8 +727,10 @@ def test_weight_paths_from_a_toml_file(tmp_path):
         _write(tmp_path / rel)
     (tmp_path / "w2v").mkdir()
     cfg = tmp_path / "wanstudio.toml"
-    cfg.write_text('[weights]\ndit = ["wan/index.json"]\ninfinitetalk = "it.safetensors"\nvae = "vae.pth"\n'
-                   'text_encoder = "t5.pth"\nclip = "clip.pth"\nwav2vec = "w2v"\n')
+    cfg.write_text(
+        '[weights]\ndit = ["wan/index.json"]\ninfinitetalk = "it.safetensors"\nvae = "vae.pth"\n'
+        'text_encoder = "t5.pth"\nclip = "clip.pth"\nwav2vec = "w2v"\n'
+    )
     w = WeightPaths.from_file(cfg)
     assert w.dit == (str(tmp_path / "wan/index.json"),) and w.wav2vec == str(tmp_path / "w2v")
     assert w.missing() == [] and w.source == str(cfg)
@@ -683,7 +743,9 @@ def test_weight_paths_from_a_toml_file(tmp_path):
 
 def test_weight_paths_json_errors(tmp_path):
     cfg = tmp_path / "w.json"
-    cfg.write_text(json.dumps({"weights": {"dit": "a", "vae": "b", "clip": "c", "wav2vec": "d", "text": "e"}}))
+    cfg.write_text(
+        json.dumps({"weights": {"dit": "a", "vae": "b", "clip": "c", "wav2vec": "d", "text": "e"}})
+    )
     with pytest.raises(ConfigError, match="unknown entries \\['text'\\]"):
         WeightPaths.from_file(cfg)
     cfg.write_text(json.dumps({"dit": "a", "vae": "b"}))
@@ -706,7 +768,9 @@ def test_weight_paths_found_in_an_official_download_folder(tmp_path):
     w = studio.find_weights({studio.WEIGHTS_ENV: str(tmp_path)}, search=[])
     assert w.dit == (str(wan / "diffusion_pytorch_model.safetensors.index.json"),)
     assert w.infinitetalk == str(tmp_path / "InfiniteTalk" / "single" / "infinitetalk.safetensors")
-    assert w.tokenizer == str(wan / "google" / "umt5-xxl") and w.wav2vec == str(tmp_path / "chinese-wav2vec2-base")
+    assert w.tokenizer == str(wan / "google" / "umt5-xxl") and w.wav2vec == str(
+        tmp_path / "chinese-wav2vec2-base"
+    )
     assert w.missing() == []
 
 
@@ -747,11 +811,15 @@ def test_module_memory_counts_bytes_per_dtype():
 def test_swap_timeline_spans():
     from types import SimpleNamespace
 
-    entry = SimpleNamespace(unit="blocks.1", copy_start=0.0, copy_end=2.0, compute_ready=1.0,
-                            compute_start=2.0, compute_end=3.0)
+    entry = SimpleNamespace(
+        unit="blocks.1", copy_start=0.0, copy_end=2.0, compute_ready=1.0, compute_start=2.0, compute_end=3.0
+    )
     spans = studio.swap_timeline(SimpleNamespace(timeline=(entry,)))
-    assert [(s.kind, s.start, s.end) for s in spans] == [("copy", 0.0, 2.0), ("wait", 1.0, 2.0),
-                                                          ("compute", 2.0, 3.0)]
+    assert [(s.kind, s.start, s.end) for s in spans] == [
+        ("copy", 0.0, 2.0),
+        ("wait", 1.0, 2.0),
+        ("compute", 2.0, 3.0),
+    ]
     assert studio.swap_timeline(None) == []
 
 

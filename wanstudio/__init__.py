@@ -46,11 +46,21 @@ __version__ = "0.1.0"
 # Encoders and media pull in transformers / diffusers / ffmpeg: imported on first use, so
 # `import wanstudio` (and the CLI's doctor) stays light and GPU boxes without ffmpeg still work.
 _LAZY = {
-    "TextEncoder": "encoders", "ImageEncoder": "encoders", "AudioEncoder": "encoders", "VAE": "encoders",
+    "TextEncoder": "encoders",
+    "ImageEncoder": "encoders",
+    "AudioEncoder": "encoders",
+    "VAE": "encoders",
     "audio_windows": "encoders",
-    "VideoWriter": "media", "asset_path": "media", "choose_bucket": "media", "load_audio": "media",
-    "load_image": "media", "loudness_normalize": "media", "mix_speakers": "media",
-    "probe_media": "media", "resize_and_crop": "media", "write_video": "media",
+    "VideoWriter": "media",
+    "asset_path": "media",
+    "choose_bucket": "media",
+    "load_audio": "media",
+    "load_image": "media",
+    "loudness_normalize": "media",
+    "mix_speakers": "media",
+    "probe_media": "media",
+    "resize_and_crop": "media",
+    "write_video": "media",
 }
 
 

@@ -183,8 +183,7 @@ def set_attention(
         if key not in _WARNED_FALLBACK:
             _WARNED_FALLBACK.add(key)
             warnings.warn(
-                f"attention mode {mode.value!r} cannot run here ({reason}); "
-                f"using {chosen.value!r} instead",
+                f"attention mode {mode.value!r} cannot run here ({reason}); using {chosen.value!r} instead",
                 stacklevel=2,
             )
         mode = chosen
@@ -226,8 +225,11 @@ def _attending_modules(model: nn.Module, blocks: Iterable[int] | None) -> list[t
         if not -count <= i < count:
             raise ConfigError(f"block index {i} is out of range: the model has {count} blocks")
         wanted.add(str(i % count))
-    chosen = [(n, m) for n, m in found if n.split(".")[:1] == ["blocks"] and n.split(".")[1:2] and
-              n.split(".")[1] in wanted]
+    chosen = [
+        (n, m)
+        for n, m in found
+        if n.split(".")[:1] == ["blocks"] and n.split(".")[1:2] and n.split(".")[1] in wanted
+    ]
     if not chosen:
         raise ConfigError(f"blocks {sorted(int(w) for w in wanted)} hold no attending modules")
     return chosen
@@ -241,7 +243,6 @@ def _target(model: nn.Module, modules) -> tuple[torch.device, torch.dtype | None
         device = next((p.device for p in params if p.device.type != "meta"), None)
     dtype = getattr(model, "dtype", None)
     if not isinstance(dtype, torch.dtype):
-        dtype = next((p.dtype for p in params if p.dtype.is_floating_point and p.element_size() >= 2),
-                     None)
+        dtype = next((p.dtype for p in params if p.dtype.is_floating_point and p.element_size() >= 2), None)
     head_dims = {m.head_dim for _, m in modules if isinstance(getattr(m, "head_dim", None), int)}
     return normalize_device(device), dtype, head_dims

@@ -89,8 +89,11 @@ def make_inputs(cfg: WanConfig, frames: int, width: int, height: int, dtype=torc
     g = torch.Generator("cuda").manual_seed(0)
     f, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-    inputs = dict(x=rnd(1, 16, f, h, w), t=torch.tensor([500.0], device="cuda"),
-                  context=rnd(1, cfg.text_len, cfg.text_dim).to(dtype))
+    inputs = dict(
+        x=rnd(1, 16, f, h, w),
+        t=torch.tensor([500.0], device="cuda"),
+        context=rnd(1, cfg.text_len, cfg.text_dim).to(dtype),
+    )
     if cfg.is_i2v:
         inputs.update(y=rnd(1, cfg.cond_dim, f, h, w), clip_fea=rnd(1, 257, cfg.clip_dim).to(dtype))
     if cfg.audio:
@@ -204,8 +207,14 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
         ours = run_model(model, inputs).float().cpu()
     del model
     free()
-    kw = dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim,
-              ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, text_dim=cfg.text_dim)
+    kw = dict(
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        text_dim=cfg.text_dim,
+    )
     if cfg.is_i2v:
         kw.update(image_dim=cfg.clip_dim, added_kv_proj_dim=cfg.dim)
     torch.set_default_dtype(torch.bfloat16)  # built straight on the GPU in bf16, as ours
@@ -220,8 +229,13 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
     hidden = torch.cat([inputs["x"], inputs["y"]], 1).bfloat16() if cfg.is_i2v else inputs["x"].bfloat16()
 
     def call():
-        return twin(hidden_states=hidden, timestep=inputs["t"], encoder_hidden_states=inputs["context"],
-                    encoder_hidden_states_image=inputs.get("clip_fea"), return_dict=False)[0]
+        return twin(
+            hidden_states=hidden,
+            timestep=inputs["t"],
+            encoder_hidden_states=inputs["context"],
+            encoder_hidden_states_image=inputs.get("clip_fea"),
+            return_dict=False,
+        )[0]
 
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
@@ -235,15 +249,31 @@ def suite_peer(args, rows: list[Row], reference: dict) -> None:
     if "peer-offload" in args.suite:
         twin = twin.to("cpu")
         free()
-        twin.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
-                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        twin.enable_group_offload(
+            onload_device=torch.device("cuda"),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             ms = Timer("cuda", 1, args.reps).median_ms(call)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(Row("diffusers group offload", preset, args.size, "bf16", "default", cfg.num_layers, ms,
-                        peak, (flops["linear"] + flops["attention"]) / (ms * 1e-3) / 1e12,
-                        "block_level, 1 block per group, stream"))
+        rows.append(
+            Row(
+                "diffusers group offload",
+                preset,
+                args.size,
+                "bf16",
+                "default",
+                cfg.num_layers,
+                ms,
+                peak,
+                (flops["linear"] + flops["attention"]) / (ms * 1e-3) / 1e12,
+                "block_level, 1 block per group, stream",
+            )
+        )
         print(rows[-1], flush=True)
     twin = None  # noqa: F841  (the closure above holds the name)
     free()
@@ -266,8 +296,11 @@ def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
         a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
         sa = torch.ones(L, 1, device="cuda")
         sb = torch.ones(1, n, device="cuda")
-        ms = Timer("cuda", 1, 10).median_ms(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,  # noqa: B023
-                                                                     out_dtype=torch.bfloat16))
+        ms = Timer("cuda", 1, 10).median_ms(
+            lambda a8=a8, w8=w8, sa=sa, sb=sb: torch._scaled_mm(
+                a8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16
+            )
+        )
         rates[f"fp8 {name}"] = 2 * L * k * n / (ms * 1e-3) / 1e12
     q = torch.randn(1, cfg.num_heads, L, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     ms = Timer("cuda", 1, 5).median_ms(lambda: F.scaled_dot_product_attention(q, q, q))
@@ -287,9 +320,12 @@ def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
 # --- report --------------------------------------------------------------------------------------
 def report(rows: list[Row], rates: dict, args) -> str:
     width, height = SIZES[args.size]
-    lines = [f"Card: {torch.cuda.get_device_name()} (cc {'.'.join(map(str, torch.cuda.get_device_capability()))}), "
-             f"torch {torch.__version__}, CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d')}",
-             f"Input: {width}x{height}, {args.frames} frames; median of {args.reps} forwards (CUDA events)", ""]
+    lines = [
+        f"Card: {torch.cuda.get_device_name()} (cc {'.'.join(map(str, torch.cuda.get_device_capability()))}), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d')}",
+        f"Input: {width}x{height}, {args.frames} frames; median of {args.reps} forwards (CUDA events)",
+        "",
+    ]
     if rates:
         lines += ["| rate at the model's shapes | TFLOP/s |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in rates.items()]
@@ -301,34 +337,50 @@ def report(rows: list[Row], rates: dict, args) -> str:
             w, h = SIZES[r.size]
             by_preset[r.preset] = forward_flops(cfg, args.frames, w, h)
         peer = next((r.ms for r in rows if r.name == "diffusers eager"), None)
-        lines += ["| runtime | preset | quant | attention | swap | ms | vs diffusers | TFLOP/s | achieved/attainable | peak GiB | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| runtime | preset | quant | attention | swap | ms | vs diffusers | TFLOP/s | achieved/attainable | peak GiB | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             fl = by_preset[r.preset]
             floor = None
             if rates:
-                gemm = min(v for k, v in rates.items() if k.startswith("fp8" if "fast" in r.quant else "bf16"))
+                gemm = min(
+                    v for k, v in rates.items() if k.startswith("fp8" if "fast" in r.quant else "bf16")
+                )
                 attn = max(v for k, v in rates.items() if k.startswith("attention"))
                 floor = (fl["linear"] / gemm + fl["attention"] / attn) / 1e9  # ms
             ratio = f"{peer / r.ms:.2f}x" if peer else ""
             att = f"{floor / r.ms:.2f}" if floor else ""
-            lines.append(f"| {r.name} | {r.preset} {r.size} | {r.quant} | {r.attention} | {r.swap} | {r.ms:.0f} | "
-                         f"{ratio} | {r.tflops:.0f} | {att} | {r.peak_gib:.1f} | {r.note} |")
+            lines.append(
+                f"| {r.name} | {r.preset} {r.size} | {r.quant} | {r.attention} | {r.swap} | {r.ms:.0f} | "
+                f"{ratio} | {r.tflops:.0f} | {att} | {r.peak_gib:.1f} | {r.note} |"
+            )
         fl = by_preset[rows[0].preset]
-        lines += ["", f"FLOPs per forward ({rows[0].preset}): linear {fl['linear'] / 1e15:.3f} PFLOP, "
-                      f"attention {fl['attention'] / 1e15:.3f} PFLOP, {fl['tokens']} tokens"]
+        lines += [
+            "",
+            f"FLOPs per forward ({rows[0].preset}): linear {fl['linear'] / 1e15:.3f} PFLOP, "
+            f"attention {fl['attention'] / 1e15:.3f} PFLOP, {fl['tokens']} tokens",
+        ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="wanstudio bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", nargs="+", default=["roofline", "matrix", "peer"],
-                   choices=["roofline", "matrix", "peer", "peer-offload"])
+    p = argparse.ArgumentParser(
+        prog="wanstudio bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--suite",
+        nargs="+",
+        default=["roofline", "matrix", "peer"],
+        choices=["roofline", "matrix", "peer", "peer-offload"],
+    )
     p.add_argument("--presets", nargs="+", default=["i2v-14b"])
     p.add_argument("--size", default="480p", choices=list(SIZES))
     p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--quant", nargs="+", default=["disabled", "fp8_e4m3fn_scaled_fast"], choices=QuantMode.names())
+    p.add_argument(
+        "--quant", nargs="+", default=["disabled", "fp8_e4m3fn_scaled_fast"], choices=QuantMode.names()
+    )
     p.add_argument("--attention", nargs="+", default=["sdpa"], choices=AttentionMode.names())
     p.add_argument("--swap", nargs="+", type=int, default=[0])
     p.add_argument("--prefetch", type=int, default=1)

@@ -64,10 +64,22 @@ _DIFFUSERS_MARKERS = ("condition_embedder.", ".attn1.to_q.", "scale_shift_table"
 
 # what other components' files look like (for "you passed the wrong file" diagnoses)
 _FOREIGN_COMPONENTS = (
-    ("a VAE", ("encoder.downsamples.", "decoder.upsamples.", "encoder.conv1.", "encoder.down_blocks.",
-               "decoder.up_blocks.", "quant_conv.", "post_quant_conv.")),
-    ("a umT5 text encoder", ("token_embedding.weight", "shared.weight", "encoder.block.",
-                             ".attn.q.weight", "ffn.gate.")),
+    (
+        "a VAE",
+        (
+            "encoder.downsamples.",
+            "decoder.upsamples.",
+            "encoder.conv1.",
+            "encoder.down_blocks.",
+            "decoder.up_blocks.",
+            "quant_conv.",
+            "post_quant_conv.",
+        ),
+    ),
+    (
+        "a umT5 text encoder",
+        ("token_embedding.weight", "shared.weight", "encoder.block.", ".attn.q.weight", "ffn.gate."),
+    ),
     ("a CLIP image encoder", ("visual.transformer.", "vision_model.", "textual.")),
     ("a wav2vec2 audio encoder", ("feature_extractor.conv_layers.", "encoder.layers.0.attention.")),
 )
@@ -87,7 +99,7 @@ def diffusers_to_official(key: str) -> str:
 def official_key(key: str, diffusers_format: bool) -> str:
     for prefix in PREFIXES:
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
             break
     return diffusers_to_official(key) if diffusers_format else key
 
@@ -100,13 +112,15 @@ def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
-            raise CheckpointError(f"{p}: no such file or folder (expected a .safetensors file, a "
-                                  f"*.safetensors.index.json, or a folder holding them)")
+            raise CheckpointError(
+                f"{p}: no such file or folder (expected a .safetensors file, a "
+                f"*.safetensors.index.json, or a folder holding them)"
+            )
         if p.is_dir():
             indexes = sorted(p.glob("*.safetensors.index.json"))
             if len(indexes) == 1:
                 files += _files_of_index(indexes[0])
-            elif (found := sorted(p.glob("*.safetensors"))):
+            elif found := sorted(p.glob("*.safetensors")):
                 files += found
             else:
                 raise CheckpointError(f"{p}: folder holds no .safetensors files")
@@ -158,7 +172,9 @@ class CheckpointInfo:
     def summary(self) -> str:
         dt = ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items()))
         fp8 = f"; fp8 weights: {self.fp8_weights}, scales: {len(self.scale_keys)}" if self.has_fp8 else ""
-        return f"{self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in {len(self.files)} file(s) [{dt}]{fp8}"
+        return (
+            f"{self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in {len(self.files)} file(s) [{dt}]{fp8}"
+        )
 
 
 def scan_checkpoint(paths) -> tuple[dict[str, TensorEntry], CheckpointInfo]:
@@ -195,18 +211,28 @@ def _diagnose(missing: list[str], unexpected: list[str], cfg: WanConfig, info: C
     keys = unexpected or missing
     for label, markers in _FOREIGN_COMPONENTS:
         if any(m in k for k in unexpected for m in markers):
-            hints.append(f"these keys belong to {label}, not the DiT: pass that file to the matching "
-                         f"encoder / VAE loader instead")
+            hints.append(
+                f"these keys belong to {label}, not the DiT: pass that file to the matching "
+                f"encoder / VAE loader instead"
+            )
             break
     if missing and all(any(a in k for a in _AUDIO_KEYS) for k in missing):
-        hints.append("audio_proj.* / audio_cross_attn.* missing: pass the InfiniteTalk weights "
-                     "(infinitetalk.safetensors) after the Wan base shards")
+        hints.append(
+            "audio_proj.* / audio_cross_attn.* missing: pass the InfiniteTalk weights "
+            "(infinitetalk.safetensors) after the Wan base shards"
+        )
     if unexpected and all(any(a in k for a in _AUDIO_KEYS) for k in unexpected):
-        hints.append("the files hold InfiniteTalk audio weights but the config has no audio modules: "
-                     "use the 'infinitetalk-14b' config (or config=None to infer it)")
+        hints.append(
+            "the files hold InfiniteTalk audio weights but the config has no audio modules: "
+            "use the 'infinitetalk-14b' config (or config=None to infer it)"
+        )
     if any(m in k for k in keys for m in _DIFFUSERS_MARKERS):
         hints.append("this looks like a diffusers-format file with names wanstudio does not map")
-    if missing and any(k.startswith("blocks.") for k in missing) and not any(k.startswith("blocks.") for k in unexpected):
+    if (
+        missing
+        and any(k.startswith("blocks.") for k in missing)
+        and not any(k.startswith("blocks.") for k in unexpected)
+    ):
         hints.append("block weights are missing: is a shard of a sharded checkpoint left out?")
     return ("\nDiagnosis: " + "; ".join(hints)) if hints else ""
 
@@ -216,22 +242,31 @@ def _examples(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def check_keys(model_shapes: dict[str, tuple[int, ...]], entries: dict[str, TensorEntry],
-               cfg: WanConfig, info: CheckpointInfo, allowed_extra: set[str] = frozenset()) -> None:
+def check_keys(
+    model_shapes: dict[str, tuple[int, ...]],
+    entries: dict[str, TensorEntry],
+    cfg: WanConfig,
+    info: CheckpointInfo,
+    allowed_extra: set[str] = frozenset(),
+) -> None:
     """Raise CheckpointError (with counts, examples and a diagnosis) unless keys and shapes match."""
     file_keys = set(entries) - allowed_extra
     missing = sorted(set(model_shapes) - file_keys)
     unexpected = sorted(file_keys - set(model_shapes))
     if missing or unexpected:
-        lines = [f"checkpoint does not match the {cfg.model_type}{' + audio' if cfg.audio else ''} "
-                 f"model ({cfg.num_layers} layers, dim {cfg.dim}) built from {info.files[0].name}"
-                 f"{' and more' if len(info.files) > 1 else ''}:"]
+        lines = [
+            f"checkpoint does not match the {cfg.model_type}{' + audio' if cfg.audio else ''} "
+            f"model ({cfg.num_layers} layers, dim {cfg.dim}) built from {info.files[0].name}"
+            f"{' and more' if len(info.files) > 1 else ''}:"
+        ]
         if missing:
             lines.append(f"  {len(missing)} missing keys, e.g. {_examples(missing)}")
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected keys, e.g. {_examples(unexpected)}")
         raise CheckpointError("\n".join(lines) + _diagnose(missing, unexpected, cfg, info))
-    bad = [(k, model_shapes[k], entries[k].shape) for k in model_shapes if model_shapes[k] != entries[k].shape]
+    bad = [
+        (k, model_shapes[k], entries[k].shape) for k in model_shapes if model_shapes[k] != entries[k].shape
+    ]
     if bad:
         rows = "\n".join(f"  {k}: expected {tuple(e)}, found {tuple(f)}" for k, e, f in bad[:8])
         raise CheckpointError(
@@ -245,13 +280,20 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     prec = parse_option(BasePrecision, dtype)
-    return {BasePrecision.FP32: torch.float32, BasePrecision.BF16: torch.bfloat16,
-            BasePrecision.FP16: torch.float16, BasePrecision.FP16_FAST: torch.float16}[prec]
+    return {
+        BasePrecision.FP32: torch.float32,
+        BasePrecision.BF16: torch.bfloat16,
+        BasePrecision.FP16: torch.float16,
+        BasePrecision.FP16_FAST: torch.float16,
+    }[prec]
 
 
 def _enable_fp16_accumulation_if_asked(precision, device: torch.device) -> None:
     """``fp16_fast``: fp16 weights and fp16 matmul accumulation (a process-wide cuBLAS switch)."""
-    if isinstance(precision, torch.dtype) or parse_option(BasePrecision, precision) is not BasePrecision.FP16_FAST:
+    if (
+        isinstance(precision, torch.dtype)
+        or parse_option(BasePrecision, precision) is not BasePrecision.FP16_FAST
+    ):
         return
     from .errors import UnsupportedModeError
 
@@ -322,8 +364,10 @@ def load_model(
         try:
             cfg = WanConfig.from_state_dict({k: e.shape for k, e in entries.items()})
         except ConfigError as e:
-            raise CheckpointError(f"cannot infer the model config from {info.files[0]}: {e}"
-                                  + _diagnose([], sorted(entries), WanConfig(), info)) from None
+            raise CheckpointError(
+                f"cannot infer the model config from {info.files[0]}: {e}"
+                + _diagnose([], sorted(entries), WanConfig(), info)
+            ) from None
     else:
         cfg = WanConfig.preset(config) if isinstance(config, str) else config
 
@@ -337,8 +381,15 @@ def load_model(
         layer, _, leaf = name.rpartition(".")
         if layer in quantized:
             if leaf == "weight":  # the layer's tensors arrive together (bias read alongside)
-                _load_quantized(quantized[layer], layer, entries, mode, device,
-                                host=placement.get(name) == "cpu_pinned", dtype=dtype)
+                _load_quantized(
+                    quantized[layer],
+                    layer,
+                    entries,
+                    mode,
+                    device,
+                    host=placement.get(name) == "cpu_pinned",
+                    dtype=dtype,
+                )
             continue
         target = torch.device("cpu") if placement.get(name) == "cpu_pinned" else device
         tensor = _real_tensor(entries, name)
@@ -398,8 +449,10 @@ def _storage_mode(requested: QuantMode, entries: dict[str, TensorEntry], info: C
 
     fp8_dtypes = {e.dtype for e in entries.values() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
     if len(fp8_dtypes) > 1:
-        raise CheckpointError(f"{info.files[0]}: mixes fp8 formats {sorted(map(str, fp8_dtypes))}; "
-                              f"wanstudio runs one fp8 storage format per model")
+        raise CheckpointError(
+            f"{info.files[0]}: mixes fp8 formats {sorted(map(str, fp8_dtypes))}; "
+            f"wanstudio runs one fp8 storage format per model"
+        )
     mode = storage_mode_for(fp8_dtypes.pop(), scaled=bool(info.scale_keys) or info.scaled_fp8_marker)
     log.info("fp8 checkpoint: running it in its storage mode %s", mode.value)
     return mode
@@ -413,8 +466,14 @@ def _swap_in_quantized_layers(model: nn.Module, mode: QuantMode, dtype: torch.dt
 
     layers = {}
     for name, linear in list(quantizable_linears(model)):
-        layer = QuantizedLinear.empty(linear.in_features, linear.out_features, mode,
-                                      bias=linear.bias is not None, device="meta", dtype=dtype)
+        layer = QuantizedLinear.empty(
+            linear.in_features,
+            linear.out_features,
+            mode,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=dtype,
+        )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         layers[name] = layer
@@ -422,8 +481,16 @@ def _swap_in_quantized_layers(model: nn.Module, mode: QuantMode, dtype: torch.dt
     return layers
 
 
-def _load_quantized(layer, name: str, entries: dict[str, TensorEntry], mode: QuantMode,
-                    device: torch.device, *, host: bool, dtype: torch.dtype) -> None:
+def _load_quantized(
+    layer,
+    name: str,
+    entries: dict[str, TensorEntry],
+    mode: QuantMode,
+    device: torch.device,
+    *,
+    host: bool,
+    dtype: torch.dtype,
+) -> None:
     """Quantize one layer's weight on ``device`` (fast there) while streaming; park it on the
     host when block swap will keep it there. Never holds more than this layer twice."""
     from .quant import quantize_weight

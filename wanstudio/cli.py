@@ -48,19 +48,33 @@ def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str)
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=prompt, help="text prompt")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's)")
-    g.add_argument("--size-class", choices=SizeClass.names(), default=None,
-                   help="bucket family for the output size (default 480; the tiny preset: 64x64)")
-    g.add_argument("--size", type=_size, default=None, metavar="WxH",
-                   help="exact output size instead of a bucket (multiples of 16)")
-    g.add_argument("--frame-num", type=int, default=None,
-                   help="frames per clip, 4k + 1 (default 81; the tiny preset: 17)")
+    g.add_argument(
+        "--size-class",
+        choices=SizeClass.names(),
+        default=None,
+        help="bucket family for the output size (default 480; the tiny preset: 64x64)",
+    )
+    g.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="exact output size instead of a bucket (multiples of 16)",
+    )
+    g.add_argument(
+        "--frame-num",
+        type=int,
+        default=None,
+        help="frames per clip, 4k + 1 (default 81; the tiny preset: 17)",
+    )
     g.add_argument("--steps", type=int, default=steps, help="sampling steps per clip")
     g.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480, 11 at 720)")
     g.add_argument("--text-scale", type=float, default=5.0, help="text guidance scale (1 = 2 calls/step)")
     g.add_argument("--audio-scale", type=float, default=4.0, help="audio guidance scale")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--motion-frame", type=int, default=None,
-                   help="frames carried from clip to clip (4k + 1; default 9)")
+    g.add_argument(
+        "--motion-frame", type=int, default=None, help="frames carried from clip to clip (4k + 1; default 9)"
+    )
     g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
     g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
     g.add_argument("--scheduler", choices=Scheduler.names(), default=Scheduler.EULER.value)
@@ -73,32 +87,54 @@ def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation.")
+        prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="tiny preset + shipped portrait and speech -> demo.mp4",
-                          description="Run the whole InfiniteTalk pipeline at toy size with random "
-                          "weights on the shipped portrait and speech clip (the picture is noise).")
+    demo = sub.add_parser(
+        "demo",
+        help="tiny preset + shipped portrait and speech -> demo.mp4",
+        description="Run the whole InfiniteTalk pipeline at toy size with random "
+        "weights on the shipped portrait and speech clip (the picture is noise).",
+    )
     demo.add_argument("--out", default="demo.mp4", help="output mp4 (default demo.mp4)")
     demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
     demo.add_argument("--audio", default=None, help="speech (default: the shipped clip)")
     demo.add_argument("--device", default="cpu")
     _add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
 
-    it = sub.add_parser("infinitetalk", help="image + speech -> talking video (real weights)",
-                        description="Generate a talking video from one image and one or two speech "
-                        "tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.")
+    it = sub.add_parser(
+        "infinitetalk",
+        help="image + speech -> talking video (real weights)",
+        description="Generate a talking video from one image and one or two speech "
+        "tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.",
+    )
     io = it.add_argument_group("inputs and output")
     io.add_argument("--image", required=True, help="reference image")
     io.add_argument("--audio", required=True, help="speech of speaker 1 (any format ffmpeg reads)")
     io.add_argument("--audio2", default=None, help="speech of speaker 2")
-    io.add_argument("--speaker-mix", choices=SpeakerMix.names(), default=SpeakerMix.PARA.value,
-                    help="two speakers: talk together (para) or in turn (add)")
-    io.add_argument("--bbox", type=_bbox, action="append", default=None, metavar="X0,Y0,X1,Y1",
-                    help="a speaker's box in image pixels (twice: speaker 1, then speaker 2)")
-    io.add_argument("--mask", action="append", default=None, metavar="PATH",
-                    help="a speaker's mask image, the size of --image (twice)")
+    io.add_argument(
+        "--speaker-mix",
+        choices=SpeakerMix.names(),
+        default=SpeakerMix.PARA.value,
+        help="two speakers: talk together (para) or in turn (add)",
+    )
+    io.add_argument(
+        "--bbox",
+        type=_bbox,
+        action="append",
+        default=None,
+        metavar="X0,Y0,X1,Y1",
+        help="a speaker's box in image pixels (twice: speaker 1, then speaker 2)",
+    )
+    io.add_argument(
+        "--mask",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="a speaker's mask image, the size of --image (twice)",
+    )
     io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
     w = it.add_argument_group("weights")
     w.add_argument("--dit", nargs="+", default=None, help="Wan2.1-I2V-14B DiT file(s) / index / folder")
@@ -108,36 +144,53 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder")
     w.add_argument("--clip", default=None, help="CLIP ViT-H/14 image encoder")
     w.add_argument("--wav2vec", default=None, help="chinese-wav2vec2-base folder or file")
-    w.add_argument("--tiny", action="store_true",
-                   help="use the tiny random-weight preset instead of files (a wiring check)")
+    w.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use the tiny random-weight preset instead of files (a wiring check)",
+    )
     r = it.add_argument_group("runtime")
     r.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
     r.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
     r.add_argument("--blocks-to-swap", type=int, default=0, help="DiT blocks kept in host memory")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT blocks (faster on a GPU after a one-off compile)")
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT blocks (faster on a GPU after a one-off compile)",
+    )
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.BF16.value)
     _add_generation_args(it, steps=40, prompt="")
 
-    ins = sub.add_parser("inspect", help="layout of every tensor reaching every kernel (one forward)",
-                         description="Run one DiT forward under the layout inspector and print its "
-                         "summary; exit status 1 when a kernel's layout contract is violated.")
-    ins.add_argument("--preset", default="tiny-infinitetalk",
-                     help="config of a random-weight model (ignored with --dit)")
+    ins = sub.add_parser(
+        "inspect",
+        help="layout of every tensor reaching every kernel (one forward)",
+        description="Run one DiT forward under the layout inspector and print its "
+        "summary; exit status 1 when a kernel's layout contract is violated.",
+    )
+    ins.add_argument(
+        "--preset", default="tiny-infinitetalk", help="config of a random-weight model (ignored with --dit)"
+    )
     ins.add_argument("--dit", nargs="+", default=None, help="checkpoint file(s) instead of random weights")
     ins.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
     ins.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
-    ins.add_argument("--latent", type=int, nargs=3, default=(3, 8, 8), metavar=("F", "H", "W"),
-                     help="latent frames, height, width of the random input (default 3 8 8)")
+    ins.add_argument(
+        "--latent",
+        type=int,
+        nargs=3,
+        default=(3, 8, 8),
+        metavar=("F", "H", "W"),
+        help="latent frames, height, width of the random input (default 3 8 8)",
+    )
     ins.add_argument("--speakers", type=int, choices=(1, 2), default=1)
     ins.add_argument("--strict", action="store_true", help="raise at the first violated contract")
     ins.add_argument("--csv", default=None, help="also write every row here")
     ins.add_argument("--device", default="cpu")
     ins.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.FP32.value)
 
-    bench = sub.add_parser("bench", help="GPU benchmark of one DiT forward (wanstudio bench --help)",
-                           add_help=False)
+    bench = sub.add_parser(
+        "bench", help="GPU benchmark of one DiT forward (wanstudio bench --help)", add_help=False
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     doctor = sub.add_parser("doctor", help="what works on this machine and why not")
@@ -152,12 +205,25 @@ def _progress(args):
 
 def _generation_kwargs(args) -> dict:
     kw = dict(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, size_class=args.size_class,
-        size=args.size, frame_num=args.frame_num, steps=args.steps, shift=args.shift,
-        text_scale=args.text_scale, audio_scale=args.audio_scale, seed=args.seed,
-        max_frames=args.max_frames, color_correction=args.color_correction,
-        scheduler=args.scheduler, apg=args.apg, out=args.out, work_dir=args.work_dir,
-        resume=args.resume, progress=_progress(args), tiled_vae=args.tiled_vae,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        size_class=args.size_class,
+        size=args.size,
+        frame_num=args.frame_num,
+        steps=args.steps,
+        shift=args.shift,
+        text_scale=args.text_scale,
+        audio_scale=args.audio_scale,
+        seed=args.seed,
+        max_frames=args.max_frames,
+        color_correction=args.color_correction,
+        scheduler=args.scheduler,
+        apg=args.apg,
+        out=args.out,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        progress=_progress(args),
+        tiled_vae=args.tiled_vae,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
     )
     if args.motion_frame is not None:
@@ -180,12 +246,15 @@ def cmd_demo(args) -> int:
     result = pipe(image, audio, **kw)
     info = probe_media(result.path)
     print(f"wanstudio demo: {result.summary()}")
-    print(f"  mp4: {info.get('frames')} frames at {info.get('fps')} fps, {info.get('duration'):.2f} s, "
-          f"audio {'yes' if info.get('has_audio') else 'NO'}")
-    print(f"  pipeline: {pipe!r}; built in {t_load:.1f} s, "
-          f"total {time.perf_counter() - t0:.1f} s")
-    print("  The picture is noise: the tiny preset has random weights. For real weights see "
-          "`wanstudio infinitetalk --help`.")
+    print(
+        f"  mp4: {info.get('frames')} frames at {info.get('fps')} fps, {info.get('duration'):.2f} s, "
+        f"audio {'yes' if info.get('has_audio') else 'NO'}"
+    )
+    print(f"  pipeline: {pipe!r}; built in {t_load:.1f} s, total {time.perf_counter() - t0:.1f} s")
+    print(
+        "  The picture is noise: the tiny preset has random weights. For real weights see "
+        "`wanstudio infinitetalk --help`."
+    )
     return 0
 
 
@@ -212,28 +281,55 @@ def cmd_infinitetalk(args) -> int:
 
             compile_blocks(pipe.model)
     else:
-        needed = {"--dit": args.dit, "--vae": args.vae, "--text-encoder": args.text_encoder,
-                  "--clip": args.clip, "--wav2vec": args.wav2vec}
+        needed = {
+            "--dit": args.dit,
+            "--vae": args.vae,
+            "--text-encoder": args.text_encoder,
+            "--clip": args.clip,
+            "--wav2vec": args.wav2vec,
+        }
         missing = [flag for flag, value in needed.items() if not value]
         if missing:
             raise WanstudioError(f"missing weights: {', '.join(missing)} (or --tiny for a wiring check)")
         for label, path in [("--dit", p) for p in args.dit] + [
-            (f, v) for f, v in (("--infinitetalk", args.infinitetalk), ("--vae", args.vae),
-                                ("--text-encoder", args.text_encoder), ("--tokenizer", args.tokenizer),
-                                ("--clip", args.clip), ("--wav2vec", args.wav2vec)) if v
+            (f, v)
+            for f, v in (
+                ("--infinitetalk", args.infinitetalk),
+                ("--vae", args.vae),
+                ("--text-encoder", args.text_encoder),
+                ("--tokenizer", args.tokenizer),
+                ("--clip", args.clip),
+                ("--wav2vec", args.wav2vec),
+            )
+            if v
         ]:
             if not Path(path).exists():
                 raise WanstudioError(f"{label}: no such file or folder {path!r}")
         pipe = InfiniteTalkPipeline.from_files(
-            dit=args.dit, infinitetalk=args.infinitetalk, vae=args.vae,
-            text_encoder=args.text_encoder, tokenizer=args.tokenizer, clip=args.clip,
-            wav2vec=args.wav2vec, quantization=args.quantization, attention=args.attention,
-            blocks_to_swap=args.blocks_to_swap, device=args.device, dtype=args.dtype,
+            dit=args.dit,
+            infinitetalk=args.infinitetalk,
+            vae=args.vae,
+            text_encoder=args.text_encoder,
+            tokenizer=args.tokenizer,
+            clip=args.clip,
+            wav2vec=args.wav2vec,
+            quantization=args.quantization,
+            attention=args.attention,
+            blocks_to_swap=args.blocks_to_swap,
+            device=args.device,
+            dtype=args.dtype,
             compile_blocks=args.compile,
         )
     kw = _generation_kwargs(args)
-    result = pipe(args.image, args.audio, audio2=args.audio2, speaker_mix=args.speaker_mix,
-                  masks=masks, bboxes=args.bbox, **kw)
+    result = pipe(
+        args.image,
+        args.audio,
+        audio2=args.audio2,
+        speaker_mix=args.speaker_mix,
+        masks=masks,
+        bboxes=args.bbox,
+        **kw,
+    )
     print(f"wanstudio infinitetalk: {result.summary()}")
     return 0
 
@@ -244,14 +340,18 @@ def cmd_doctor(args) -> int:
     from . import __version__
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lines = [f"wanstudio {__version__}, Python {platform.python_version()} on {platform.platform()}",
-             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}), "
-             f"CUDA available: {torch.cuda.is_available()}"]
+    lines = [
+        f"wanstudio {__version__}, Python {platform.python_version()} on {platform.platform()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}), "
+        f"CUDA available: {torch.cuda.is_available()}",
+    ]
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         props = torch.cuda.get_device_properties(i)
         free, total = torch.cuda.mem_get_info(i)
-        lines.append(f"  cuda:{i} {props.name}, compute capability {props.major}.{props.minor}, "
-                     f"{free / 2**30:.1f} / {total / 2**30:.1f} GiB free")
+        lines.append(
+            f"  cuda:{i} {props.name}, compute capability {props.major}.{props.minor}, "
+            f"{free / 2**30:.1f} / {total / 2**30:.1f} GiB free"
+        )
     lines.append(f"CPU threads: {torch.get_num_threads()}")
     lines += _package_versions()
     lines.append(f"checking modes on: {device}")
@@ -324,8 +424,13 @@ def cmd_inspect(args) -> int:
     from .model import WanModel
 
     if args.dit:
-        model = load_model(args.dit, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                           attention=args.attention)
+        model = load_model(
+            args.dit,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            attention=args.attention,
+        )
     else:
         from .attention import set_attention
         from .quant import quantize
@@ -353,8 +458,11 @@ def _random_inputs(cfg, frames: int, height: int, width: int, *, speakers: int, 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
-    inputs = dict(x=rnd(1, cfg.out_dim, frames, height, width), t=torch.tensor([500.0], device=device),
-                  context=rnd(1, 16, cfg.text_dim))
+    inputs = dict(
+        x=rnd(1, cfg.out_dim, frames, height, width),
+        t=torch.tensor([500.0], device=device),
+        context=rnd(1, 16, cfg.text_dim),
+    )
     if cfg.is_i2v:
         inputs.update(y=rnd(1, cfg.cond_dim, frames, height, width), clip_fea=rnd(1, 257, cfg.clip_dim))
     if cfg.audio:
@@ -374,8 +482,13 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
-COMMANDS = {"demo": cmd_demo, "infinitetalk": cmd_infinitetalk, "inspect": cmd_inspect,
-            "bench": cmd_bench, "doctor": cmd_doctor}
+COMMANDS = {
+    "demo": cmd_demo,
+    "infinitetalk": cmd_infinitetalk,
+    "inspect": cmd_inspect,
+    "bench": cmd_bench,
+    "doctor": cmd_doctor,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wanstudio {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"wanstudio {args.command}: interrupted; finished clips are kept in the work folder, "
-              f"rerun with --resume to continue", file=sys.stderr)
+        print(
+            f"wanstudio {args.command}: interrupted; finished clips are kept in the work folder, "
+            f"rerun with --resume to continue",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -105,9 +105,7 @@ class WanConfig:
         try:
             return PRESETS[name]
         except KeyError:
-            raise ConfigError(
-                f"unknown preset {name!r}; presets: {', '.join(PRESETS)}"
-            ) from None
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
     # --- inference from a checkpoint --------------------------------------------------------------
     @classmethod
@@ -159,15 +157,15 @@ class WanConfig:
 def _infer_audio_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     p1 = shapes["audio_proj.proj1.weight"]  # [intermediate, window * layers * dim]
     p1_vf = shapes["audio_proj.proj1_vf.weight"]  # [intermediate, (window + vae - 1) * layers * dim]
-    output_dim = shapes["audio_proj.norm.weight"][0] if "audio_proj.norm.weight" in shapes else (
-        shapes["blocks.0.audio_cross_attn.kv_linear.weight"][1]
+    output_dim = (
+        shapes["audio_proj.norm.weight"][0]
+        if "audio_proj.norm.weight" in shapes
+        else (shapes["blocks.0.audio_cross_attn.kv_linear.weight"][1])
     )
     vae_scale = 4
     frame_dim = (p1_vf[1] - p1[1]) // (vae_scale - 1)  # layers * dim
     if frame_dim <= 0 or p1[1] % frame_dim:
-        raise ConfigError(
-            f"cannot infer the audio window from audio_proj shapes {p1} / {p1_vf}"
-        )
+        raise ConfigError(f"cannot infer the audio window from audio_proj shapes {p1} / {p1_vf}")
     # layers x dim is not separable from shapes alone: real files use wav2vec2-base (x 768).
     known = [(12, 768), (PRESETS["tiny-infinitetalk"].audio_layers, PRESETS["tiny-infinitetalk"].audio_dim)]
     layers, adim = next(((n, d) for n, d in known if n * d == frame_dim), (1, frame_dim))
@@ -194,8 +192,16 @@ PRESETS: dict[str, WanConfig] = {
     "tiny-t2v": WanConfig(**_TINY),
     "tiny-i2v": WanConfig(**_TINY, model_type="i2v", in_dim=36, clip_dim=64),
     "tiny-infinitetalk": WanConfig(
-        **_TINY, model_type="i2v", in_dim=36, clip_dim=64, audio=True,
-        intermediate_dim=64, output_dim=64, context_tokens=4, audio_layers=3, audio_dim=32,
+        **_TINY,
+        model_type="i2v",
+        in_dim=36,
+        clip_dim=64,
+        audio=True,
+        intermediate_dim=64,
+        output_dim=64,
+        context_tokens=4,
+        audio_layers=3,
+        audio_dim=32,
     ),
     "t2v-1.3b": _T2V_1_3B,
     "t2v-14b": _T2V_14B,

@@ -75,14 +75,35 @@ class LayoutRow:
         return self.status == "violation"
 
 
-def _tensor_row(call: int, depth: int, module: str, module_type: str, role: str, name: str,
-                t: torch.Tensor, **extra) -> LayoutRow:
+def _tensor_row(
+    call: int, depth: int, module: str, module_type: str, role: str, name: str, t: torch.Tensor, **extra
+) -> LayoutRow:
     if t.layout is not torch.strided:  # sparse / nested tensors have no strides to speak of
-        return LayoutRow(call, depth, module, module_type, role, name, tuple(t.shape),
-                         _dtype_name(t.dtype), str(t.device), (), False, 0, True, "",
-                         0, **extra)
+        return LayoutRow(
+            call,
+            depth,
+            module,
+            module_type,
+            role,
+            name,
+            tuple(t.shape),
+            _dtype_name(t.dtype),
+            str(t.device),
+            (),
+            False,
+            0,
+            True,
+            "",
+            0,
+            **extra,
+        )
     return LayoutRow(
-        call, depth, module, module_type, role, name,
+        call,
+        depth,
+        module,
+        module_type,
+        role,
+        name,
         shape=tuple(t.shape),
         dtype=_dtype_name(t.dtype),
         device=str(t.device),
@@ -217,15 +238,23 @@ class _Recorder:
             call, depth, mtype = -1, 0, ""
         mtype = self.types.get(event.where, mtype)  # where is usually the module's own name
         copied = event.copied and event.result is not None
-        self.rows.append(_tensor_row(
-            call, depth, event.where, mtype, KERNEL_OPERAND, event.operand.name, event.tensor,
-            kernel=event.kernel,
-            status="violation" if event.violations else "ok",
-            rule=_violation_text(event),
-            required=event.operand.describe(),
-            copies=int(copied),
-            copy_bytes=tensor_nbytes(event.result) if copied else 0,
-        ))
+        self.rows.append(
+            _tensor_row(
+                call,
+                depth,
+                event.where,
+                mtype,
+                KERNEL_OPERAND,
+                event.operand.name,
+                event.tensor,
+                kernel=event.kernel,
+                status="violation" if event.violations else "ok",
+                rule=_violation_text(event),
+                required=event.operand.describe(),
+                copies=int(copied),
+                copy_bytes=tensor_nbytes(event.result) if copied else 0,
+            )
+        )
 
 
 def inspect_layout(model: nn.Module, *inputs, **kwargs) -> LayoutReport:
@@ -256,8 +285,11 @@ def inspect_layout(model: nn.Module, *inputs, **kwargs) -> LayoutReport:
             handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
             # prepend: our post-hook sees the call before others (e.g. block swap dropping
             # its device copy) run; always_call: it also runs when the forward raises
-            handles.append(module.register_forward_hook(
-                recorder.post_hook, with_kwargs=True, always_call=True, prepend=True))
+            handles.append(
+                module.register_forward_hook(
+                    recorder.post_hook, with_kwargs=True, always_call=True, prepend=True
+                )
+            )
         with layout.listen(recorder.on_kernel), torch.no_grad():
             model(*inputs, **kwargs)
     except BaseException as exc:
@@ -270,8 +302,9 @@ def inspect_layout(model: nn.Module, *inputs, **kwargs) -> LayoutReport:
     return _make_report(model, recorder, copies_before)
 
 
-def _make_report(model: nn.Module, recorder: _Recorder, before: Counter,
-                 error: BaseException | None = None) -> LayoutReport:
+def _make_report(
+    model: nn.Module, recorder: _Recorder, before: Counter, error: BaseException | None = None
+) -> LayoutReport:
     delta = Counter(layout.COPY_COUNTS)
     delta.subtract(before)
     copy_counts = {k: v for k, v in delta.items() if v > 0}
@@ -284,11 +317,23 @@ def _make_report(model: nn.Module, recorder: _Recorder, before: Counter,
 # --- the report ---------------------------------------------------------------------------------
 _COLUMNS = [f.name for f in fields(LayoutRow)]
 _HTML_COLUMNS = (
-    ("call", "call"), ("module", "module"), ("module_type", "type"), ("role", "role"),
-    ("tensor", "tensor"), ("shape", "shape"), ("dtype", "dtype"), ("device", "device"),
-    ("stride", "stride"), ("contiguous", "contig."), ("storage_offset", "offset"),
-    ("aligned16", "16-B aligned"), ("majorness", "major"), ("nbytes", "bytes"),
-    ("kernel", "kernel"), ("status", "contract"), ("copies", "copies"),
+    ("call", "call"),
+    ("module", "module"),
+    ("module_type", "type"),
+    ("role", "role"),
+    ("tensor", "tensor"),
+    ("shape", "shape"),
+    ("dtype", "dtype"),
+    ("device", "device"),
+    ("stride", "stride"),
+    ("contiguous", "contig."),
+    ("storage_offset", "offset"),
+    ("aligned16", "16-B aligned"),
+    ("majorness", "major"),
+    ("nbytes", "bytes"),
+    ("kernel", "kernel"),
+    ("status", "contract"),
+    ("copies", "copies"),
 )
 _RED, _AMBER = "#f8d0d0", "#ffe3a8"
 
@@ -306,8 +351,14 @@ class LayoutReport:
 
     html_max_rows = 300  # rows shown by the notebook table; violations and copies first
 
-    def __init__(self, rows: Iterable[LayoutRow], *, copy_counts: Mapping[tuple, int] | None = None,
-                 title: str = "", calls: int | None = None):
+    def __init__(
+        self,
+        rows: Iterable[LayoutRow],
+        *,
+        copy_counts: Mapping[tuple, int] | None = None,
+        title: str = "",
+        calls: int | None = None,
+    ):
         self.rows: list[LayoutRow] = list(rows)
         self.copy_counts: dict[tuple, int] = dict(copy_counts or {})
         self.title = title
@@ -381,8 +432,12 @@ class LayoutReport:
         rows = [r for r in self.rows if keep(r)]
         keys = {(r.module, r.kernel, r.tensor) for r in rows if r.copies}
         counts = {k: v for k, v in self.copy_counts.items() if k in keys}
-        return LayoutReport(rows, copy_counts=counts, title=f"{self.title} (filtered)".strip(),
-                            calls=len({r.call for r in rows}))
+        return LayoutReport(
+            rows,
+            copy_counts=counts,
+            title=f"{self.title} (filtered)".strip(),
+            calls=len({r.call for r in rows}),
+        )
 
     # --- text -------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -446,8 +501,10 @@ class LayoutReport:
         try:
             import pandas as pd
         except ImportError:
-            raise ImportError("LayoutReport.to_pandas() needs pandas (pip install pandas); "
-                              "LayoutReport.to_csv(path) works without it") from None
+            raise ImportError(
+                "LayoutReport.to_pandas() needs pandas (pip install pandas); "
+                "LayoutReport.to_csv(path) works without it"
+            ) from None
         return pd.DataFrame([asdict(r) for r in self.rows], columns=_COLUMNS)
 
     # --- notebook -------------------------------------------------------------------------------
@@ -473,19 +530,27 @@ class LayoutReport:
         width = len(_HTML_COLUMNS)
         for i in shown:
             if i != prev + 1:
-                body.append(f'<tr><td colspan="{width}" style="text-align:center;color:#777">'
-                            f"&#8943; {i - prev - 1} rows not shown &#8943;</td></tr>")
+                body.append(
+                    f'<tr><td colspan="{width}" style="text-align:center;color:#777">'
+                    f"&#8943; {i - prev - 1} rows not shown &#8943;</td></tr>"
+                )
             body.append(_html_row(self.rows[i]))
             prev = i
         if prev != len(self.rows) - 1:
-            body.append(f'<tr><td colspan="{width}" style="text-align:center;color:#777">'
-                        f"&#8943; {len(self.rows) - 1 - prev} rows not shown &#8943;</td></tr>")
+            body.append(
+                f'<tr><td colspan="{width}" style="text-align:center;color:#777">'
+                f"&#8943; {len(self.rows) - 1 - prev} rows not shown &#8943;</td></tr>"
+            )
         note = ""
         if len(shown) < len(self.rows):
-            note = (f"<p>Showing {len(shown)} of {len(self.rows)} rows (violations and hidden copies "
-                    "first); use <code>.filter(...)</code> or <code>.to_csv(path)</code> for all.</p>")
-        legend = (f'<p><span style="background:{_RED}">&nbsp;violation&nbsp;</span> '
-                  f'<span style="background:{_AMBER}">&nbsp;hidden copy&nbsp;</span></p>')
+            note = (
+                f"<p>Showing {len(shown)} of {len(self.rows)} rows (violations and hidden copies "
+                "first); use <code>.filter(...)</code> or <code>.to_csv(path)</code> for all.</p>"
+            )
+        legend = (
+            f'<p><span style="background:{_RED}">&nbsp;violation&nbsp;</span> '
+            f'<span style="background:{_AMBER}">&nbsp;hidden copy&nbsp;</span></p>'
+        )
         return (
             f'<div class="wanstudio-layout-report"><pre>{html.escape(self.summary())}</pre>{legend}{note}'
             f'<table style="font-size:smaller"><thead><tr>{head}</tr></thead>'

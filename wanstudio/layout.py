@@ -282,8 +282,9 @@ class LayoutContract:
             result[name] = fixed
         return result
 
-    def message(self, where: str, op: Operand, t: torch.Tensor, found: list[Violation],
-                *, strict: bool = True) -> str:
+    def message(
+        self, where: str, op: Operand, t: torch.Tensor, found: list[Violation], *, strict: bool = True
+    ) -> str:
         """The LayoutError text: module, kernel, operand, required, found, likely cause."""
         when = "strict layout mode: raised before the launch" if strict else "no copy can fix this"
         lines = [
@@ -381,9 +382,12 @@ def _check_operand(op: Operand, t: torch.Tensor) -> list[Violation]:
     if op.align and not is_aligned(t, op.align):
         out.append(
             Violation(
-                op.name, "align", f"data_ptr % {op.align} == 0",
+                op.name,
+                "align",
+                f"data_ptr % {op.align} == 0",
                 f"data_ptr % {op.align} = {t.data_ptr() % op.align} (storage offset "
-                f"{t.storage_offset()} elements = {t.storage_offset() * t.element_size()} bytes)", True,
+                f"{t.storage_offset()} elements = {t.storage_offset() * t.element_size()} bytes)",
+                True,
             )
         )
     return out

@@ -34,17 +34,43 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # InfiniteTalk's size buckets: (H / W aspect ratio, H, W). 480 class ~640^2 px, 720 ~960^2 px.
 _BUCKETS: dict[SizeClass, tuple[tuple[float, int, int], ...]] = {
     SizeClass.P480: (
-        (0.26, 320, 1216), (0.38, 384, 1024), (0.50, 448, 896), (0.67, 512, 768),
-        (0.82, 576, 704), (1.00, 640, 640), (1.22, 704, 576), (1.50, 768, 512),
-        (1.86, 832, 448), (2.00, 896, 448), (2.50, 960, 384), (2.83, 1088, 384),
-        (3.60, 1152, 320), (3.80, 1216, 320), (4.00, 1280, 320),
+        (0.26, 320, 1216),
+        (0.38, 384, 1024),
+        (0.50, 448, 896),
+        (0.67, 512, 768),
+        (0.82, 576, 704),
+        (1.00, 640, 640),
+        (1.22, 704, 576),
+        (1.50, 768, 512),
+        (1.86, 832, 448),
+        (2.00, 896, 448),
+        (2.50, 960, 384),
+        (2.83, 1088, 384),
+        (3.60, 1152, 320),
+        (3.80, 1216, 320),
+        (4.00, 1280, 320),
     ),
     SizeClass.P720: (
-        (0.22, 448, 2048), (0.29, 512, 1792), (0.36, 576, 1600), (0.45, 640, 1408),
-        (0.55, 704, 1280), (0.63, 768, 1216), (0.76, 832, 1088), (0.88, 896, 1024),
-        (1.00, 960, 960), (1.14, 1024, 896), (1.31, 1088, 832), (1.50, 1152, 768),
-        (1.58, 1216, 768), (1.82, 1280, 704), (1.91, 1344, 704), (2.20, 1408, 640),
-        (2.30, 1472, 640), (2.67, 1536, 576), (2.89, 1664, 576), (3.62, 1856, 512),
+        (0.22, 448, 2048),
+        (0.29, 512, 1792),
+        (0.36, 576, 1600),
+        (0.45, 640, 1408),
+        (0.55, 704, 1280),
+        (0.63, 768, 1216),
+        (0.76, 832, 1088),
+        (0.88, 896, 1024),
+        (1.00, 960, 960),
+        (1.14, 1024, 896),
+        (1.31, 1088, 832),
+        (1.50, 1152, 768),
+        (1.58, 1216, 768),
+        (1.82, 1280, 704),
+        (1.91, 1344, 704),
+        (2.20, 1408, 640),
+        (2.30, 1472, 640),
+        (2.67, 1536, 576),
+        (2.89, 1664, 576),
+        (3.62, 1856, 512),
         (3.75, 1920, 512),
     ),
 }
@@ -312,10 +338,26 @@ class VideoWriter:
         self._size = (width, height)
         command = _ffmpeg_command(
             [
-                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-                "-r", str(self.fps), "-i", "-",
-                "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18",
-                "-f", "mp4", str(self._video_part),
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-s",
+                f"{width}x{height}",
+                "-r",
+                str(self.fps),
+                "-i",
+                "-",
+                "-an",
+                "-c:v",
+                "libx264",
+                "-pix_fmt",
+                "yuv420p",
+                "-crf",
+                "18",
+                "-f",
+                "mp4",
+                str(self._video_part),
             ],
             reads_stdin=True,
         )
@@ -327,11 +369,33 @@ class VideoWriter:
         audio = np.clip(self.audio, -1.0, 1.0).astype("<f4")
         result = _ffmpeg(
             [
-                "-i", str(self._video_part),
-                "-f", "f32le", "-ar", str(self.sample_rate), "-ac", "1", "-i", "-",
-                "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-af", "apad",
-                "-t", f"{self.frames / self.fps:.6f}", "-movflags", "+faststart",
-                "-f", "mp4", str(self._muxed_part),
+                "-i",
+                str(self._video_part),
+                "-f",
+                "f32le",
+                "-ar",
+                str(self.sample_rate),
+                "-ac",
+                "1",
+                "-i",
+                "-",
+                "-map",
+                "0:v:0",
+                "-map",
+                "1:a:0",
+                "-c:v",
+                "copy",
+                "-c:a",
+                "aac",
+                "-af",
+                "apad",
+                "-t",
+                f"{self.frames / self.fps:.6f}",
+                "-movflags",
+                "+faststart",
+                "-f",
+                "mp4",
+                str(self._muxed_part),
             ],
             stdin=audio.tobytes(),
         )
@@ -371,8 +435,7 @@ def _to_rgb24(frames: np.ndarray | torch.Tensor) -> np.ndarray:
         )
     if rgb.shape[1] % 2 or rgb.shape[2] % 2:
         raise ShapeError(
-            f"H.264 yuv420p needs even frame sizes; got {rgb.shape[2]}x{rgb.shape[1]}. "
-            f"Crop or pad one pixel."
+            f"H.264 yuv420p needs even frame sizes; got {rgb.shape[2]}x{rgb.shape[1]}. Crop or pad one pixel."
         )
     return np.ascontiguousarray(rgb.numpy())
 
@@ -400,15 +463,22 @@ def probe_media(path: str | os.PathLike) -> dict:
         size = next((m for f in fields if (m := re.match(r"(\d+)x(\d+)\b", f))), None)
         fps = re.search(r"([\d.]+) fps", video[1])
         info.update(
-            has_video=True, video_codec=fields[0].split()[0], pix_fmt=fields[1].split("(")[0],
-            width=int(size[1]) if size else None, height=int(size[2]) if size else None,
-            fps=float(fps[1]) if fps else None, frames=_count_frames(path),
+            has_video=True,
+            video_codec=fields[0].split()[0],
+            pix_fmt=fields[1].split("(")[0],
+            width=int(size[1]) if size else None,
+            height=int(size[2]) if size else None,
+            fps=float(fps[1]) if fps else None,
+            frames=_count_frames(path),
         )
     audio = re.search(r"Stream #0:\d+.*?: Audio: (.*)", header)
     if audio:
         rate = re.search(r"(\d+) Hz", audio[1])
-        info.update(has_audio=True, audio_codec=audio[1].split()[0].rstrip(","),
-                    sample_rate=int(rate[1]) if rate else None)
+        info.update(
+            has_audio=True,
+            audio_codec=audio[1].split()[0].rstrip(","),
+            sample_rate=int(rate[1]) if rate else None,
+        )
     return info
 
 

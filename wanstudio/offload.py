@@ -103,7 +103,7 @@ def _aligned_empty(nbytes: int, device: torch.device | str, pin_memory: bool = F
         return t[:nbytes]
     t = torch.empty(nbytes + PLACEMENT_ALIGN, dtype=torch.uint8, device=device, pin_memory=pin_memory)
     off = (-t.data_ptr()) % PLACEMENT_ALIGN
-    return t[off:off + nbytes]
+    return t[off : off + nbytes]
 
 
 def _span_bytes(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -117,7 +117,7 @@ def _raw_bytes(t: torch.Tensor, span: int) -> torch.Tensor:
     """The ``span`` bytes under ``t`` from its first element, as uint8 on t's device (no copy)."""
     raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
     start = t.storage_offset() * t.element_size()
-    return raw[start:start + span]
+    return raw[start : start + span]
 
 
 # --- the recorded layout of one swapped unit ----------------------------------------------------
@@ -155,7 +155,7 @@ def _point(e: _Entry, new: torch.Tensor) -> None:
 
 def _view(flat: torch.Tensor, offset: int, e: _Entry) -> torch.Tensor:
     """The tensor described by ``e`` placed at ``offset`` in a flat uint8 buffer."""
-    region = flat[offset:offset + e.span]
+    region = flat[offset : offset + e.span]
     return region.view(e.dtype).as_strided(e.shape, e.stride)
 
 
@@ -169,7 +169,7 @@ def _unit_entries(name: str, module: nn.Module) -> tuple[list[_Entry], int]:
         ("buffer", module.named_buffers(prefix=name, remove_duplicate=False)),
     ):
         for qual, t in named:
-            path, _, attr = qual[len(name) + 1:].rpartition(".")
+            path, _, attr = qual[len(name) + 1 :].rpartition(".")
             owner = module.get_submodule(path) if path else module
             if id(t) in by_id:
                 by_id[id(t)].owners.append((owner, attr, kind))
@@ -359,7 +359,7 @@ class CudaTransferBackend(TransferBackend):
         size = _align_up(max(nbytes, 1), page)
         base = torch.empty(size + page, dtype=torch.uint8)  # pageable; registering commits it
         off = (-base.data_ptr()) % page
-        flat = base[off:off + size]
+        flat = base[off : off + size]
         ptr = flat.data_ptr()
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1))  # 1: cudaHostRegisterPortable
         if err != 0:
@@ -747,7 +747,8 @@ def swap_placement(
 
         model = WanModel(model_or_config, device="meta")
     prefixes = tuple(
-        name + "." for name, _, swapped in _units(model, blocks_to_swap, offload_txt_emb, offload_img_emb)
+        name + "."
+        for name, _, swapped in _units(model, blocks_to_swap, offload_txt_emb, offload_img_emb)
         if swapped
     )
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -777,8 +778,7 @@ def _backend_for(model: nn.Module, device: Any, backend: TransferBackend | None)
             )
         else:
             raise BlockSwapError(
-                f"the model is spread over {sorted(map(str, found))}; pass device= to say where "
-                "it runs"
+                f"the model is spread over {sorted(map(str, found))}; pass device= to say where it runs"
             )
     device = torch.device(device)
     if device.type == "cpu":
@@ -884,8 +884,10 @@ class _BlockSwap:
                 continue
             entries, nbytes = _unit_entries(u.name, u.module)
             prev = old.pop(u.name, None)
-            if prev is not None and _signature(prev.entries) == _signature(entries) and all(
-                a.tensor is b.tensor for a, b in zip(prev.entries, entries)
+            if (
+                prev is not None
+                and _signature(prev.entries) == _signature(entries)
+                and all(a.tensor is b.tensor for a, b in zip(prev.entries, entries))
             ):
                 u.entries, u.nbytes, u.host = prev.entries, prev.nbytes, prev.host
                 self._refresh(u)
@@ -936,7 +938,7 @@ class _BlockSwap:
                 host = _view(buf.flat, e.offset, e)
                 _check_view(host, e, "host master")
                 if e.tensor.device.type != "meta":
-                    buf.flat[e.offset:e.offset + e.span].copy_(_raw_bytes(e.tensor, e.span))
+                    buf.flat[e.offset : e.offset + e.span].copy_(_raw_bytes(e.tensor, e.span))
                 _point(e, host)
                 e.host = host
         u.host = buf
@@ -955,7 +957,7 @@ class _BlockSwap:
                     )
                 if t.device.type != "meta":
                     if tuple(t.stride()) == e.stride:  # bytes as they are (any dtype, gaps too)
-                        u.host.flat[e.offset:e.offset + e.span].copy_(_raw_bytes(t, e.span))
+                        u.host.flat[e.offset : e.offset + e.span].copy_(_raw_bytes(t, e.span))
                     else:
                         e.host.copy_(t)
                 _point(e, e.host)
@@ -964,7 +966,7 @@ class _BlockSwap:
         """Put a unit back on the device, each tensor in its own allocation."""
         with torch.no_grad():
             for e in u.entries:
-                flat = self.backend.to_device(u.host.flat[e.offset:e.offset + e.span])
+                flat = self.backend.to_device(u.host.flat[e.offset : e.offset + e.span])
                 e.tensor.data = _view(flat, 0, e)
                 e.host = None
         self.backend.synchronize()
@@ -1153,7 +1155,7 @@ class _BlockSwap:
         if slot.release is not None:
             self.backend.wait("copy", slot.release, slot.release_label)
         c0 = self.backend.record("copy", f"copy_start:{tag}")
-        self.backend.copy_async(slot.flat[:u.nbytes], u.host.flat, f"{u.name}->slot{slot.index}")
+        self.backend.copy_async(slot.flat[: u.nbytes], u.host.flat, f"{u.name}->slot{slot.index}")
         c1 = self.backend.record("copy", f"copy_end:{tag}")
         slot.copy = (c0, c1, on_demand)
         slot.state, slot.unit, u.pending = PENDING, j, slot
@@ -1267,12 +1269,16 @@ def _state(model: nn.Module) -> _BlockSwap | None:
 def _get_state(model: nn.Module, device: Any, backend: TransferBackend | None) -> _BlockSwap:
     state = _state(model)
     if state is not None:
-        want = backend.device if backend is not None else (
-            torch.device(device) if device is not None else state.device
+        want = (
+            backend.device
+            if backend is not None
+            else (torch.device(device) if device is not None else state.device)
         )
-        if want.type != state.device.type or (
-            want.index is not None and want.index != state.device.index
-        ) or (backend is not None and backend is not state.backend):
+        if (
+            want.type != state.device.type
+            or (want.index is not None and want.index != state.device.index)
+            or (backend is not None and backend is not state.backend)
+        ):
             raise BlockSwapError(
                 f"block swap is already set up for {state.device}; call "
                 "disable_block_swap(model) before moving it to another device or backend"

@@ -186,9 +186,7 @@ def parse_option(kind: type[E], value: str | E) -> E:
     close = difflib.get_close_matches(text.lower(), valid, n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     label = kind.__name__
-    raise UnknownOptionError(
-        f"{label}: {text!r} is not a known mode.{hint} Valid: {', '.join(valid)}."
-    )
+    raise UnknownOptionError(f"{label}: {text!r} is not a known mode.{hint} Valid: {', '.join(valid)}.")
 
 
 def options_table(kind: type[Option]) -> str:

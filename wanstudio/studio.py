@@ -100,9 +100,17 @@ def attention_availability(device: torch.device | str = "cpu") -> dict[Attention
             registry = importlib.import_module("wanstudio.attention_backends.registry")
             items = [(m, registry.availability(m, device)) for m in AttentionMode]
         except ImportError:
-            items = [(m, ModeStatus(m == AttentionMode.SDPA, "" if m == AttentionMode.SDPA else
-                                    "attention backends are not in this build", "torch SDPA"))
-                     for m in AttentionMode]
+            items = [
+                (
+                    m,
+                    ModeStatus(
+                        m == AttentionMode.SDPA,
+                        "" if m == AttentionMode.SDPA else "attention backends are not in this build",
+                        "torch SDPA",
+                    ),
+                )
+                for m in AttentionMode
+            ]
     out = {}
     for mode, a in items:
         out[parse_option(AttentionMode, mode)] = ModeStatus(
@@ -150,8 +158,13 @@ def quant_availability(device: torch.device | str = "cpu") -> dict[QuantMode, Mo
     try:
         check = _part("quant.spec", "check_device")
     except PartMissingError:
-        return {m: ModeStatus(m == QuantMode.DISABLED, "" if m == QuantMode.DISABLED else
-                              "quantization is not in this build") for m in QuantMode}
+        return {
+            m: ModeStatus(
+                m == QuantMode.DISABLED,
+                "" if m == QuantMode.DISABLED else "quantization is not in this build",
+            )
+            for m in QuantMode
+        }
     out = {}
     for mode in QuantMode:
         try:
@@ -201,8 +214,12 @@ def default_device() -> str:
 
 def dtype_of(precision: BasePrecision | str) -> torch.dtype:
     precision = parse_option(BasePrecision, precision)
-    return {BasePrecision.FP32: torch.float32, BasePrecision.BF16: torch.bfloat16,
-            BasePrecision.FP16: torch.float16, BasePrecision.FP16_FAST: torch.float16}[precision]
+    return {
+        BasePrecision.FP32: torch.float32,
+        BasePrecision.BF16: torch.bfloat16,
+        BasePrecision.FP16: torch.float16,
+        BasePrecision.FP16_FAST: torch.float16,
+    }[precision]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -249,14 +266,17 @@ class WeightPaths:
             raise ConfigError(f"weights{_from(self.source)}: no path for {', '.join(empty)}")
 
     @classmethod
-    def from_mapping(cls, data: Mapping, base: str | os.PathLike | None = None, source: str = "") -> WeightPaths:
+    def from_mapping(
+        cls, data: Mapping, base: str | os.PathLike | None = None, source: str = ""
+    ) -> WeightPaths:
         """From a config's ``[weights]`` table; relative paths are relative to ``base``."""
         data = dict(data.get("weights", data))
         known = {f.name for f in fields(cls)} - {"source"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"weights{_from(source)}: unknown entries {unknown}; "
-                              f"known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"weights{_from(source)}: unknown entries {unknown}; known: {', '.join(sorted(known))}"
+            )
 
         def resolve(p):
             p = Path(os.path.expandvars(os.path.expanduser(str(p))))
@@ -320,9 +340,15 @@ class WeightPaths:
 
     def as_kwargs(self) -> dict:
         """Keyword arguments of ``InfiniteTalkPipeline.from_files``."""
-        return dict(dit=list(self.dit), infinitetalk=self.infinitetalk, vae=self.vae,
-                    text_encoder=self.text_encoder, tokenizer=self.tokenizer, clip=self.clip,
-                    wav2vec=self.wav2vec)
+        return dict(
+            dit=list(self.dit),
+            infinitetalk=self.infinitetalk,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            clip=self.clip,
+            wav2vec=self.wav2vec,
+        )
 
 
 def _from(source: str) -> str:
@@ -331,14 +357,24 @@ def _from(source: str) -> str:
 
 # file patterns per component, most specific first (official repo layouts, then ComfyUI names)
 _WEIGHT_PATTERNS: dict[str, tuple[str, ...]] = {
-    "dit": ("diffusion_pytorch_model.safetensors.index.json", "*wan2.1*i2v*14b*.safetensors",
-            "*wan2_1*i2v*14b*.safetensors"),
-    "infinitetalk": ("single/infinitetalk.safetensors", "infinitetalk.safetensors", "*infinitetalk*.safetensors"),
+    "dit": (
+        "diffusion_pytorch_model.safetensors.index.json",
+        "*wan2.1*i2v*14b*.safetensors",
+        "*wan2_1*i2v*14b*.safetensors",
+    ),
+    "infinitetalk": (
+        "single/infinitetalk.safetensors",
+        "infinitetalk.safetensors",
+        "*infinitetalk*.safetensors",
+    ),
     "vae": ("Wan2.1_VAE.pth", "*wan*2.1*vae*.safetensors", "*wan*vae*.safetensors"),
     "text_encoder": ("models_t5_umt5-xxl-enc-bf16.pth", "*umt5*xxl*.safetensors", "*umt5*xxl*.pth"),
     "tokenizer": ("google/umt5-xxl/",),
-    "clip": ("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "*clip*vit*huge*.pth",
-             "*clip*vision*h*.safetensors"),
+    "clip": (
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        "*clip*vit*huge*.pth",
+        "*clip*vision*h*.safetensors",
+    ),
     "wav2vec": ("chinese-wav2vec2-base/",),
 }
 
@@ -353,8 +389,11 @@ def _search(folder: Path, patterns: Iterable[str], depth: int = 4) -> Path | Non
             hits = sorted(p for p in folder.glob(glob) if p.is_dir() == want_dir)
             if not hits and not want_dir:  # case-insensitive retry (ComfyUI names vary in case)
                 low = pattern.lower()
-                hits = sorted(p for p in folder.glob("/".join(["*"] * level + ["*"]))
-                              if p.is_file() and _fnmatch(p, low))
+                hits = sorted(
+                    p
+                    for p in folder.glob("/".join(["*"] * level + ["*"]))
+                    if p.is_file() and _fnmatch(p, low)
+                )
             if hits:
                 return hits[0]
     return None
@@ -363,12 +402,13 @@ def _search(folder: Path, patterns: Iterable[str], depth: int = 4) -> Path | Non
 def _fnmatch(path: Path, pattern_lower: str) -> bool:
     import fnmatch
 
-    tail = "/".join(path.parts[-(pattern_lower.count("/") + 1):]).lower()
+    tail = "/".join(path.parts[-(pattern_lower.count("/") + 1) :]).lower()
     return fnmatch.fnmatch(tail, pattern_lower)
 
 
-def find_weights(environ: Mapping[str, str] | None = None,
-                 search: Iterable[str | os.PathLike] | None = None) -> WeightPaths | None:
+def find_weights(
+    environ: Mapping[str, str] | None = None, search: Iterable[str | os.PathLike] | None = None
+) -> WeightPaths | None:
     """The real weights the user pointed at, or None (then the notebooks use the tiny preset).
 
     Looks at ``$WANSTUDIO_WEIGHTS`` (a folder of checkpoints or a config file), then at
@@ -385,7 +425,7 @@ def find_weights(environ: Mapping[str, str] | None = None,
         if path.is_file():
             return WeightPaths.from_file(path)
         raise ConfigError(f"${WEIGHTS_ENV} is {named!r}, which is neither a folder nor a file")
-    for candidate in (config_search_path() if search is None else search):
+    for candidate in config_search_path() if search is None else search:
         candidate = Path(candidate)
         if candidate.is_file():
             return WeightPaths.from_file(candidate)
@@ -395,8 +435,10 @@ def find_weights(environ: Mapping[str, str] | None = None,
 def describe_weights(weights: WeightPaths | None) -> str:
     """One paragraph for the notebook: what will be loaded and from where."""
     if weights is None:
-        return (f"No real weights configured: using the {TINY_PRESET!r} preset (random weights, "
-                f"the video is noise). Set ${WEIGHTS_ENV} or write a wanstudio.toml to use real ones.")
+        return (
+            f"No real weights configured: using the {TINY_PRESET!r} preset (random weights, "
+            f"the video is noise). Set ${WEIGHTS_ENV} or write a wanstudio.toml to use real ones."
+        )
     lines = [f"Real weights from {weights.source or 'the given paths'}:"]
     for name in ("dit", "infinitetalk", "vae", "text_encoder", "tokenizer", "clip", "wav2vec"):
         value = getattr(weights, name)
@@ -409,9 +451,18 @@ def describe_weights(weights: WeightPaths | None) -> str:
 
 
 # --- example inputs -------------------------------------------------------------------------------
-def example_inputs(cfg: WanConfig, *, frames: int = 2, height: int = 4, width: int = 4,
-                   text_tokens: int = 8, speakers: int = 1, seed: int = 0,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+def example_inputs(
+    cfg: WanConfig,
+    *,
+    frames: int = 2,
+    height: int = 4,
+    width: int = 4,
+    text_tokens: int = 8,
+    speakers: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Small seeded keyword inputs for ``WanModel.forward`` (latent frames x height x width).
 
     Used by the inspector, the quantization report and the comparison: a few tokens exercise
@@ -422,9 +473,11 @@ def example_inputs(cfg: WanConfig, *, frames: int = 2, height: int = 4, width: i
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    inputs = dict(x=randn(1, cfg.out_dim, frames, height, width),
-                  t=torch.tensor([500.0], device=device),
-                  context=randn(1, text_tokens, cfg.text_dim))
+    inputs = dict(
+        x=randn(1, cfg.out_dim, frames, height, width),
+        t=torch.tensor([500.0], device=device),
+        context=randn(1, text_tokens, cfg.text_dim),
+    )
     if cfg.is_i2v:
         inputs["y"] = randn(1, cfg.cond_dim, frames, height, width)
         inputs["clip_fea"] = randn(1, 5, cfg.clip_dim)
@@ -435,7 +488,7 @@ def example_inputs(cfg: WanConfig, *, frames: int = 2, height: int = 4, width: i
             ph, pw = cfg.patch_size[1:]
             masks = torch.zeros(3, height * 8, width * 8, device=device)
             masks[0, :, : width * 4] = 1
-            masks[1, :, width * 4:] = 1
+            masks[1, :, width * 4 :] = 1
             masks[2] = 1 - masks[0] - masks[1]
             inputs["ref_target_masks"] = masks
     return inputs
@@ -477,15 +530,22 @@ class LoadSettings:
         object.__setattr__(self, "device", str(torch.device(self.device)))
         problems = []
         if self.preset not in pipeline_presets():
-            problems.append(f"preset {self.preset!r} is not an InfiniteTalk preset "
-                            f"({', '.join(pipeline_presets())})")
+            problems.append(
+                f"preset {self.preset!r} is not an InfiniteTalk preset ({', '.join(pipeline_presets())})"
+            )
         elif not self.is_tiny and self.weights is None:
-            problems.append(f"preset {self.preset!r} loads real weights: give their paths "
-                            f"(or pick {TINY_PRESET!r})")
+            problems.append(
+                f"preset {self.preset!r} loads real weights: give their paths (or pick {TINY_PRESET!r})"
+            )
         layers = PRESETS[self.preset].num_layers if self.preset in PRESETS else 0
-        if isinstance(self.blocks_to_swap, bool) or not isinstance(self.blocks_to_swap, int) \
-                or not 0 <= self.blocks_to_swap <= layers:
-            problems.append(f"blocks_to_swap must be an integer in [0, {layers}], got {self.blocks_to_swap!r}")
+        if (
+            isinstance(self.blocks_to_swap, bool)
+            or not isinstance(self.blocks_to_swap, int)
+            or not 0 <= self.blocks_to_swap <= layers
+        ):
+            problems.append(
+                f"blocks_to_swap must be an integer in [0, {layers}], got {self.blocks_to_swap!r}"
+            )
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             problems.append(f"prefetch must be an integer >= 0, got {self.prefetch!r}")
         if problems:
@@ -522,8 +582,13 @@ def default_settings(weights: WeightPaths | None = None, **changes) -> LoadSetti
     if there is one, at the precision that fits the device. ``changes`` override any field."""
     device = changes.pop("device", default_device())
     preset = TINY_PRESET if weights is None else "infinitetalk-14b"
-    return LoadSettings(preset=changes.pop("preset", preset), weights=weights, device=device,
-                        precision=changes.pop("precision", default_precision(device)), **changes)
+    return LoadSettings(
+        preset=changes.pop("preset", preset),
+        weights=weights,
+        device=device,
+        precision=changes.pop("precision", default_precision(device)),
+        **changes,
+    )
 
 
 @dataclass
@@ -560,8 +625,9 @@ def apply_modes(model: nn.Module, settings: LoadSettings, inputs: Mapping | None
     if settings.attention != AttentionMode.SDPA:
         _part("attention", "set_attention")(model, settings.attention)
     if settings.blocks_to_swap:
-        _part("offload", "enable_block_swap")(model, blocks_to_swap=settings.blocks_to_swap,
-                                               prefetch=settings.prefetch)
+        _part("offload", "enable_block_swap")(
+            model, blocks_to_swap=settings.blocks_to_swap, prefetch=settings.prefetch
+        )
     return report
 
 
@@ -585,29 +651,47 @@ def load_pipeline(settings: LoadSettings | None = None, **kw) -> LoadResult:
     if settings.is_tiny:
         pipe = cls.tiny(seed=settings.seed, device=settings.device, dtype=settings.dtype)
         report = apply_modes(pipe.model, settings)
-        pipe.settings.update(quantization=settings.quantization.value,
-                             attention=settings.attention.value, blocks_to_swap=settings.blocks_to_swap)
+        pipe.settings.update(
+            quantization=settings.quantization.value,
+            attention=settings.attention.value,
+            blocks_to_swap=settings.blocks_to_swap,
+        )
     else:
         pipe = cls.from_files(
-            **settings.weights.as_kwargs(), config=settings.preset,
-            quantization=settings.quantization, attention=settings.attention,
-            blocks_to_swap=settings.blocks_to_swap, device=settings.device, dtype=settings.dtype,
+            **settings.weights.as_kwargs(),
+            config=settings.preset,
+            quantization=settings.quantization,
+            attention=settings.attention,
+            blocks_to_swap=settings.blocks_to_swap,
+            device=settings.device,
+            dtype=settings.dtype,
         )
         if settings.blocks_to_swap and settings.prefetch != 1:  # from_files swaps with prefetch 1
             _part("offload", "disable_block_swap")(pipe.model)
-            _part("offload", "enable_block_swap")(pipe.model, blocks_to_swap=settings.blocks_to_swap,
-                                                   prefetch=settings.prefetch)
+            _part("offload", "enable_block_swap")(
+                pipe.model, blocks_to_swap=settings.blocks_to_swap, prefetch=settings.prefetch
+            )
         if settings.quantization != QuantMode.DISABLED and settings.accuracy:
-            note = ("real weights are quantized while they load, so there is no base-precision copy "
-                    "to compare against: measure the modes in notebook 01 (load with 'disabled')")
+            note = (
+                "real weights are quantized while they load, so there is no base-precision copy "
+                "to compare against: measure the modes in notebook 01 (load with 'disabled')"
+            )
     if report is None and not note:
-        note = ("no quantization: every layer runs at base precision"
-                if settings.quantization == QuantMode.DISABLED else "accuracy measurement was off")
+        note = (
+            "no quantization: every layer runs at base precision"
+            if settings.quantization == QuantMode.DISABLED
+            else "accuracy measurement was off"
+        )
     return LoadResult(pipe, settings, time.perf_counter() - t0, report, note)
 
 
-def load_dit(weights: WeightPaths | None = None, *, quantization: QuantMode | str = QuantMode.DISABLED,
-             device: str | None = None, seed: int = 0) -> nn.Module:
+def load_dit(
+    weights: WeightPaths | None = None,
+    *,
+    quantization: QuantMode | str = QuantMode.DISABLED,
+    device: str | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """The DiT alone, for inspection: the seeded tiny InfiniteTalk model without weights, else
     the real one (``load_model`` of ``dit`` + ``infinitetalk``); then quantized."""
     device = device or default_device()
@@ -695,8 +779,9 @@ class ModelSummary:
             lines.append(f"{c.name}: {c.parameters:,} elements, {_gib(c.bytes)} [{dt}]")
         mem = [f"host RSS {_gib(self.host_rss)}"] if self.host_rss is not None else []
         if self.vram_allocated is not None:
-            mem.append(f"VRAM {_gib(self.vram_allocated)} allocated, {_gib(self.vram_peak)} peak "
-                       f"on {self.device}")
+            mem.append(
+                f"VRAM {_gib(self.vram_allocated)} allocated, {_gib(self.vram_peak)} peak on {self.device}"
+            )
         lines.append("memory: " + ", ".join(mem))
         for what, mode, path in self.kernel_paths:
             lines.append(f"{what} {mode}: {path}")
@@ -707,23 +792,35 @@ class ModelSummary:
         head = "".join(f"<th>{html.escape(d)}</th>" for d in dtypes)
         rows = []
         for c in self.components:
-            cells = "".join(f"<td>{_gib(c.bytes_by_dtype[d]) if d in c.bytes_by_dtype else ''}</td>"
-                            for d in dtypes)
+            cells = "".join(
+                f"<td>{_gib(c.bytes_by_dtype[d]) if d in c.bytes_by_dtype else ''}</td>" for d in dtypes
+            )
             where = ", ".join(f"{k}: {_gib(v)}" for k, v in sorted(c.bytes_by_device.items()))
-            rows.append(f"<tr><td>{html.escape(c.name)}</td><td>{c.parameters:,}</td>{cells}"
-                        f"<td>{_gib(c.bytes)}</td><td>{html.escape(where)}</td></tr>")
-        table = (f"<table class='wanstudio-summary'><tr><th>part</th><th>elements</th>{head}"
-                 f"<th>total</th><th>where</th></tr>{''.join(rows)}</table>")
+            rows.append(
+                f"<tr><td>{html.escape(c.name)}</td><td>{c.parameters:,}</td>{cells}"
+                f"<td>{_gib(c.bytes)}</td><td>{html.escape(where)}</td></tr>"
+            )
+        table = (
+            f"<table class='wanstudio-summary'><tr><th>part</th><th>elements</th>{head}"
+            f"<th>total</th><th>where</th></tr>{''.join(rows)}</table>"
+        )
         mem = [f"host RSS <b>{_gib(self.host_rss)}</b>"] if self.host_rss is not None else []
         if self.vram_allocated is not None:
-            mem.append(f"VRAM <b>{_gib(self.vram_allocated)}</b> allocated, "
-                       f"<b>{_gib(self.vram_peak)}</b> peak on {html.escape(self.device)}")
-        paths = "".join(f"<tr><td>{html.escape(w)}</td><td><code>{html.escape(m)}</code></td>"
-                        f"<td>{html.escape(p)}</td></tr>" for w, m, p in self.kernel_paths)
+            mem.append(
+                f"VRAM <b>{_gib(self.vram_allocated)}</b> allocated, "
+                f"<b>{_gib(self.vram_peak)}</b> peak on {html.escape(self.device)}"
+            )
+        paths = "".join(
+            f"<tr><td>{html.escape(w)}</td><td><code>{html.escape(m)}</code></td>"
+            f"<td>{html.escape(p)}</td></tr>"
+            for w, m, p in self.kernel_paths
+        )
         took = f" Loaded in {self.seconds:.1f} s." if self.seconds is not None else ""
-        return (f"{table}<p>Memory: {', '.join(mem)}.{took}</p>"
-                f"<table class='wanstudio-kernels'><tr><th>setting</th><th>mode</th><th>what runs</th>"
-                f"</tr>{paths}</table>")
+        return (
+            f"{table}<p>Memory: {', '.join(mem)}.{took}</p>"
+            f"<table class='wanstudio-kernels'><tr><th>setting</th><th>mode</th><th>what runs</th>"
+            f"</tr>{paths}</table>"
+        )
 
 
 def _gib(n: int | None) -> str:
@@ -751,16 +848,23 @@ def _quant_paths_in(model: nn.Module) -> Counter:
 def kernel_paths(model: nn.Module, settings: LoadSettings) -> list[tuple[str, str, str]]:
     q, a = settings.quantization, settings.attention
     counted = _quant_paths_in(model)
-    qpath = ("; ".join(f"{p} x {n}" for p, n in counted.most_common()) if counted
-             else quant_kernel_path(q, settings.device))
+    qpath = (
+        "; ".join(f"{p} x {n}" for p, n in counted.most_common())
+        if counted
+        else quant_kernel_path(q, settings.device)
+    )
     astatus = attention_availability(settings.device)[a]
     rows = [
         ("base precision", settings.precision.value, f"{_dtype_name(settings.dtype)} weights and compute"),
         ("quantization", q.value, qpath or q.description),
         ("attention", a.value, astatus.kernel or astatus.reason or a.description),
     ]
-    swap = (f"{settings.blocks_to_swap} of {model.config.num_layers} blocks in pinned host memory, "
-            f"prefetch {settings.prefetch}" if settings.blocks_to_swap else "off: every block resident")
+    swap = (
+        f"{settings.blocks_to_swap} of {model.config.num_layers} blocks in pinned host memory, "
+        f"prefetch {settings.prefetch}"
+        if settings.blocks_to_swap
+        else "off: every block resident"
+    )
     rows.append(("block swap", str(settings.blocks_to_swap), swap))
     return rows
 
@@ -768,8 +872,12 @@ def kernel_paths(model: nn.Module, settings: LoadSettings) -> list[tuple[str, st
 def summarize(pipeline, settings: LoadSettings, seconds: float | None = None) -> ModelSummary:
     """Memory per part (DiT, encoders, VAE), process memory, and what each chosen mode runs."""
     parts = [("DiT", pipeline.model)]
-    for attr, name in (("text_encoder", "text encoder"), ("image_encoder", "image encoder"),
-                       ("audio_encoder", "audio encoder"), ("vae", "VAE")):
+    for attr, name in (
+        ("text_encoder", "text encoder"),
+        ("image_encoder", "image encoder"),
+        ("audio_encoder", "audio encoder"),
+        ("vae", "VAE"),
+    ):
         module = _as_module(getattr(pipeline, attr, None))
         if module is not None:
             parts.append((name, module))
@@ -783,21 +891,29 @@ def summarize(pipeline, settings: LoadSettings, seconds: float | None = None) ->
     alloc = peak = None
     if device.type == "cuda" and torch.cuda.is_available():
         alloc, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
-    return ModelSummary(components, kernel_paths(pipeline.model, settings), rss, alloc, peak,
-                        str(device), seconds)
+    return ModelSummary(
+        components, kernel_paths(pipeline.model, settings), rss, alloc, peak, str(device), seconds
+    )
 
 
 def modes_table(device: torch.device | str = "cpu") -> str:
     """HTML: every quantization and attention mode on this device — what runs, or why not."""
     rows = []
-    for title, statuses in (("quantization", quant_availability(device)),
-                            ("attention", attention_availability(device))):
+    for title, statuses in (
+        ("quantization", quant_availability(device)),
+        ("attention", attention_availability(device)),
+    ):
         for mode, s in statuses.items():
-            what = html.escape(s.kernel or mode.description) if s.available else \
-                f"<span style='color:#b00'>cannot run: {html.escape(s.reason)}</span>"
+            what = (
+                html.escape(s.kernel or mode.description)
+                if s.available
+                else f"<span style='color:#b00'>cannot run: {html.escape(s.reason)}</span>"
+            )
             rows.append(f"<tr><td>{title}</td><td><code>{mode.value}</code></td><td>{what}</td></tr>")
-    return ("<table class='wanstudio-modes'><tr><th>setting</th><th>mode</th>"
-            f"<th>on {html.escape(str(device))}</th></tr>{''.join(rows)}</table>")
+    return (
+        "<table class='wanstudio-modes'><tr><th>setting</th><th>mode</th>"
+        f"<th>on {html.escape(str(device))}</th></tr>{''.join(rows)}</table>"
+    )
 
 
 # --- quantization modes compared ------------------------------------------------------------------
@@ -840,8 +956,15 @@ class QuantComparison:
         if not r.available:
             return (r.mode.value, "", "", "", "", "", f"cannot run here: {r.reason}")
         worst = f"{r.worst_layer} ({_db_text(r.worst_sqnr_db)})" if r.worst_layer else ""
-        return (r.mode.value, _gib(r.linear_bytes), f"{r.ratio:.2f}", _gib(r.model_bytes),
-                _db_text(r.sqnr_db), worst, r.paths)
+        return (
+            r.mode.value,
+            _gib(r.linear_bytes),
+            f"{r.ratio:.2f}",
+            _gib(r.model_bytes),
+            _db_text(r.sqnr_db),
+            worst,
+            r.paths,
+        )
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
@@ -850,8 +973,10 @@ class QuantComparison:
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(r)) + "</tr>"
-                       for r in self.rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(r)) + "</tr>"
+            for r in self.rows
+        )
         return f"<table class='wanstudio-quant'><tr>{head}</tr>{body}</table>"
 
     def __str__(self) -> str:
@@ -883,16 +1008,19 @@ def truncated(model: nn.Module, blocks: int) -> nn.Module:
     return view
 
 
-def compare_quant_modes(model: nn.Module, modes: Iterable[QuantMode | str] | None = None,
-                        inputs: Mapping | None = None) -> QuantComparison:
+def compare_quant_modes(
+    model: nn.Module, modes: Iterable[QuantMode | str] | None = None, inputs: Mapping | None = None
+) -> QuantComparison:
     """Measure every mode on ``model`` (base-precision weights, left unchanged): Linear and DiT
     bytes, whole-model SQNR, worst layer, matmul paths. Modes that cannot run on the model's
     device get a row with the reason. Uses :func:`wanstudio.quant.quant_report`, which holds
     one quantized copy of the Linear layers at a time.
     """
     if _quantized_layers(model):
-        raise UnsupportedModeError("compare_quant_modes needs base-precision weights, but this model is "
-                                   "already quantized: load it with quantization='disabled'")
+        raise UnsupportedModeError(
+            "compare_quant_modes needs base-precision weights, but this model is "
+            "already quantized: load it with quantization='disabled'"
+        )
     device = model.device
     modes = [parse_option(QuantMode, m) for m in (modes if modes is not None else QuantMode)]
     if inputs is None:
@@ -908,17 +1036,26 @@ def compare_quant_modes(model: nn.Module, modes: Iterable[QuantMode | str] | Non
         report = quant_report(model, mode, inputs)
         reports[mode] = report
         if mode == QuantMode.DISABLED:
-            rows.append(QuantRow(mode, True, model_bytes=total, sqnr_db=math.inf, ratio=1.0,
-                                 paths="base precision"))
+            rows.append(
+                QuantRow(mode, True, model_bytes=total, sqnr_db=math.inf, ratio=1.0, paths="base precision")
+            )
             continue
         base_linear = report.base_bytes
         worst = report.worst(1)
-        rows.append(QuantRow(
-            mode, True, "", report.quant_bytes, report.quant_bytes / report.base_bytes if report.base_bytes
-            else math.nan, total - report.base_bytes + report.quant_bytes, report.model_sqnr_db,
-            worst[0].name if worst else "", worst[0].sqnr_db if worst else math.nan,
-            ", ".join(f"{p} x{n}" for p, n in report.paths().items()),
-        ))
+        rows.append(
+            QuantRow(
+                mode,
+                True,
+                "",
+                report.quant_bytes,
+                report.quant_bytes / report.base_bytes if report.base_bytes else math.nan,
+                total - report.base_bytes + report.quant_bytes,
+                report.model_sqnr_db,
+                worst[0].name if worst else "",
+                worst[0].sqnr_db if worst else math.nan,
+                ", ".join(f"{p} x{n}" for p, n in report.paths().items()),
+            )
+        )
     rows = [replace(r, linear_bytes=base_linear) if r.mode == QuantMode.DISABLED else r for r in rows]
     return QuantComparison(rows, base_linear, total, str(device), reports)
 
@@ -1006,10 +1143,12 @@ class CopyCost:
         return self.ms_violating / self.ms_clean - 1 if self.ms_clean else float("nan")
 
     def __str__(self) -> str:
-        return (f"{self.copies_per_forward} hidden cop{'y' if self.copies_per_forward == 1 else 'ies'} "
-                f"per forward ({_gib(self.bytes_per_forward)}): {', '.join(self.copied) or 'none'}\n"
-                f"forward {self.ms_violating:.2f} ms with the violation, {self.ms_clean:.2f} ms without "
-                f"({self.overhead:+.0%})")
+        return (
+            f"{self.copies_per_forward} hidden cop{'y' if self.copies_per_forward == 1 else 'ies'} "
+            f"per forward ({_gib(self.bytes_per_forward)}): {', '.join(self.copied) or 'none'}\n"
+            f"forward {self.ms_violating:.2f} ms with the violation, {self.ms_clean:.2f} ms without "
+            f"({self.overhead:+.0%})"
+        )
 
 
 def _time_ms(model: nn.Module, inputs: Mapping, repeats: int) -> float:
@@ -1026,8 +1165,9 @@ def _time_ms(model: nn.Module, inputs: Mapping, repeats: int) -> float:
     return best
 
 
-def hidden_copy_cost(model: nn.Module, inputs: Mapping, layer: str, attr: str = "weight",
-                     repeats: int = 5) -> CopyCost:
+def hidden_copy_cost(
+    model: nn.Module, inputs: Mapping, layer: str, attr: str = "weight", repeats: int = 5
+) -> CopyCost:
     """Misalign ``<layer>.<attr>``, count and time the copies the contracts then make on every
     forward (outside strict mode), realign, time again. The model is left aligned."""
     from .layout import listen
@@ -1104,8 +1244,14 @@ def block_swap(model: nn.Module, blocks_to_swap: int, *, prefetch: int = 1) -> n
     return simulated_block_swap(model, blocks_to_swap, prefetch=prefetch)
 
 
-def simulated_block_swap(model: nn.Module, blocks_to_swap: int, *, prefetch: int = 1,
-                         copy_gb_per_s: float = 25.0, compute_ms: float = 1.0) -> nn.Module:
+def simulated_block_swap(
+    model: nn.Module,
+    blocks_to_swap: int,
+    *,
+    prefetch: int = 1,
+    copy_gb_per_s: float = 25.0,
+    compute_ms: float = 1.0,
+) -> nn.Module:
     """Block swap on the CPU with a simulated device (``offload.FakeTransferBackend``): the
     bookkeeping and the timeline are real, the clock is virtual. For CPU notebooks and tests."""
     backend_cls = _part("offload", "FakeTransferBackend")

@@ -54,8 +54,10 @@ def make(B, Lq, Lk, H, D, scale=1.0, dtype=torch.bfloat16, seed=0):
 @pytest.fixture(scope="module")
 def modes():
     found = A.available_attention_modes(DEVICE)
-    print(f"\n{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
-          f", torch {torch.__version__}")
+    print(
+        f"\n{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+        f", torch {torch.__version__}"
+    )
     for mode, availability in found.items():
         print(f"  {mode.value:15s} {availability}")
     return found
@@ -83,8 +85,7 @@ def _check(mode, modes, shape, dtype):
         assert torch.equal(t, t0), f"{mode.value} wrote to the caller's {name}"
     err = relative_error(out, reference_attention(q, k, v, torch.float64))
     tol = A.BACKENDS[mode].rel_tol
-    print(f"  {mode.value:15s} {shape:16s} {str(dtype)[6:]:9s} rel. err {err:.4%} "
-          f"(tol {tol:.0%}) ran: {ran}")
+    print(f"  {mode.value:15s} {shape:16s} {str(dtype)[6:]:9s} rel. err {err:.4%} (tol {tol:.0%}) ran: {ran}")
     assert err <= tol
 
 
@@ -128,16 +129,16 @@ def test_sageattn_1x_guards_are_needed(modes):
     q, k, v = make(1, 1560, 256, 8, 128)
     k_given = k.clone()
     sageattention.sageattn(q, k_given, v, tensor_layout="NHD")
-    assert not torch.equal(k_given, k), (
-        "sageattention 1.x no longer writes k in place: sage.py's copy can go"
-    )
+    assert not torch.equal(k_given, k), "sageattention 1.x no longer writes k in place: sage.py's copy can go"
     errors = {}
     for keys in (256, 257, 32):
         q, k, v = make(1, 1560, keys, 8, 128)
         out = sageattention.sageattn(q, k.clone(), v, tensor_layout="NHD")
         errors[keys] = relative_error(out, reference_attention(q, k, v, torch.float64))
-    print(f"  raw sageattention {base.version_text(version)} rel. err by key count: "
-          + ", ".join(f"{n}: {e:.2%}" for n, e in errors.items()))
+    print(
+        f"  raw sageattention {base.version_text(version)} rel. err by key count: "
+        + ", ".join(f"{n}: {e:.2%}" for n, e in errors.items())
+    )
     assert errors[256] <= 0.03
     assert not errors[257] <= 0.03 and not errors[32] <= 0.03, (
         "sageattention masks partial key blocks after all: relax Kernel.key_block in sage.py"
@@ -155,8 +156,7 @@ def _tiny_inputs(cfg, frames=3, height=6, width=10):
         context=torch.randn(1, 7, cfg.text_dim, generator=g),
         y=torch.randn(1, cfg.cond_dim, frames, height, width, generator=g),
         clip_fea=torch.randn(1, 257, cfg.clip_dim, generator=g),
-        audio=torch.randn(1, 2, f_video, cfg.audio_window, cfg.audio_layers, cfg.audio_dim,
-                          generator=g),
+        audio=torch.randn(1, 2, f_video, cfg.audio_window, cfg.audio_layers, cfg.audio_dim, generator=g),
         ref_target_masks=masks,
     )
 

@@ -55,8 +55,10 @@ def _skip_if_unsupported(mode: QuantMode) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def banner():
     if ON_CUDA:
-        print(f"\n{torch.cuda.get_device_name(DEVICE)}, compute capability {_capability()}, "
-              f"torch {torch.__version__}")
+        print(
+            f"\n{torch.cuda.get_device_name(DEVICE)}, compute capability {_capability()}, "
+            f"torch {torch.__version__}"
+        )
 
 
 def _sync() -> None:

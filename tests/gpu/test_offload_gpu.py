@@ -72,8 +72,7 @@ def _inputs(cfg: WanConfig) -> dict:
 
 def _run(model: nn.Module, inputs: dict) -> torch.Tensor:
     with torch.inference_mode():
-        out = model(inputs["x"], inputs["t"], inputs["context"], y=inputs["y"],
-                    clip_fea=inputs["clip_fea"])
+        out = model(inputs["x"], inputs["t"], inputs["context"], y=inputs["y"], clip_fea=inputs["clip_fea"])
     _sync()
     return out
 
@@ -215,8 +214,10 @@ def test_host_rss_is_flat_over_ten_forwards(setup, model):
     _ = model.block_swap_stats.steps  # resolving the stats must not grow it either
     gc.collect()
     rss.append(proc.memory_info().rss)
-    print(f"\nRSS after the first forward {first / 2**20:.0f} MiB; next 10: "
-          f"{min(rss) / 2**20:.0f}..{max(rss) / 2**20:.0f} MiB")
+    print(
+        f"\nRSS after the first forward {first / 2**20:.0f} MiB; next 10: "
+        f"{min(rss) / 2**20:.0f}..{max(rss) / 2**20:.0f} MiB"
+    )
     assert max(rss) - first <= 0.01 * first
     assert first - min(rss) <= 0.01 * first
 
@@ -224,8 +225,10 @@ def test_host_rss_is_flat_over_ten_forwards(setup, model):
 def test_swapped_tensors_keep_shape_stride_dtype_and_alignment(setup, model):
     _, inputs, ref = setup
     layouts = {
-        i: {n: (tuple(t.shape), tuple(t.stride()), t.dtype)
-            for n, t in [*b.named_parameters(), *b.named_buffers()]}
+        i: {
+            n: (tuple(t.shape), tuple(t.stride()), t.dtype)
+            for n, t in [*b.named_parameters(), *b.named_buffers()]
+        }
         for i, b in enumerate(model.blocks)
     }
     _enable(model, LAYERS // 2)
@@ -241,10 +244,12 @@ def test_swapped_tensors_keep_shape_stride_dtype_and_alignment(setup, model):
                 assert t.data_ptr() % 16 == 0 and t.data_ptr() % 512 == 0, n
                 assert any(lo <= t.data_ptr() < hi for lo, hi in slots), n
             seen.append(i)
+
         return hook
 
-    handles = [model.blocks[i].register_forward_pre_hook(probe(i))
-               for i in range(LAYERS - LAYERS // 2, LAYERS)]
+    handles = [
+        model.blocks[i].register_forward_pre_hook(probe(i)) for i in range(LAYERS - LAYERS // 2, LAYERS)
+    ]
     try:
         assert torch.equal(_run(model, inputs), ref)
     finally:

@@ -76,8 +76,10 @@ def _fast_supported() -> bool:
 def banner():
     if ON_CUDA:
         cap = _capability()
-        print(f"\n{torch.cuda.get_device_name(DEVICE)} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}, "
-              f"triton {'yes' if kernels.HAS_TRITON else 'no'}")
+        print(
+            f"\n{torch.cuda.get_device_name(DEVICE)} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}, "
+            f"triton {'yes' if kernels.HAS_TRITON else 'no'}"
+        )
     yield
 
 
@@ -120,9 +122,10 @@ def test_mode_meets_its_sqnr_bar(layers, mode, shape):
     assert torch.equal(x, before), f"{mode.value} wrote to its input"
     assert out.dtype == torch.bfloat16 and out.shape == ref64.shape
     vs64, vs_bf16 = sqnr_db(ref64, out), sqnr_db(ref_bf16, out)
-    print(f"  {mode.value:24s} {shape:10s} SQNR vs fp64 {vs64:5.1f} dB, vs bf16 {vs_bf16:5.1f} dB, "
-          f"path {layer.path}: {layer.path_detail}"
-          + "".join(f" [warning: {w.message}]" for w in caught))
+    print(
+        f"  {mode.value:24s} {shape:10s} SQNR vs fp64 {vs64:5.1f} dB, vs bf16 {vs_bf16:5.1f} dB, "
+        f"path {layer.path}: {layer.path_detail}" + "".join(f" [warning: {w.message}]" for w in caught)
+    )
     assert vs64 >= BARS[mode] - 0.5
 
 
@@ -237,8 +240,10 @@ def test_native_fp4_on_blackwell():
         warnings.simplefilter("always")
         out = layer(x)
     db = sqnr_db(x.double() @ w.double().t(), out)
-    print(f"  fp4_scaled_fast native: path {layer.path} ({layer.path_detail}), SQNR {db:.1f} dB"
-          + "".join(f" [warning: {c.message}]" for c in caught))
+    print(
+        f"  fp4_scaled_fast native: path {layer.path} ({layer.path_detail}), SQNR {db:.1f} dB"
+        + "".join(f" [warning: {c.message}]" for c in caught)
+    )
     assert layer.path == "fp4_native", layer.path_detail
     assert db >= 15.0  # weights and activations both NVFP4
 

@@ -43,8 +43,13 @@ SCREENSHOTS = Path(os.environ.get("WANSTUDIO_SCREENSHOTS", ROOT / "docs" / "scre
 CHROMIUM = os.environ.get("WANSTUDIO_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 800}
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--disable-dev-shm-usage",
 ]
 START_TIMEOUT = 120.0  # seconds for JupyterLab to answer
@@ -55,7 +60,9 @@ START_TIMEOUT = 120.0  # seconds for JupyterLab to answer
 # right after scrolling to it could find it empty).
 LAB_SETTINGS = {
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-        "fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True,
+        "fetchNews": "false",
+        "checkForUpdates": False,
+        "doNotDisturbMode": True,
     },
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
@@ -77,8 +84,9 @@ class JupyterLab:
         return f"{self.url}/lab/workspaces/{workspace}/tree/{path}?token={self.token}&reset"
 
     def api(self, path: str, method: str = "GET", timeout: float = 5.0):
-        request = urllib.request.Request(f"{self.url}/api/{path}", method=method,
-                                         headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            f"{self.url}/api/{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -140,29 +148,53 @@ def jupyter_lab(tmp_path_factory):
         path.write_text(json.dumps(values))
     # no real weights (the tiny preset), videos in ./outputs of the served copy (as a person
     # gets them: the panel shows outputs/infinitetalk.mp4)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WANSTUDIO_WEIGHTS", "WANSTUDIO_OUTPUT", "JUPYTER_PATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WANSTUDIO_WEIGHTS", "WANSTUDIO_OUTPUT", "JUPYTER_PATH")
+    }
     env.update(
-        JUPYTER_CONFIG_DIR=str(config), JUPYTER_DATA_DIR=str(home / "data"),
-        JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
-        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), IPYTHONDIR=str(home / "ipython"),
-        XDG_CONFIG_HOME=str(home / "xdg"), MPLCONFIGDIR=str(home / "mpl"), MPLBACKEND="Agg",
+        JUPYTER_CONFIG_DIR=str(config),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        IPYTHONDIR=str(home / "ipython"),
+        XDG_CONFIG_HOME=str(home / "xdg"),
+        MPLCONFIGDIR=str(home / "mpl"),
+        MPLBACKEND="Agg",
         JUPYTER_PLATFORM_DIRS="1",
         PYTHONWARNINGS="ignore::DeprecationWarning",
     )
     port, token = free_port(), secrets.token_hex(16)
     log = home / "jupyterlab.log"
     cmd = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.open_browser=False",
-        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", "--ServerApp.allow_root=True",
-        f"--ServerApp.root_dir={root}", "--ServerApp.terminals_enabled=False",
-        "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.open_browser=False",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        "--ServerApp.allow_root=True",
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.terminals_enabled=False",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         "--LabApp.extension_manager=readonly",
     ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     lab = JupyterLab(url=f"http://127.0.0.1:{port}", token=token, root=root, log=log, proc=proc)
     pidfile = os.environ.get("WANSTUDIO_UI_PIDFILE")  # .ci/run's trap stops it if pytest is killed
     if pidfile:
@@ -177,8 +209,9 @@ def jupyter_lab(tmp_path_factory):
                 break
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not answer in {START_TIMEOUT:.0f} s:\n"
-                                       f"{lab.log_tail()}") from None
+                    raise RuntimeError(
+                        f"JupyterLab did not answer in {START_TIMEOUT:.0f} s:\n{lab.log_tail()}"
+                    ) from None
                 time.sleep(0.5)
         yield lab
     finally:
@@ -197,8 +230,13 @@ def browser_context(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport=VIEWPORT, device_scale_factor=1)
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport=VIEWPORT,
+            device_scale_factor=1,
+        )
         try:
             yield context
         finally:
@@ -227,8 +265,10 @@ def page(request, browser_context, tmp_path_factory):
             shot = tmp_path_factory.getbasetemp() / f"{request.node.name}-failed.png"
             with contextlib.suppress(Exception):
                 page.screenshot(path=shot, full_page=True)
-                print(f"\nscreenshot of the failed page: {shot}\nbrowser console:\n"
-                      + "\n".join(page.console_messages[-30:]))
+                print(
+                    f"\nscreenshot of the failed page: {shot}\nbrowser console:\n"
+                    + "\n".join(page.console_messages[-30:])
+                )
         page.close()
 
 

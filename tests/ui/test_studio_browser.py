@@ -66,7 +66,9 @@ def run_all_cells(page) -> None:
             const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
             return prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p.textContent.trim()));
         }""",
-        timeout=RUN_ALL_TIMEOUT, polling=1000)
+        timeout=RUN_ALL_TIMEOUT,
+        polling=1000,
+    )
     page.locator(".jp-StatusBar-TextItem", has_text=IDLE).wait_for(timeout=60_000)
 
 
@@ -74,7 +76,8 @@ def assert_outputs_clean(page, name: str) -> None:
     """No traceback in any output, no widget that failed to render."""
     errors = page.eval_on_selector_all(
         ".jp-Notebook .jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-        "els => els.map(e => e.innerText)")
+        "els => els.map(e => e.innerText)",
+    )
     tracebacks = [e for e in errors if "Traceback" in e or "Error" in e]
     assert not tracebacks, f"{name}: error output in the notebook:\n" + "\n---\n".join(tracebacks)
     text = page.locator(".jp-NotebookPanel .jp-Notebook").inner_text()
@@ -146,9 +149,19 @@ def test_generate_panel_in_jupyterlab(jupyter_lab, page, screenshots):
     generate = panel.locator("button", has_text="Generate")  # (the name has the icon's glyph too)
     cancel = panel.locator("button", has_text="Cancel")
     assert generate.is_enabled() and cancel.is_disabled()
-    for label in ("image", "speech (speaker 1)", "speakers", "prompt", "negative prompt", "size class",
-                  "steps", "output mp4"):
-        assert panel.locator(".widget-label", has_text=re.compile(f"^{re.escape(label)}$")).first.is_visible(), label
+    for label in (
+        "image",
+        "speech (speaker 1)",
+        "speakers",
+        "prompt",
+        "negative prompt",
+        "size class",
+        "steps",
+        "output mp4",
+    ):
+        assert panel.locator(
+            ".widget-label", has_text=re.compile(f"^{re.escape(label)}$")
+        ).first.is_visible(), label
     assert panel.get_by_text("use the pipeline's own size, 64x64").is_visible()
     # the notebook's own quick run (Generate clicked from Python, drawn by the worker thread)
     text = panel.inner_text()
@@ -172,12 +185,16 @@ def test_generate_panel_in_jupyterlab(jupyter_lab, page, screenshots):
     page.wait_for_function(
         f"el => el.disabled && [...document.querySelectorAll('.wanstudio-generate-panel .widget-html')]"
         f".some(h => /^clip \\d+ of \\d+, step [1-9]\\d* of {BROWSER_STEPS}/.test(h.innerText))",
-        arg=generate.element_handle(), timeout=GENERATE_TIMEOUT, polling=100)
+        arg=generate.element_handle(),
+        timeout=GENERATE_TIMEOUT,
+        polling=100,
+    )
     page.screenshot(path=screenshots / "generate_running.png")  # the 1280x800 view mid-run
 
     # --- finished: Generate enabled again, full green bars, status Done, a new playable <video>
-    page.wait_for_function("el => !el.disabled", arg=generate.element_handle(), timeout=GENERATE_TIMEOUT,
-                           polling=200)
+    page.wait_for_function(
+        "el => !el.disabled", arg=generate.element_handle(), timeout=GENERATE_TIMEOUT, polling=200
+    )
     text = panel.inner_text()
     assert "Done in" in text and "Generation failed" not in text, text
     assert cancel.is_disabled()
@@ -202,7 +219,9 @@ def test_generate_panel_in_jupyterlab(jupyter_lab, page, screenshots):
     })""")
     error = video.evaluate("v => v.error && v.error.code")
     assert duration and duration > 0, f"the video does not play: duration {duration}, media error {error}"
-    width, height, shown_w, shown_h = video.evaluate("v => [v.videoWidth, v.videoHeight, v.clientWidth, v.clientHeight]")
+    width, height, shown_w, shown_h = video.evaluate(
+        "v => [v.videoWidth, v.videoHeight, v.clientWidth, v.clientHeight]"
+    )
     assert width > 0 and height > 0
     assert shown_w >= 320 and shown_h >= 240, f"the video is drawn {shown_w}x{shown_h}: too small to see"
     video.scroll_into_view_if_needed()
@@ -210,9 +229,11 @@ def test_generate_panel_in_jupyterlab(jupyter_lab, page, screenshots):
     assert_outputs_clean(page, "02_infinitetalk.ipynb")
     assert_fits(panel)
     screenshot_panel(page, panel, screenshots / "generate_after.png")
-    print(f"\n02: Run All {ran:.0f} s; Generate in the browser: {len(during)} progress updates seen while "
-          f"running; a {duration:.2f} s {width}x{height} video drawn {shown_w}x{shown_h}; "
-          f"{time.monotonic() - t0:.0f} s in all")
+    print(
+        f"\n02: Run All {ran:.0f} s; Generate in the browser: {len(during)} progress updates seen while "
+        f"running; a {duration:.2f} s {width}x{height} video drawn {shown_w}x{shown_h}; "
+        f"{time.monotonic() - t0:.0f} s in all"
+    )
 
 
 def test_layout_panel_in_jupyterlab(jupyter_lab, page, screenshots):
@@ -255,20 +276,30 @@ def test_load_panel_in_jupyterlab(jupyter_lab, page, screenshots):
     assert panel.count() == 1, "the load panel did not render as a widget"
     panel.scroll_into_view_if_needed()
     # the notebook's last cell loaded fp8_e4m3fn_scaled through the panel; the page shows it
-    assert panel.locator("select", has=page.locator("option:checked", has_text="fp8_e4m3fn_scaled")).count() == 1
+    assert (
+        panel.locator("select", has=page.locator("option:checked", has_text="fp8_e4m3fn_scaled")).count() == 1
+    )
     text = panel.inner_text()
     assert "Loaded tiny-infinitetalk in" in text, text
     # Load, clicked in the browser, with a mode picked in the browser
-    quantization = panel.locator(".widget-dropdown", has=page.locator(".widget-label", has_text="quantization"))
+    quantization = panel.locator(
+        ".widget-dropdown", has=page.locator(".widget-label", has_text="quantization")
+    )
     quantization.locator("select").select_option("fp4_scaled")
     load = panel.locator("button", has_text="Load")
     assert load.is_enabled()
-    page.evaluate("el => { el.dataset.before = el.innerText }", panel.locator(".wanstudio-status").first.element_handle())
+    page.evaluate(
+        "el => { el.dataset.before = el.innerText }",
+        panel.locator(".wanstudio-status").first.element_handle(),
+    )
     load.click()
     page.wait_for_function(
         "el => /Loaded tiny-infinitetalk in/.test(el.innerText) && /fp4_scaled/.test(el.innerText)"
         " && !el.querySelector('.wanstudio-busy')",
-        arg=panel.element_handle(), timeout=120_000, polling=200)
+        arg=panel.element_handle(),
+        timeout=120_000,
+        polling=200,
+    )
     page.wait_for_function("el => !el.disabled", arg=load.element_handle(), timeout=30_000)
     assert "Load failed" not in panel.inner_text()
     assert_fits(panel)

@@ -106,9 +106,7 @@ def load_module(name: str, install: str):
                 f"missing (reinstall a build for this torch, {torch.__version__})"
             ) from None
         if missing and "." not in missing:  # a dependency, e.g. triton
-            raise Unavailable(
-                f"package {name!r} is installed but needs {missing!r}, which is not"
-            ) from None
+            raise Unavailable(f"package {name!r} is installed but needs {missing!r}, which is not") from None
         error = e
     except Exception as e:  # an extension built for another torch: ImportError / OSError
         error = e
@@ -237,8 +235,9 @@ def probe_inputs(device: torch.device, dtype: torch.dtype):
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v computed explicitly in ``dtype``; [B, L, H, D] in and out."""
     qh, kh, vh = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
     scores = (qh @ kh.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
@@ -260,9 +259,7 @@ def probe(backend: AttentionBackend, kernel: Kernel, info: DeviceInfo) -> str | 
             torch.cuda.synchronize(out.device)  # a failed launch surfaces here, not later
     except Exception as e:  # any failure of the foreign kernel is the answer we want
         extra = backend.diagnose() if backend.diagnose else ""
-        return f"it imports, but a tiny test call failed ({_first_line(e)})" + (
-            f"; {extra}" if extra else ""
-        )
+        return f"it imports, but a tiny test call failed ({_first_line(e)})" + (f"; {extra}" if extra else "")
     if tuple(out.shape) != tuple(q.shape):
         return f"a tiny test call returned shape {tuple(out.shape)}, expected {tuple(q.shape)}"
     err = relative_error(out, reference_attention(q, k, v))

@@ -27,9 +27,7 @@ def _load_fa2(info: DeviceInfo) -> Kernel:
 
 
 def _load_fa3(info: DeviceInfo) -> Kernel:
-    fa3 = base.load_module(
-        "flash_attn_interface", "build FlashAttention 3 from flash-attention/hopper"
-    )
+    fa3 = base.load_module("flash_attn_interface", "build FlashAttention 3 from flash-attention/hopper")
     fn = fa3.flash_attn_func
 
     def run(q, k, v):

@@ -43,8 +43,10 @@ def check(backend: AttentionBackend, device: torch.device) -> tuple[Availability
             problem = str(e)
     if problem is None and backend.probe:
         problem = base.probe(backend, kernel, info)
-    result = (Availability(True, "", kernel.label), kernel) if problem is None else (
-        Availability(False, problem), None
+    result = (
+        (Availability(True, "", kernel.label), kernel)
+        if problem is None
+        else (Availability(False, problem), None)
     )
     _CHECKED[key] = result
     return result

@@ -50,7 +50,10 @@ def _load_sageattn(info: DeviceInfo) -> Kernel:
     if not triton:
         return Kernel(run, label)
     return Kernel(
-        run, label, key_block=64, max_key_padding=0.005,
+        run,
+        label,
+        key_block=64,
+        max_key_padding=0.005,
         key_rule=(
             f"sageattention {base.version_text(version)}'s Triton kernel does not mask a partial "
             "block of 64 keys: the missing keys dilute the softmax by up to missing / keys, "
@@ -107,9 +110,7 @@ def _load_sage_fp8(info: DeviceInfo) -> Kernel:
 
 
 _NHD_CONTRACT = qkv_contract("sageattn", HALF, StrideRule.LAST_DIM_CONTIGUOUS)
-_BLACKWELL = Needs(
-    capabilities=((10, 0), (12, 0), (12, 1)), arch_label="Blackwell", max_head_dim=128
-)
+_BLACKWELL = Needs(capabilities=((10, 0), (12, 0), (12, 1)), arch_label="Blackwell", max_head_dim=128)
 
 SAGEATTN = AttentionBackend(
     name="sageattn",

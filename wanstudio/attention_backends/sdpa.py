@@ -41,9 +41,7 @@ class SdpaRule:
     evidence: str
 
     def applies(self, capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
-        return (
-            capability[0] in self.arch_majors and dtype in self.dtypes and head_dim <= self.max_head_dim
-        )
+        return capability[0] in self.arch_majors and dtype in self.dtypes and head_dim <= self.max_head_dim
 
 
 SDPA_RULES: tuple[SdpaRule, ...] = (
@@ -123,8 +121,7 @@ def kernel_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
 def _load(info: DeviceInfo) -> Kernel:
     if info.device.type != "cuda":
         return Kernel(run, f"torch SDPA on {info.device.type}")
-    if _HAS_SET_PRIORITY and any(info.capability and info.capability[0] in r.arch_majors
-                                 for r in SDPA_RULES):
+    if _HAS_SET_PRIORITY and any(info.capability and info.capability[0] in r.arch_majors for r in SDPA_RULES):
         return Kernel(run, "torch SDPA (cuDNN first for fp16/bf16, head dim <= 128: measured)")
     return Kernel(run, "torch SDPA (torch's kernel order)")
 

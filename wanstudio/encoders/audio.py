@@ -49,11 +49,19 @@ class AudioEncoder:
     def tiny(cls, layers: int = 3, dim: int = 32, seed: int = 0) -> AudioEncoder:
         """Toy wav2vec2 with the real CNN strides (320 samples per feature) and seeded weights."""
         config = Wav2Vec2Config(
-            hidden_size=dim, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=2 * dim, conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-            conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_bias=False, feat_extract_norm="group",
-            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-            mask_time_prob=0.0, mask_feature_prob=0.0,
+            hidden_size=dim,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * dim,
+            conv_dim=(32,) * 7,
+            conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+            conv_stride=(5, 2, 2, 2, 2, 2, 2),
+            conv_bias=False,
+            feat_extract_norm="group",
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            mask_time_prob=0.0,
+            mask_feature_prob=0.0,
         )
         with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
             torch.manual_seed(seed)
@@ -77,8 +85,11 @@ class AudioEncoder:
         arch = Wav2Vec2Config.from_dict(read_config(config, path, "chinese-wav2vec2-base.json"))
         arch.mask_time_prob = arch.mask_feature_prob = 0.0  # inference: no training-time masking
         model = load_into(
-            empty_model(lambda: Wav2Vec2Model(arch)), state, device=device,
-            what="wav2vec2", source=path,
+            empty_model(lambda: Wav2Vec2Model(arch)),
+            state,
+            device=device,
+            what="wav2vec2",
+            source=path,
         )
         return cls(model, normalize=_preprocessor_normalizes(Path(path)))
 
@@ -153,9 +164,7 @@ def audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
     if window < 1 or window % 2 == 0:
         raise ConfigError(f"audio window must be odd and positive (centred); got {window}.")
     if features.ndim != 3:
-        raise ShapeError(
-            f"audio_windows wants features [T, layers, dim]; got {tuple(features.shape)}."
-        )
+        raise ShapeError(f"audio_windows wants features [T, layers, dim]; got {tuple(features.shape)}.")
     frames, half = features.shape[0], window // 2
     offsets = torch.arange(-half, half + 1, device=features.device)
     index = (torch.arange(frames, device=features.device)[:, None] + offsets).clamp(0, frames - 1)

@@ -34,8 +34,13 @@ class ImageEncoder:
     def tiny(cls, clip_dim: int = 64, seed: int = 0) -> ImageEncoder:
         """Toy ViT (3 layers, 2 heads) at the real 224 px / patch 14, so 257 tokens as in ViT-H."""
         config = CLIPVisionConfig(
-            hidden_size=clip_dim, intermediate_size=4 * clip_dim, num_hidden_layers=3,
-            num_attention_heads=2, image_size=224, patch_size=14, hidden_act="gelu",
+            hidden_size=clip_dim,
+            intermediate_size=4 * clip_dim,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=14,
+            hidden_act="gelu",
             layer_norm_eps=1e-5,
         )
         with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
@@ -77,8 +82,9 @@ class ImageEncoder:
             )
         size = self.model.config.image_size
         param = next(self.model.parameters())
-        x = F.interpolate(images.to(param.device, torch.float32), size=(size, size),
-                          mode="bicubic", align_corners=False)
+        x = F.interpolate(
+            images.to(param.device, torch.float32), size=(size, size), mode="bicubic", align_corners=False
+        )
         mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
         x = (x * 0.5 + 0.5 - mean) / std

@@ -82,13 +82,18 @@ def open_clip_visual_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
     their batch dims. ``head`` projects to the joint text-image space, which Wan never uses.
     """
     layer = {
-        "norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
-        "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2",
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.proj": "self_attn.out_proj",
+        "mlp.0": "mlp.fc1",
+        "mlp.2": "mlp.fc2",
     }
     top = {
         "patch_embedding.weight": "embeddings.patch_embedding.weight",
-        "pre_norm.weight": "pre_layrnorm.weight", "pre_norm.bias": "pre_layrnorm.bias",
-        "post_norm.weight": "post_layernorm.weight", "post_norm.bias": "post_layernorm.bias",
+        "pre_norm.weight": "pre_layrnorm.weight",
+        "pre_norm.bias": "pre_layrnorm.bias",
+        "post_norm.weight": "post_layernorm.weight",
+        "post_norm.bias": "post_layernorm.bias",
     }
     out: StateDict = {}
     for key, tensor in state.items():
@@ -96,7 +101,9 @@ def open_clip_visual_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
         if key == "cls_embedding":
             out["embeddings.class_embedding"] = tensor.reshape(-1)  # (1, 1, D) -> (D,)
         elif key == "pos_embedding":
-            out["embeddings.position_embedding.weight"] = tensor.reshape(tensor.shape[-2:])  # (1, N, D) -> (N, D)
+            out["embeddings.position_embedding.weight"] = tensor.reshape(
+                tensor.shape[-2:]
+            )  # (1, N, D) -> (N, D)
         elif key in top:
             out[top[key]] = tensor
         elif key == "head":
@@ -160,24 +167,41 @@ class Layout:
 LAYOUTS: tuple[Layout, ...] = (
     Layout("lora", "a LoRA (low-rank adapter)", "lora_down.weight"),
     Layout("lora", "a LoRA (low-rank adapter)", "lora_A.weight"),
-    Layout("image", "the official Wan open-clip XLM-RoBERTa ViT-H/14 file",
-           "transformer.0.attn.to_qkv.weight", open_clip_visual_to_hf),
-    Layout("image", "a transformers CLIP vision tower",
-           "embeddings.patch_embedding.weight", hf_clip_vision),
-    Layout("text", "the official Wan umT5-XXL encoder file",
-           "blocks.0.pos_embedding.embedding.weight", umt5_official_to_hf),
-    Layout("text", "a transformers umT5 encoder",
-           "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", umt5_hf_encoder),
-    Layout("audio", "a transformers wav2vec2 model",
-           "feature_extractor.conv_layers.0.conv.weight", wav2vec2_to_hf),
-    Layout("vae", "the official Wan2.1 VAE (Wan2.1_VAE.pth layout)",
-           "decoder.middle.0.residual.0.gamma", convert_wan_vae_to_diffusers),
-    Layout("vae", "a diffusers AutoencoderKLWan",
-           "decoder.mid_block.resnets.0.norm1.gamma", identity),
+    Layout(
+        "image",
+        "the official Wan open-clip XLM-RoBERTa ViT-H/14 file",
+        "transformer.0.attn.to_qkv.weight",
+        open_clip_visual_to_hf,
+    ),
+    Layout("image", "a transformers CLIP vision tower", "embeddings.patch_embedding.weight", hf_clip_vision),
+    Layout(
+        "text",
+        "the official Wan umT5-XXL encoder file",
+        "blocks.0.pos_embedding.embedding.weight",
+        umt5_official_to_hf,
+    ),
+    Layout(
+        "text",
+        "a transformers umT5 encoder",
+        "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+        umt5_hf_encoder,
+    ),
+    Layout(
+        "audio",
+        "a transformers wav2vec2 model",
+        "feature_extractor.conv_layers.0.conv.weight",
+        wav2vec2_to_hf,
+    ),
+    Layout(
+        "vae",
+        "the official Wan2.1 VAE (Wan2.1_VAE.pth layout)",
+        "decoder.middle.0.residual.0.gamma",
+        convert_wan_vae_to_diffusers,
+    ),
+    Layout("vae", "a diffusers AutoencoderKLWan", "decoder.mid_block.resnets.0.norm1.gamma", identity),
     Layout("dit", "an InfiniteTalk audio-module file", "audio_proj.proj1.weight"),
     Layout("dit", "a Wan2.1 DiT (official names)", "head.modulation"),
-    Layout("dit", "a Wan2.1 DiT (diffusers names)",
-           "condition_embedder.time_embedder.linear_1.weight"),
+    Layout("dit", "a Wan2.1 DiT (diffusers names)", "condition_embedder.time_embedder.linear_1.weight"),
 )
 
 
@@ -218,4 +242,4 @@ def find_component(keys, component: str, source: str | os.PathLike) -> tuple[Lay
 def to_hf_layout(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str) -> StateDict:
     """Keys below ``prefix`` renamed for transformers / diffusers; keys outside it (``wav2vec2.``
     pre-training heads, the open-clip text tower, ...) are left out."""
-    return layout.convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return layout.convert({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

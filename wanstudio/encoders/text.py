@@ -77,9 +77,17 @@ class TextEncoder:
         """Toy umT5 (2 layers, 4 heads of 16) with seeded random weights and a code-built tokenizer."""
         tokenizer = tiny_tokenizer()
         config = UMT5Config(
-            vocab_size=len(tokenizer), d_model=text_dim, d_kv=16, d_ff=2 * text_dim, num_layers=2,
-            num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-            relative_attention_max_distance=128, pad_token_id=0, eos_token_id=1,
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=16,
+            d_ff=2 * text_dim,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            pad_token_id=0,
+            eos_token_id=1,
         )
         with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
             torch.manual_seed(seed)
@@ -106,8 +114,11 @@ class TextEncoder:
         state = read_component(path, "text", dtype)
         arch = UMT5Config.from_dict(read_config(config, path, "umt5-xxl.json"))
         model = load_into(
-            empty_model(lambda: UMT5EncoderModel(arch)), state, device=device,
-            what="umT5 encoder", source=path,
+            empty_model(lambda: UMT5EncoderModel(arch)),
+            state,
+            device=device,
+            what="umT5 encoder",
+            source=path,
         )
         return cls(model, tok)
 
@@ -121,8 +132,11 @@ class TextEncoder:
         if isinstance(prompts, str):
             raise TypeError("TextEncoder.encode wants a list of prompts; got one str. Pass [prompt].")
         batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts], padding=True, truncation=True,
-            max_length=self.text_len, return_tensors="pt",
+            [clean_prompt(p) for p in prompts],
+            padding=True,
+            truncation=True,
+            max_length=self.text_len,
+            return_tensors="pt",
         )
         device = self.model.device
         mask = batch.attention_mask.to(device)

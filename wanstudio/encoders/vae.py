@@ -58,8 +58,11 @@ class VAE:
         state = read_component(path, "vae", dtype)
         arch = read_config(config, path, "wan2.1-vae.json")
         model = load_into(
-            empty_model(lambda: AutoencoderKLWan.from_config(arch)), state, device=device,
-            what="Wan VAE", source=path,
+            empty_model(lambda: AutoencoderKLWan.from_config(arch)),
+            state,
+            device=device,
+            what="Wan VAE",
+            source=path,
         )
         return cls(model)
 
@@ -97,8 +100,7 @@ class VAE:
         """
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ShapeError(
-                f"VAE.decode wants latents [B, {self.z_dim}, 1+k, h, w]; got "
-                f"{tuple(latents.shape)}."
+                f"VAE.decode wants latents [B, {self.z_dim}, 1+k, h, w]; got {tuple(latents.shape)}."
             )
         param = next(self.model.parameters())
         z = latents.to(param.device, torch.float32) * self.latents_std + self.latents_mean

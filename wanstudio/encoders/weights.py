@@ -39,9 +39,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 ConfigSource = Any
 
 
-def read_component(
-    path: str | os.PathLike, component: str, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
+def read_component(path: str | os.PathLike, component: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Read ``path``, check it holds ``component``, dequantize / cast to ``dtype``, rename to HF keys.
 
     Dequantization precedes renaming: scaled-fp8 scales are named after their layer's file key.
@@ -86,8 +84,7 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
             return load_file(file)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(
-                f"{file} is not a readable safetensors file ({err}). It may be truncated: "
-                f"download it again."
+                f"{file} is not a readable safetensors file ({err}). It may be truncated: download it again."
             ) from err
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -105,8 +102,7 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
         ) from err
     except (RuntimeError, OSError, EOFError) as err:
         raise CheckpointError(
-            f"{file} is not a readable PyTorch checkpoint ({err}). It may be truncated: "
-            f"download it again."
+            f"{file} is not a readable PyTorch checkpoint ({err}). It may be truncated: download it again."
         ) from err
     return _tensors_of(loaded, file)
 
@@ -228,8 +224,7 @@ def _check_fit(
         return
     parts = [
         f"{len(items)} {label} (e.g. {'; '.join(items[:3])})"
-        for label, items in (("missing", missing), ("unexpected", unexpected),
-                             ("with other shapes", resized))
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("with other shapes", resized))
         if items
     ]
     raise CheckpointError(

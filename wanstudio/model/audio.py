@@ -110,8 +110,11 @@ class AudioCrossAttention(nn.Module):
             k = apply_rope(k.reshape(B * f, N_a, H, d), cos, sin).view(B, f, N_a, H, d)
         q = q.reshape(B * f, L // f, H, d)  # (B*f, h*w, H, d)
         out = attention(
-            q, k.reshape(B * f, N_a, H, d), v.reshape(B * f, N_a, H, d),
-            mode=self.attention_mode, where=self,
+            q,
+            k.reshape(B * f, N_a, H, d),
+            v.reshape(B * f, N_a, H, d),
+            mode=self.attention_mode,
+            where=self,
         )
         return self.proj(out.reshape(B, L, D))
 

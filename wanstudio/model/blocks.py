@@ -123,7 +123,9 @@ class WanBlock(nn.Module):
         """x [B, L, D] in the compute dtype; e0 [B, 6, D] fp32. Returns x in the same dtype."""
         dtype = x.dtype
         sh1, sc1, g1, sh2, sc2, g2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # (B, 1, D)
-        y, ref_map = self.self_attn(self.norm1.modulate(x, sh1, sc1), rope, ref_masks if speakers > 1 else None)
+        y, ref_map = self.self_attn(
+            self.norm1.modulate(x, sh1, sc1), rope, ref_masks if speakers > 1 else None
+        )
         x = torch.addcmul(x.float(), y, g1).to(dtype)  # gated residual in fp32
         x = x + self.cross_attn(self.norm3(x), text, image)
         if self.has_audio:

@@ -44,8 +44,11 @@ class ImageProjection(nn.Module):
         kw = dict(device=device, dtype=dtype)
         c = cfg.clip_dim
         self.proj = nn.Sequential(
-            nn.LayerNorm(c, **kw), nn.Linear(c, c, **kw), nn.GELU(),
-            nn.Linear(c, cfg.dim, **kw), nn.LayerNorm(cfg.dim, **kw),
+            nn.LayerNorm(c, **kw),
+            nn.Linear(c, c, **kw),
+            nn.GELU(),
+            nn.Linear(c, cfg.dim, **kw),
+            nn.LayerNorm(cfg.dim, **kw),
         )
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
@@ -65,8 +68,18 @@ class WanModel(nn.Module):
     _no_split_modules = ("WanBlock",)
     # modules whose Linear layers quantization leaves alone by default (MODES.md keep-list)
     _keep_in_base_precision = (
-        "norm", "bias", "time_in", "patch_embedding", "time_", "img_emb", "modulation",
-        "text_embedding", "adapter", "add", "ref_conv", "audio_proj",
+        "norm",
+        "bias",
+        "time_in",
+        "patch_embedding",
+        "time_",
+        "img_emb",
+        "modulation",
+        "text_embedding",
+        "adapter",
+        "add",
+        "ref_conv",
+        "audio_proj",
     )
 
     def __init__(self, cfg: WanConfig, *, device: torch.device | str | None = None, dtype=None):
@@ -143,16 +156,27 @@ class WanModel(nn.Module):
             want = cfg.vae_scale * (Fl - 1) + 1
             shape = (cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
             if audio is None:
-                fail("an InfiniteTalk model needs audio [B, P, F_video, window, layers, dim] "
-                     "(all zeros for the no-audio condition)")
-            if audio.dim() != 6 or audio.shape[0] != B or audio.shape[2] != want or tuple(audio.shape[3:]) != shape:
-                fail(f"audio must be [{B}, P, {want}, {shape[0]}, {shape[1]}, {shape[2]}] for {Fl} "
-                     f"latent frames, got {tuple(audio.shape)}")
+                fail(
+                    "an InfiniteTalk model needs audio [B, P, F_video, window, layers, dim] "
+                    "(all zeros for the no-audio condition)"
+                )
+            if (
+                audio.dim() != 6
+                or audio.shape[0] != B
+                or audio.shape[2] != want
+                or tuple(audio.shape[3:]) != shape
+            ):
+                fail(
+                    f"audio must be [{B}, P, {want}, {shape[0]}, {shape[1]}, {shape[2]}] for {Fl} "
+                    f"latent frames, got {tuple(audio.shape)}"
+                )
             if audio.shape[1] not in (1, 2):
                 fail(f"audio must have 1 or 2 speakers, got {audio.shape[1]}")
             if audio.shape[1] == 2 and ref_target_masks is None:
                 fail("two speakers need ref_target_masks [3, H_px, W_px] (person 1, person 2, background)")
-        if ref_target_masks is not None and (ref_target_masks.dim() not in (3, 4) or ref_target_masks.shape[-3] != 3):
+        if ref_target_masks is not None and (
+            ref_target_masks.dim() not in (3, 4) or ref_target_masks.shape[-3] != 3
+        ):
             fail(f"ref_target_masks must be [3, H, W] or [B, 3, H, W], got {tuple(ref_target_masks.shape)}")
 
     # --- forward ----------------------------------------------------------------------------------
@@ -185,7 +209,10 @@ class WanModel(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, L, D) tokens in (f, h, w) row-major order
         rope = self._rope(grid, device)
 
-        e = fp32_linear(self.time_embedding[2], F.silu(fp32_linear(self.time_embedding[0], time_sinusoid(t.to(device), cfg.freq_dim))))
+        e = fp32_linear(
+            self.time_embedding[2],
+            F.silu(fp32_linear(self.time_embedding[0], time_sinusoid(t.to(device), cfg.freq_dim))),
+        )
         e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D)
 
         context = F.pad(context.to(device=device, dtype=dtype), (0, 0, 0, cfg.text_len - context.shape[1]))

@@ -14,9 +14,7 @@ from ..errors import PipelineError
 
 # linear sRGB -> CIE XYZ (D65), and the D65 white point (2 degree observer)
 _XYZ_FROM_RGB = torch.tensor(
-    [[0.412453, 0.357580, 0.180423],
-     [0.212671, 0.715160, 0.072169],
-     [0.019334, 0.119193, 0.950227]],
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
     dtype=torch.float64,
 )
 _WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)

@@ -91,8 +91,13 @@ class MomentumBuffer:
         return self.average
 
 
-def projected_guidance(diff: torch.Tensor, cond: torch.Tensor, buffer: MomentumBuffer | None,
-                       norm_threshold: float, eta: float = 0.0) -> torch.Tensor:
+def projected_guidance(
+    diff: torch.Tensor,
+    cond: torch.Tensor,
+    buffer: MomentumBuffer | None,
+    norm_threshold: float,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """APG: momentum, L2-norm clip, then keep the part of ``diff`` orthogonal to ``cond``.
 
     diff, cond [B, C, F, H, W]; norms and projections over (C, F, H, W) per sample, in fp64.

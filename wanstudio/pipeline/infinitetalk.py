@@ -132,8 +132,10 @@ class GeneratedVideo:
         w, h = self.size
         resumed = f" ({self.resumed_clips} resumed)" if self.resumed_clips else ""
         where = f" -> {self.path}" if self.path else ""
-        return (f"{self.num_frames} frames ({self.duration:.2f} s at {self.fps} fps), {w}x{h}, "
-                f"{self.clips} clip(s){resumed}, {self.seconds:.1f} s{where}")
+        return (
+            f"{self.num_frames} frames ({self.duration:.2f} s at {self.fps} fps), {w}x{h}, "
+            f"{self.clips} clip(s){resumed}, {self.seconds:.1f} s{where}"
+        )
 
     def __repr__(self) -> str:
         return f"GeneratedVideo({self.summary()})"
@@ -163,9 +165,19 @@ class InfiniteTalkPipeline:
         size: (width, height) used instead of the size-class bucket when a call does not say.
     """
 
-    def __init__(self, model, vae, text_encoder, image_encoder, audio_encoder, *,
-                 identity: str = "custom", frame_num: int = 81, size: tuple[int, int] | None = None,
-                 settings: dict | None = None):
+    def __init__(
+        self,
+        model,
+        vae,
+        text_encoder,
+        image_encoder,
+        audio_encoder,
+        *,
+        identity: str = "custom",
+        frame_num: int = 81,
+        size: tuple[int, int] | None = None,
+        settings: dict | None = None,
+    ):
         self.model = model
         self.vae = vae
         self.text_encoder = text_encoder
@@ -175,8 +187,13 @@ class InfiniteTalkPipeline:
         self.default_frame_num = frame_num
         self.default_size = size
         self.settings = dict(settings or {})  # quantization / attention / swap, for the summary
-        check_components(model.config, vae=vae, text_encoder=text_encoder,
-                         image_encoder=image_encoder, audio_encoder=audio_encoder)
+        check_components(
+            model.config,
+            vae=vae,
+            text_encoder=text_encoder,
+            image_encoder=image_encoder,
+            audio_encoder=audio_encoder,
+        )
 
     @property
     def config(self):
@@ -189,13 +206,22 @@ class InfiniteTalkPipeline:
     def __repr__(self) -> str:
         cfg = self.config
         extra = "".join(f", {k}={v}" for k, v in self.settings.items())
-        return (f"InfiniteTalkPipeline({self.identity}; dim={cfg.dim}, layers={cfg.num_layers}, "
-                f"device={self.device}, dtype={self.model.dtype}{extra})")
+        return (
+            f"InfiniteTalkPipeline({self.identity}; dim={cfg.dim}, layers={cfg.num_layers}, "
+            f"device={self.device}, dtype={self.model.dtype}{extra})"
+        )
 
     # --- construction -----------------------------------------------------------------------------
     @classmethod
-    def tiny(cls, seed: int = 0, *, device: torch.device | str = "cpu", dtype=torch.float32,
-             frame_num: int = 17, size: tuple[int, int] = (64, 64)) -> InfiniteTalkPipeline:
+    def tiny(
+        cls,
+        seed: int = 0,
+        *,
+        device: torch.device | str = "cpu",
+        dtype=torch.float32,
+        frame_num: int = 17,
+        size: tuple[int, int] = (64, 64),
+    ) -> InfiniteTalkPipeline:
         """Every part at toy size with seeded random weights (the 'tiny-infinitetalk' preset).
 
         The video is noise; this exercises every code path in seconds on a CPU. Clips default
@@ -216,9 +242,11 @@ class InfiniteTalkPipeline:
                 AudioEncoder.tiny(layers=cfg.audio_layers, dim=cfg.audio_dim, seed=seed),
             )
         return cls(
-            model, *parts,
+            model,
+            *parts,
             identity=f"tiny-infinitetalk(seed={seed}, {str(dtype).replace('torch.', '')})",
-            frame_num=frame_num, size=tuple(size),
+            frame_num=frame_num,
+            size=tuple(size),
         )
 
     @classmethod
@@ -300,16 +328,23 @@ class InfiniteTalkPipeline:
 
         # load_model quantizes tensor by tensor while streaming, reads swapped blocks to pinned
         # host memory (never the GPU) and sets the attention backend
-        model = load_model(paths, config=cfg, device=device, dtype=dtype,
-                           quantization=quantization.value, attention=attention.value,
-                           blocks_to_swap=blocks_to_swap, compile_blocks=compile_blocks,
-                           strict_layout=strict_layout)
+        model = load_model(
+            paths,
+            config=cfg,
+            device=device,
+            dtype=dtype,
+            quantization=quantization.value,
+            attention=attention.value,
+            blocks_to_swap=blocks_to_swap,
+            compile_blocks=compile_blocks,
+            strict_layout=strict_layout,
+        )
         model.eval().requires_grad_(False)
         identity = "dit=" + ",".join(_file_id(p) for p in paths)
-        settings = dict(quantization=quantization.value, attention=attention.value,
-                        blocks_to_swap=blocks_to_swap)
-        return cls(model, vae_m, text_enc, image_enc, audio_enc, identity=identity,
-                   settings=settings)
+        settings = dict(
+            quantization=quantization.value, attention=attention.value, blocks_to_swap=blocks_to_swap
+        )
+        return cls(model, vae_m, text_enc, image_enc, audio_enc, identity=identity, settings=settings)
 
     # --- generation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -380,8 +415,10 @@ class InfiniteTalkPipeline:
         t_call = time.perf_counter()
         # --- 1. arguments: every cheap check before any file is read ---------------------------
         if audio is None:
-            raise PipelineError("no audio: InfiniteTalk drives the face from speech; pass audio= "
-                                "(a file path or a 16 kHz mono float array)")
+            raise PipelineError(
+                "no audio: InfiniteTalk drives the face from speech; pass audio= "
+                "(a file path or a 16 kHz mono float array)"
+            )
         use_default_size = size is None and size_class is None and self.default_size is not None
         size_class = parse_option(SizeClass, SizeClass.P480 if size_class is None else size_class)
         scheduler = parse_option(Scheduler, scheduler)
@@ -396,12 +433,17 @@ class InfiniteTalkPipeline:
             raise PipelineError(f"frame_num must be {stride_t}k + 1 (81, 41, 21, ...), got {frame_num}")
         _check_int("motion_frame", motion_frame, 1)
         if (motion_frame - 1) % stride_t or motion_frame >= frame_num:
-            raise PipelineError(f"motion_frame must be {stride_t}k + 1 and smaller than frame_num "
-                                f"{frame_num} (default 9), got {motion_frame}")
+            raise PipelineError(
+                f"motion_frame must be {stride_t}k + 1 and smaller than frame_num "
+                f"{frame_num} (default 9), got {motion_frame}"
+            )
         _check_int("max_frames", max_frames, 1)
         _check_int("seed", seed, 0)
-        if isinstance(color_correction, bool) or not isinstance(color_correction, (int, float)) \
-                or not 0.0 <= color_correction <= 1.0:
+        if (
+            isinstance(color_correction, bool)
+            or not isinstance(color_correction, (int, float))
+            or not 0.0 <= color_correction <= 1.0
+        ):
             raise PipelineError(f"color_correction must be in [0, 1], got {color_correction!r}")
         speakers = 1 if audio2 is None else 2
         if speakers == 2 and masks is None and bboxes is None:
@@ -420,8 +462,10 @@ class InfiniteTalkPipeline:
         if out is not None and not out.parent.exists():
             raise PipelineError(f"out: folder {str(out.parent)!r} does not exist")
         if resume and work_dir is None and out is None:
-            raise PipelineError("resume=True needs the work folder of the broken run: pass the same "
-                                "out= (its default work folder is <out>.work) or work_dir=")
+            raise PipelineError(
+                "resume=True needs the work folder of the broken run: pass the same "
+                "out= (its default work folder is <out>.work) or work_dir="
+            )
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
         # --- 2. media: reference frame, speech tracks, speaker masks ---------------------------
@@ -433,55 +477,99 @@ class InfiniteTalkPipeline:
         mixed = tracks[0] if speakers == 1 else tracks[0] + tracks[1]  # what the mp4 plays
         audio_frames = int(len(mixed) / SAMPLE_RATE * FPS)
         if audio_frames < 1:
-            raise PipelineError(f"audio is {len(mixed) / SAMPLE_RATE * 1000:.0f} ms long: shorter "
-                                f"than one video frame ({1000 // FPS} ms)")
+            raise PipelineError(
+                f"audio is {len(mixed) / SAMPLE_RATE * 1000:.0f} ms long: shorter "
+                f"than one video frame ({1000 // FPS} ms)"
+            )
         plan = ClipPlan.make(audio_frames, frame_num, motion_frame, max_frames)
         target_masks = None
         if speakers == 2:
-            target_masks = speaker_masks(masks, bboxes, src_size, (W, H),
-                                         (H // self.vae.spatial_stride, W // self.vae.spatial_stride))
+            target_masks = speaker_masks(
+                masks, bboxes, src_size, (W, H), (H // self.vae.spatial_stride, W // self.vae.spatial_stride)
+            )
 
         # --- 3. the work folder (resume) -------------------------------------------------------
         fingerprint = dict(
-            model=self.identity, settings=self.settings, image=tensor_digest(ref),
+            model=self.identity,
+            settings=self.settings,
+            image=tensor_digest(ref),
             audio=tensor_digest(*[torch.from_numpy(np.ascontiguousarray(t)) for t in tracks]),
             masks=None if target_masks is None else tensor_digest(target_masks),
-            prompt=prompt, negative_prompt=negative_prompt, size=[W, H], frame_num=frame_num,
-            motion_frame=motion_frame, steps=steps, shift=float(shift),
-            text_scale=float(text_scale), audio_scale=float(audio_scale), apg=bool(apg),
-            scheduler=scheduler.value, seed=seed, max_frames=max_frames,
-            color_correction=float(color_correction), tiled_vae=bool(tiled_vae),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            size=[W, H],
+            frame_num=frame_num,
+            motion_frame=motion_frame,
+            steps=steps,
+            shift=float(shift),
+            text_scale=float(text_scale),
+            audio_scale=float(audio_scale),
+            apg=bool(apg),
+            scheduler=scheduler.value,
+            seed=seed,
+            max_frames=max_frames,
+            color_correction=float(color_correction),
+            tiled_vae=bool(tiled_vae),
         )
         temporary = work_dir is None
         if work_dir is None:
             work_dir = Path(f"{out}.work") if out is not None else Path(tempfile.mkdtemp(prefix="wanstudio-"))
         work = WorkFolder(work_dir, fingerprint, plan.clips, resume=resume, temporary=temporary)
         # how a later call finds this folder again: the same out= derives it, else name it
-        work.resume_args = ("resume=True" if not temporary or out is not None
-                            else f"work_dir={str(work.path)!r}, resume=True")
+        work.resume_args = (
+            "resume=True" if not temporary or out is not None else f"work_dir={str(work.path)!r}, resume=True"
+        )
 
         # --- 4. conditions shared by every clip -------------------------------------------------
         callback = resolve_progress(progress)
         try:
             try:
-                cond = self._conditions(ref, tracks, audio_frames, prompt, negative_prompt,
-                                        frame_num, target_masks, plan=plan, work=work)
+                cond = self._conditions(
+                    ref,
+                    tracks,
+                    audio_frames,
+                    prompt,
+                    negative_prompt,
+                    frame_num,
+                    target_masks,
+                    plan=plan,
+                    work=work,
+                )
             except torch.cuda.OutOfMemoryError as e:
                 where = "the encoders (text / CLIP / VAE / wav2vec2)"
                 raise self._oom_error(where, work, vae_hint=True) from e
-            result = self._run(plan, cond, ref, work, callback, out=out, mixed=mixed, steps=steps,
-                               shift=shift, scheduler=scheduler, guidance_cfg=guidance_cfg,
-                               seed=seed, color_correction=float(color_correction),
-                               keep_frames=keep_frames, tiled_vae=tiled_vae)
+            result = self._run(
+                plan,
+                cond,
+                ref,
+                work,
+                callback,
+                out=out,
+                mixed=mixed,
+                steps=steps,
+                shift=shift,
+                scheduler=scheduler,
+                guidance_cfg=guidance_cfg,
+                seed=seed,
+                color_correction=float(color_correction),
+                keep_frames=keep_frames,
+                tiled_vae=tiled_vae,
+            )
         finally:
             close = getattr(callback, "close", None)
             if close is not None:
                 close()
         work.finish()
         frames = torch.cat(result, dim=0) if keep_frames else None
-        return GeneratedVideo(frames=frames, path=out, num_frames=plan.total_frames, size=(W, H),
-                              clips=plan.clips, resumed_clips=cond["resumed"],
-                              seconds=time.perf_counter() - t_call)
+        return GeneratedVideo(
+            frames=frames,
+            path=out,
+            num_frames=plan.total_frames,
+            size=(W, H),
+            clips=plan.clips,
+            resumed_clips=cond["resumed"],
+            seconds=time.perf_counter() - t_call,
+        )
 
     # --- steps of a call ----------------------------------------------------------------------------
     def _reference(self, image, size, size_class) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -498,9 +586,11 @@ class InfiniteTalkPipeline:
             if size is None:
                 size = src
             if size != src:
-                raise PipelineError(f"the image tensor is {src[0]}x{src[1]} but size is "
-                                    f"{size[0]}x{size[1]}: pass a path / PIL image to resize, or "
-                                    f"a tensor of the target size")
+                raise PipelineError(
+                    f"the image tensor is {src[0]}x{src[1]} but size is "
+                    f"{size[0]}x{size[1]}: pass a path / PIL image to resize, or "
+                    f"a tensor of the target size"
+                )
             if size[0] % multiple or size[1] % multiple:
                 raise PipelineError(f"image tensor size {src} must be multiples of {multiple}")
             return image.detach().float().cpu().clone(), src
@@ -540,8 +630,9 @@ class InfiniteTalkPipeline:
             tracks = [np.asarray(t, dtype=np.float32) for t in mix_speakers(tracks[0], tracks[1], mix)]
         return tracks
 
-    def _conditions(self, ref, tracks, audio_frames, prompt, negative_prompt, frame_num,
-                    target_masks, *, plan, work) -> dict:
+    def _conditions(
+        self, ref, tracks, audio_frames, prompt, negative_prompt, frame_num, target_masks, *, plan, work
+    ) -> dict:
         """Everything the clips share: text, CLIP, image latents + mask, audio features."""
         cfg, vae, device = self.config, self.vae, self.device
         n_lat = (frame_num - 1) // vae.temporal_stride + 1
@@ -565,12 +656,20 @@ class InfiniteTalkPipeline:
         ]  # per speaker (T, layers, dim)
         for f in features:
             if f.shape[0] != audio_frames:
-                raise PipelineError(f"the audio encoder returned {f.shape[0]} frames for "
-                                    f"{audio_frames} video frames of audio")
-        return dict(context=context[0], context_null=context[1], clip_fea=clip_fea, y=y,
-                    first_latent=first_latent, features=features,
-                    masks=None if target_masks is None else target_masks.to(device),
-                    latent_shape=(image_latents.shape[1], n_lat, h, w), resumed=work.finished)
+                raise PipelineError(
+                    f"the audio encoder returned {f.shape[0]} frames for {audio_frames} video frames of audio"
+                )
+        return dict(
+            context=context[0],
+            context_null=context[1],
+            clip_fea=clip_fea,
+            y=y,
+            first_latent=first_latent,
+            features=features,
+            masks=None if target_masks is None else target_masks.to(device),
+            latent_shape=(image_latents.shape[1], n_lat, h, w),
+            resumed=work.finished,
+        )
 
     def _clip_audio(self, features: list[torch.Tensor], plan: ClipPlan, k: int) -> torch.Tensor:
         """Audio windows of clip k for every speaker: [1, P, frame_num, window, layers, dim]."""
@@ -582,8 +681,25 @@ class InfiniteTalkPipeline:
             windows.append(audio_windows_for_clip(f, start, end, self.config.audio_window))
         return torch.stack(windows)[None].to(self.device)
 
-    def _run(self, plan, cond, ref, work, callback, *, out, mixed, steps, shift, scheduler,
-             guidance_cfg, seed, color_correction, keep_frames, tiled_vae) -> list[torch.Tensor]:
+    def _run(
+        self,
+        plan,
+        cond,
+        ref,
+        work,
+        callback,
+        *,
+        out,
+        mixed,
+        steps,
+        shift,
+        scheduler,
+        guidance_cfg,
+        seed,
+        color_correction,
+        keep_frames,
+        tiled_vae,
+    ) -> list[torch.Tensor]:
         clock = ProgressClock(callback, plan.clips, steps, plan.total_frames, resumed_clips=work.finished)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         motion = None  # fp32 (3, m, H, W): the previous clip's tail
@@ -603,23 +719,54 @@ class InfiniteTalkPipeline:
                 motion = record.motion
                 clock.clip(k + 1, record.frames_done)
             for k in range(work.finished, plan.clips):
-                video = self._clip(k, plan, cond, motion, generator, clock, steps=steps, shift=shift,
-                                   scheduler=scheduler, guidance_cfg=guidance_cfg,
-                                   tiled_vae=tiled_vae, work=work)  # (3, F, H, W) fp32, CPU
+                video = self._clip(
+                    k,
+                    plan,
+                    cond,
+                    motion,
+                    generator,
+                    clock,
+                    steps=steps,
+                    shift=shift,
+                    scheduler=scheduler,
+                    guidance_cfg=guidance_cfg,
+                    tiled_vae=tiled_vae,
+                    work=work,
+                )  # (3, F, H, W) fp32, CPU
                 video = match_colors(video, ref, color_correction)
-                motion = video[:, -plan.motion_frame:].clone()
+                motion = video[:, -plan.motion_frame :].clone()
                 first = plan.dropped(k)
-                frames = to_uint8_frames(video[:, first: first + plan.kept(k)])
+                frames = to_uint8_frames(video[:, first : first + plan.kept(k)])
                 _emit(writer, kept, frames, keep_frames)
-                work.save(ClipRecord(index=k, frames=frames, motion=motion,
-                                     rng_state=generator.get_state(),
-                                     frames_done=plan.frames_after(k)))
+                work.save(
+                    ClipRecord(
+                        index=k,
+                        frames=frames,
+                        motion=motion,
+                        rng_state=generator.get_state(),
+                        frames_done=plan.frames_after(k),
+                    )
+                )
                 clock.clip(k + 1, plan.frames_after(k))
             clock.done()
         return kept
 
-    def _clip(self, k, plan, cond, motion, generator, clock, *, steps, shift, scheduler,
-              guidance_cfg, tiled_vae, work) -> torch.Tensor:
+    def _clip(
+        self,
+        k,
+        plan,
+        cond,
+        motion,
+        generator,
+        clock,
+        *,
+        steps,
+        shift,
+        scheduler,
+        guidance_cfg,
+        tiled_vae,
+        work,
+    ) -> torch.Tensor:
         """Sample and decode clip k; returns [3, frame_num, H, W] fp32 on the CPU."""
         step = 0
         try:
@@ -639,9 +786,13 @@ class InfiniteTalkPipeline:
 
             def predict(c: Condition, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return model(
-                    x, t, cond["context"] if c.text else cond["context_null"],
-                    clip_fea=cond["clip_fea"], y=cond["y"],
-                    audio=audio if c.audio else null_audio, ref_target_masks=cond["masks"],
+                    x,
+                    t,
+                    cond["context"] if c.text else cond["context_null"],
+                    clip_fea=cond["clip_fea"],
+                    y=cond["y"],
+                    audio=audio if c.audio else null_audio,
+                    ref_target_masks=cond["masks"],
                 )
 
             for i, t in enumerate(sampler.timesteps):
@@ -660,8 +811,9 @@ class InfiniteTalkPipeline:
             step = 0
             video = vae.decode(latent, tiled=tiled_vae)  # (1, 3, F, H, W) in [-1, 1]
             if n_head < 1 or video.shape[2] != plan.frame_num:
-                raise PipelineError(f"the VAE decoded {video.shape[2]} frames from {n_lat} latents; "
-                                    f"expected {plan.frame_num}")
+                raise PipelineError(
+                    f"the VAE decoded {video.shape[2]} frames from {n_lat} latents; expected {plan.frame_num}"
+                )
             return video[0].float().cpu()
         except torch.cuda.OutOfMemoryError as e:
             where = f"clip {k + 1} of {plan.clips}, " + (f"step {step} of {steps}" if step else "VAE")
@@ -673,8 +825,10 @@ class InfiniteTalkPipeline:
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             held = torch.cuda.memory_reserved(device)
-            mem = (f" Measured: {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {device} "
-                   f"({held / 2**30:.2f} GiB held by torch).")
+            mem = (
+                f" Measured: {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {device} "
+                f"({held / 2**30:.2f} GiB held by torch)."
+            )
         swap = int(self.settings.get("blocks_to_swap", 0))
         layers = self.config.num_layers
         hints = [f"blocks_to_swap={min(layers - 1, swap + max(1, layers // 4))} (now {swap})"]
@@ -705,21 +859,30 @@ def check_components(cfg, *, vae=None, text_encoder=None, image_encoder=None, au
     """Raise PipelineError when a part does not fit the DiT's shapes (before any heavy work)."""
     problems = []
     if not (cfg.is_i2v and cfg.audio):
-        problems.append(f"the DiT is a {cfg.model_type} model without audio modules; InfiniteTalk "
-                        f"needs an i2v model with audio_proj / audio_cross_attn weights")
+        problems.append(
+            f"the DiT is a {cfg.model_type} model without audio modules; InfiniteTalk "
+            f"needs an i2v model with audio_proj / audio_cross_attn weights"
+        )
     if text_encoder is not None and text_encoder.text_dim != cfg.text_dim:
         problems.append(f"text encoder width {text_encoder.text_dim} != DiT text_dim {cfg.text_dim}")
     if image_encoder is not None and image_encoder.clip_dim != cfg.clip_dim:
         problems.append(f"image encoder width {image_encoder.clip_dim} != DiT clip_dim {cfg.clip_dim}")
-    if audio_encoder is not None and (audio_encoder.layers, audio_encoder.dim) != (cfg.audio_layers, cfg.audio_dim):
-        problems.append(f"audio encoder gives {audio_encoder.layers} layers x {audio_encoder.dim}, "
-                        f"the DiT's audio_proj expects {cfg.audio_layers} x {cfg.audio_dim}")
+    if audio_encoder is not None and (audio_encoder.layers, audio_encoder.dim) != (
+        cfg.audio_layers,
+        cfg.audio_dim,
+    ):
+        problems.append(
+            f"audio encoder gives {audio_encoder.layers} layers x {audio_encoder.dim}, "
+            f"the DiT's audio_proj expects {cfg.audio_layers} x {cfg.audio_dim}"
+        )
     if vae is not None:
         if vae.z_dim != cfg.out_dim:
             problems.append(f"VAE latent channels {vae.z_dim} != DiT out_dim {cfg.out_dim}")
         if cfg.is_i2v and cfg.cond_dim != vae.z_dim + vae.temporal_stride:
-            problems.append(f"DiT condition channels {cfg.cond_dim} != VAE mask + latents "
-                            f"{vae.temporal_stride} + {vae.z_dim}")
+            problems.append(
+                f"DiT condition channels {cfg.cond_dim} != VAE mask + latents "
+                f"{vae.temporal_stride} + {vae.z_dim}"
+            )
         if cfg.audio and vae.temporal_stride != cfg.vae_scale:
             problems.append(f"VAE temporal stride {vae.temporal_stride} != DiT vae_scale {cfg.vae_scale}")
     if problems:
@@ -740,8 +903,7 @@ def speaker_masks(masks, bboxes, src_size, size, latent_size) -> torch.Tensor:
         for box in bboxes:
             x0, y0, x1, y1 = (int(round(float(v))) for v in box)
             if not (0 <= x0 < x1 <= sw and 0 <= y0 < y1 <= sh):
-                raise PipelineError(f"bbox {tuple(box)} is not (x0, y0, x1, y1) inside the "
-                                    f"{sw}x{sh} image")
+                raise PipelineError(f"bbox {tuple(box)} is not (x0, y0, x1, y1) inside the {sw}x{sh} image")
             m = torch.zeros(sh, sw)
             m[y0:y1, x0:x1] = 1
             people.append(m)
@@ -754,8 +916,10 @@ def speaker_masks(masks, bboxes, src_size, size, latent_size) -> torch.Tensor:
             if m.dim() == 3 and m.shape[-1] in (1, 3, 4):  # an image-like mask
                 m = m[..., 0]
             if tuple(m.shape) != (sh, sw):
-                raise ShapeError(f"mask {i + 1} is {tuple(m.shape)} but the image is {sh}x{sw} "
-                                 f"(height x width): masks are in the source image's pixels")
+                raise ShapeError(
+                    f"mask {i + 1} is {tuple(m.shape)} but the image is {sh}x{sw} "
+                    f"(height x width): masks are in the source image's pixels"
+                )
             people.append((m > 0).float())
     if any(p.sum() == 0 for p in people):
         raise PipelineError("a speaker mask / box is empty")
@@ -766,7 +930,7 @@ def speaker_masks(masks, bboxes, src_size, size, latent_size) -> torch.Tensor:
     rh, rw = math.ceil(scale * sh), math.ceil(scale * sw)
     stack = torch.nn.functional.interpolate(stack, size=(rh, rw), mode="nearest")
     top, left = (rh - H) // 2, (rw - W) // 2
-    stack = stack[:, :, top: top + H, left: left + W]  # centre crop to (H, W)
+    stack = stack[:, :, top : top + H, left : left + W]  # centre crop to (H, W)
     small = torch.nn.functional.interpolate(stack, size=latent_size, mode="nearest")
     return (small[0] > 0).float()  # (3, h, w)
 

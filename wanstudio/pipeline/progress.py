@@ -40,8 +40,10 @@ class ProgressEvent:
         where = f"clip {self.clip}/{self.clips}"
         if self.kind == "step":
             where += f", step {self.step}/{self.steps}"
-        return f"[{self.kind}] {where}, {self.frames_done}/{self.frames_total} frames, " \
-               f"elapsed {_hms(self.elapsed)}, eta {eta}"
+        return (
+            f"[{self.kind}] {where}, {self.frames_done}/{self.frames_total} frames, "
+            f"elapsed {_hms(self.elapsed)}, eta {eta}"
+        )
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -55,8 +57,14 @@ def _hms(seconds: float) -> str:
 class ProgressClock:
     """Turns "step done" / "clip done" into events with elapsed time and an ETA."""
 
-    def __init__(self, callback: ProgressCallback | None, clips: int, steps: int, frames_total: int,
-                 resumed_clips: int = 0):
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        clips: int,
+        steps: int,
+        frames_total: int,
+        resumed_clips: int = 0,
+    ):
         self.callback = callback
         self.clips, self.steps, self.frames_total = clips, steps, frames_total
         self.resumed = resumed_clips
@@ -72,11 +80,20 @@ class ProgressClock:
 
     def _emit(self, kind: EventKind, clip: int, step: int, eta: float | None) -> None:
         if self.callback is not None:
-            self.callback(ProgressEvent(
-                kind=kind, clip=clip, clips=self.clips, step=step, steps=self.steps,
-                elapsed=time.perf_counter() - self.start, eta=eta, frames_done=self.frames_done,
-                frames_total=self.frames_total, resumed_clips=self.resumed,
-            ))
+            self.callback(
+                ProgressEvent(
+                    kind=kind,
+                    clip=clip,
+                    clips=self.clips,
+                    step=step,
+                    steps=self.steps,
+                    elapsed=time.perf_counter() - self.start,
+                    eta=eta,
+                    frames_done=self.frames_done,
+                    frames_total=self.frames_total,
+                    resumed_clips=self.resumed,
+                )
+            )
 
     def started(self) -> None:
         self._emit("start", min(self.resumed + 1, self.clips), 0, None)
@@ -105,14 +122,20 @@ class TqdmProgress:
             from tqdm.auto import tqdm
 
             self.close()
-            self.bar = tqdm(total=event.clips * event.steps, desc=self.desc, unit="step",
-                            initial=event.resumed_clips * event.steps, **self.kwargs)
+            self.bar = tqdm(
+                total=event.clips * event.steps,
+                desc=self.desc,
+                unit="step",
+                initial=event.resumed_clips * event.steps,
+                **self.kwargs,
+            )
         if self.bar is None:
             return
         if event.kind == "step":
             self.bar.update(1)
-        self.bar.set_postfix_str(f"clip {event.clip}/{event.clips}, "
-                                 f"{event.frames_done}/{event.frames_total} frames", refresh=False)
+        self.bar.set_postfix_str(
+            f"clip {event.clip}/{event.clips}, {event.frames_done}/{event.frames_total} frames", refresh=False
+        )
         if event.kind == "done":
             self.close()
 

@@ -82,8 +82,15 @@ class WorkFolder:
         temporary: the folder was made for this call only; :meth:`finish` deletes it.
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict, clips: int, *,
-                 resume: bool = False, temporary: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fingerprint: dict,
+        clips: int,
+        *,
+        resume: bool = False,
+        temporary: bool = False,
+    ):
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self.clips = clips
@@ -96,8 +103,7 @@ class WorkFolder:
             self._check_same_run(manifest)
             self.finished = self._count_readable(int(manifest.get("finished", 0)))
             if self.finished:
-                log.info("resuming from %s: %d of %d clips already finished",
-                         self.path, self.finished, clips)
+                log.info("resuming from %s: %d of %d clips already finished", self.path, self.finished, clips)
         else:
             if resume:
                 log.info("resume=True but %s holds no previous run: starting from clip 1", self.path)
@@ -112,19 +118,27 @@ class WorkFolder:
         try:
             return json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise PipelineError(f"work folder {self.path}: {MANIFEST} is unreadable ({e}); "
-                                f"delete the folder or pass resume=False to start over") from None
+            raise PipelineError(
+                f"work folder {self.path}: {MANIFEST} is unreadable ({e}); "
+                f"delete the folder or pass resume=False to start over"
+            ) from None
 
     def _write_manifest(self) -> None:
-        data = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "clips": self.clips,
-                "finished": self.finished}
+        data = {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "clips": self.clips,
+            "finished": self.finished,
+        }
         text = json.dumps(data, indent=1, sort_keys=True).encode()
         _atomic_write_bytes(self.path / MANIFEST, lambda f: f.write(text))
 
     def _check_same_run(self, manifest: dict) -> None:
         if manifest.get("format") != FORMAT_VERSION:
-            raise PipelineError(f"work folder {self.path} was written by another wanstudio "
-                                f"version (format {manifest.get('format')}); pass resume=False")
+            raise PipelineError(
+                f"work folder {self.path} was written by another wanstudio "
+                f"version (format {manifest.get('format')}); pass resume=False"
+            )
         old = manifest.get("fingerprint", {})
         changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
         if changed:
@@ -137,8 +151,12 @@ class WorkFolder:
     def _count_readable(self, finished: int) -> int:
         for i in range(finished):  # a clip file lost after the manifest said it was there
             if not self.clip_file(i).exists():
-                log.warning("work folder %s: %s is missing; resuming from clip %d",
-                            self.path, self.clip_file(i).name, i + 1)
+                log.warning(
+                    "work folder %s: %s is missing; resuming from clip %d",
+                    self.path,
+                    self.clip_file(i).name,
+                    i + 1,
+                )
                 return i
         return finished
 
@@ -154,8 +172,9 @@ class WorkFolder:
     def save(self, record: ClipRecord) -> None:
         """Persist a finished clip, then mark it finished in the manifest."""
         if record.index != self.finished:
-            raise PipelineError(f"clip {record.index + 1} finished out of order "
-                                f"(expected clip {self.finished + 1})")
+            raise PipelineError(
+                f"clip {record.index + 1} finished out of order (expected clip {self.finished + 1})"
+            )
         payload = {
             "index": record.index,
             "frames": record.frames.cpu().contiguous(),
@@ -171,10 +190,17 @@ class WorkFolder:
         try:
             data = torch.load(self.clip_file(index), map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
-            raise PipelineError(f"work folder {self.path}: cannot read {self.clip_file(index).name} "
-                                f"({e}); pass resume=False to start over") from None
-        return ClipRecord(index=data["index"], frames=data["frames"], motion=data["motion"],
-                          rng_state=data["rng_state"], frames_done=int(data["frames_done"]))
+            raise PipelineError(
+                f"work folder {self.path}: cannot read {self.clip_file(index).name} "
+                f"({e}); pass resume=False to start over"
+            ) from None
+        return ClipRecord(
+            index=data["index"],
+            frames=data["frames"],
+            motion=data["motion"],
+            rng_state=data["rng_state"],
+            frames_done=int(data["frames_done"]),
+        )
 
     def finish(self) -> None:
         """The video is complete: drop a temporary folder (a user-named one is kept)."""

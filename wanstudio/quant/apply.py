@@ -31,11 +31,7 @@ def quantizable_linears(
 ) -> Iterator[tuple[str, nn.Linear]]:
     """(qualified name, layer) of every plain ``nn.Linear`` that :func:`quantize` would replace."""
     for name, module in model.named_modules():
-        if (
-            type(module) is nn.Linear
-            and name.startswith(only_under)
-            and not is_kept(name, keep)
-        ):
+        if type(module) is nn.Linear and name.startswith(only_under) and not is_kept(name, keep):
             yield name, module
 
 
@@ -80,7 +76,8 @@ def quantize(
     keep = tuple(keep)
     check_device(mode, _model_device(model))
     present = {
-        m.mode for n, m in model.named_modules()
+        m.mode
+        for n, m in model.named_modules()
         if isinstance(m, QuantizedLinear) and n.startswith(only_under)
     }
     if present - {mode}:

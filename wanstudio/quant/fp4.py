@@ -247,4 +247,3 @@ def fp4_nbytes(n: int, k: int, block: int, tensor_scale: bool) -> int:
     """Bytes of one quantized [N, K] weight (packed values + block scales + tensor scale)."""
     kp = padded_k(k, block)
     return n * kp // 2 + n * kp // block + (4 if tensor_scale else 0)
-

@@ -30,9 +30,7 @@ def channel_scales(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(amax > 0, amax / fp8_max(dtype), torch.ones_like(amax))
 
 
-def quantize_fp8(
-    w: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None
-) -> torch.Tensor:
+def quantize_fp8(w: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Real weight [N, K] (any float dtype) -> fp8 [N, K], dividing by ``scale`` ([N] or [])."""
     if scale is None:
         return saturating_cast(w, dtype)
@@ -40,9 +38,7 @@ def quantize_fp8(
     return saturating_cast(w.float() / s, dtype)
 
 
-def dequantize_fp8(
-    weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """fp8 [N, K] (+ scale [N] / []) -> [N, K] in ``dtype`` (the upcast of the dequantize path)."""
     w = weight.to(dtype)  # exact: fp8 values fit every compute dtype
     if scale is None:

@@ -36,8 +36,12 @@ HAS_TRITON = triton is not None
 QUANT_ROWS_CONTRACT = LayoutContract(
     "triton:quantize_rows_e4m3",
     (
-        Operand("x", dtypes=(torch.bfloat16, torch.float16, torch.float32), ndim=2,
-                stride=StrideRule.LAST_DIM_CONTIGUOUS),
+        Operand(
+            "x",
+            dtypes=(torch.bfloat16, torch.float16, torch.float32),
+            ndim=2,
+            stride=StrideRule.LAST_DIM_CONTIGUOUS,
+        ),
     ),
 )
 DEQUANT_FP4_CONTRACT = LayoutContract(
@@ -60,8 +64,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_rows_kernel(
-        x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-        FP8_MAX: tl.constexpr, TINY: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        K,
+        stride_x,
+        stride_q,
+        FP8_MAX: tl.constexpr,
+        TINY: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # int64: M * K can exceed 2^31
         offs = tl.arange(0, BLOCK_K)
@@ -90,8 +101,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequantize_fp4_kernel(
-        p_ptr, s_ptr, g_ptr, out_ptr, N, KP, K, stride_p, stride_s, stride_o,
-        BLOCK: tl.constexpr, NVFP4: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        p_ptr,
+        s_ptr,
+        g_ptr,
+        out_ptr,
+        N,
+        KP,
+        K,
+        stride_p,
+        stride_s,
+        stride_o,
+        BLOCK: tl.constexpr,
+        NVFP4: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # packed byte columns
@@ -103,8 +126,9 @@ if HAS_TRITON:
         if NVFP4:  # e4m3 bits: (8 + m) * 2^(e - 10), subnormal m * 2^-9
             se = (sb >> 3) & 15
             sm = sb & 7
-            scale = tl.where(se == 0, sm.to(tl.float32) * 0.001953125,
-                             (8 + sm).to(tl.float32) * _pow2(se - 10))
+            scale = tl.where(
+                se == 0, sm.to(tl.float32) * 0.001953125, (8 + sm).to(tl.float32) * _pow2(se - 10)
+            )
         else:  # e8m0 bits: 2^(b - 127); b == 0 is 2^-127, a float32 subnormal
             bits = (sb << 23) | tl.where(sb == 0, 1 << 22, 0)
             scale = bits.to(tl.float32, bitcast=True)
@@ -122,7 +146,9 @@ if HAS_TRITON:
         tl.store(out + 1, hi, mask=mask & (2 * cols + 1 < K)[None, :])
 
 
-def quantize_rows_triton(x2d: torch.Tensor, where: str = "quantize_rows") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(
+    x2d: torch.Tensor, where: str = "quantize_rows"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-token quantization: x [M, K] -> (q e4m3 [M, K] row-major, scale fp32 [M, 1])."""
     x2d = QUANT_ROWS_CONTRACT.enforce(where, x=x2d)["x"]
     m, k = x2d.shape
@@ -134,8 +160,16 @@ def quantize_rows_triton(x2d: torch.Tensor, where: str = "quantize_rows") -> tup
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     with torch.cuda.device(x2d.device) if x2d.is_cuda else nullcontext():
         _quantize_rows_kernel[(m,)](
-            x2d, q, scale, k, x2d.stride(0), q.stride(0),
-            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE), TINY=fp8._TINY, BLOCK_K=block, num_warps=warps,
+            x2d,
+            q,
+            scale,
+            k,
+            x2d.stride(0),
+            q.stride(0),
+            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE),
+            TINY=fp8._TINY,
+            BLOCK_K=block,
+            num_warps=warps,
         )
     return q, scale
 
@@ -170,9 +204,21 @@ def dequantize_fp4_triton(
     grid = (triton.cdiv(n, br), triton.cdiv(kp, bc))
     with torch.cuda.device(packed.device) if packed.is_cuda else nullcontext():
         _dequantize_fp4_kernel[grid](
-            packed, scale_bytes, g, out, n, kp, k, packed.stride(0), scale_bytes.stride(0), out.stride(0),
-            BLOCK=fp4.NVFP4_BLOCK if nvfp4 else fp4.MXFP4_BLOCK, NVFP4=nvfp4,
-            BLOCK_R=br, BLOCK_C=bc, num_warps=4,
+            packed,
+            scale_bytes,
+            g,
+            out,
+            n,
+            kp,
+            k,
+            packed.stride(0),
+            scale_bytes.stride(0),
+            out.stride(0),
+            BLOCK=fp4.NVFP4_BLOCK if nvfp4 else fp4.MXFP4_BLOCK,
+            NVFP4=nvfp4,
+            BLOCK_R=br,
+            BLOCK_C=bc,
+            num_warps=4,
         )
     return out
 

@@ -51,10 +51,22 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SCALED_MM_CONTRACT = LayoutContract(
     "torch._scaled_mm[fp8, row-wise scales]",
     (
-        Operand("mat1", dtypes=(fp8.ACT_DTYPE,), ndim=2, stride=StrideRule.ROW_MAJOR, align=16,
-                divisible=((1, 16),)),
-        Operand("mat2", dtypes=fp8.FP8_DTYPES, ndim=2, stride=StrideRule.COL_MAJOR, align=16,
-                divisible=((0, 16), (1, 16))),
+        Operand(
+            "mat1",
+            dtypes=(fp8.ACT_DTYPE,),
+            ndim=2,
+            stride=StrideRule.ROW_MAJOR,
+            align=16,
+            divisible=((1, 16),),
+        ),
+        Operand(
+            "mat2",
+            dtypes=fp8.FP8_DTYPES,
+            ndim=2,
+            stride=StrideRule.COL_MAJOR,
+            align=16,
+            divisible=((0, 16), (1, 16)),
+        ),
         Operand("scale_a", dtypes=(_F32,), ndim=2, stride=StrideRule.CONTIGUOUS),
         Operand("scale_b", dtypes=(_F32,), ndim=2, stride=StrideRule.CONTIGUOUS),
         Operand("bias", dtypes=_FLOAT_DTYPES, ndim=1, stride=StrideRule.CONTIGUOUS, optional=True),
@@ -63,10 +75,22 @@ SCALED_MM_CONTRACT = LayoutContract(
 SCALED_MM_TENSORWISE_CONTRACT = LayoutContract(
     "torch._scaled_mm[fp8, tensor-wise scales]",
     (
-        Operand("mat1", dtypes=(fp8.ACT_DTYPE,), ndim=2, stride=StrideRule.ROW_MAJOR, align=16,
-                divisible=((1, 16),)),
-        Operand("mat2", dtypes=fp8.FP8_DTYPES, ndim=2, stride=StrideRule.COL_MAJOR, align=16,
-                divisible=((0, 16), (1, 16))),
+        Operand(
+            "mat1",
+            dtypes=(fp8.ACT_DTYPE,),
+            ndim=2,
+            stride=StrideRule.ROW_MAJOR,
+            align=16,
+            divisible=((1, 16),),
+        ),
+        Operand(
+            "mat2",
+            dtypes=fp8.FP8_DTYPES,
+            ndim=2,
+            stride=StrideRule.COL_MAJOR,
+            align=16,
+            divisible=((0, 16), (1, 16)),
+        ),
         Operand("scale_a", dtypes=(_F32,), ndim=0),
         Operand("scale_b", dtypes=(_F32,), ndim=0),
     ),
@@ -82,10 +106,22 @@ _FP4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
 FP4_MM_CONTRACT = LayoutContract(
     "torch._scaled_mm[nvfp4, block scales]",
     (
-        Operand("mat1", dtypes=(_FP4_X2,) if _FP4_X2 else None, ndim=2, stride=StrideRule.ROW_MAJOR,
-                align=16, divisible=((1, 16),)),
-        Operand("mat2", dtypes=(_FP4_X2,) if _FP4_X2 else None, ndim=2, stride=StrideRule.COL_MAJOR,
-                align=16, divisible=((0, 16), (1, 16))),
+        Operand(
+            "mat1",
+            dtypes=(_FP4_X2,) if _FP4_X2 else None,
+            ndim=2,
+            stride=StrideRule.ROW_MAJOR,
+            align=16,
+            divisible=((1, 16),),
+        ),
+        Operand(
+            "mat2",
+            dtypes=(_FP4_X2,) if _FP4_X2 else None,
+            ndim=2,
+            stride=StrideRule.COL_MAJOR,
+            align=16,
+            divisible=((0, 16), (1, 16)),
+        ),
         Operand("scale_a", dtypes=(torch.float8_e4m3fn,), ndim=1, stride=StrideRule.CONTIGUOUS),
         Operand("scale_b", dtypes=(torch.float8_e4m3fn,), ndim=1, stride=StrideRule.CONTIGUOUS),
     ),
@@ -172,7 +208,10 @@ def _scaled_mm_plan(device: torch.device, w_dtype, out_dtype, has_bias: bool) ->
             sa = sb = _unit_scale(device)
         try:
             torch._scaled_mm(
-                a, b.t(), scale_a=sa, scale_b=sb,
+                a,
+                b.t(),
+                scale_a=sa,
+                scale_b=sb,
                 bias=torch.zeros(16, dtype=od, device=device) if fused_bias else None,
                 out_dtype=od,
             )
@@ -181,8 +220,10 @@ def _scaled_mm_plan(device: torch.device, w_dtype, out_dtype, has_bias: bool) ->
             continue
         notes = []
         if not rowwise:
-            notes.append(f"row-wise scales refused here ({reason}): tensor-wise GEMM, "
-                         "per-token and per-channel scales applied to its output")
+            notes.append(
+                f"row-wise scales refused here ({reason}): tensor-wise GEMM, "
+                "per-token and per-channel scales applied to its output"
+            )
         if has_bias and not fused_bias:
             notes.append("bias added after the GEMM")
         if od != out_dtype:
@@ -270,11 +311,19 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, mode: QuantMode | str) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` (its tensors are not modified). A meta Linear gives a meta layer."""
         w = linear.weight
-        base = w.dtype if w.dtype in _FLOAT_DTYPES else (
-            linear.bias.dtype if linear.bias is not None else torch.bfloat16
+        base = (
+            w.dtype
+            if w.dtype in _FLOAT_DTYPES
+            else (linear.bias.dtype if linear.bias is not None else torch.bfloat16)
         )
-        q = cls(linear.in_features, linear.out_features, mode, bias=linear.bias is not None,
-                device=w.device, dtype=base)
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            mode,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=base,
+        )
         if w.device.type != "meta":
             q.set_quantized(quantize_weight(w, q.mode), bias=linear.bias)
         q._layout_name = layout_name(linear)
@@ -355,7 +404,7 @@ class QuantizedLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         for name in _IGNORED_KEYS:
             local.pop(name, None)
         bias = local.pop("bias", None)
@@ -418,8 +467,9 @@ class QuantizedLinear(nn.Module):
     def device(self) -> torch.device:
         return self._buffers[_STORAGE_NAMES[self.spec.storage][0]].device
 
-    def path_for(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-                 ) -> tuple[str, str]:
+    def path_for(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[str, str]:
         """(path, detail) this layer takes for activations of ``dtype`` on ``device``.
 
         Raises :class:`UnsupportedModeError` for an fp8 ``_fast`` mode on a CUDA GPU older than
@@ -456,14 +506,19 @@ class QuantizedLinear(nn.Module):
             check_device(self.mode, device)
             plan = _scaled_mm_plan(device, spec.fp8_dtype, dtype, self.bias is not None)
             if isinstance(plan, str):
-                _warn_once(f"plan:{device}:{spec.fp8_dtype}:{dtype}", f"{self.mode.value}: {plan}; "
-                           "using the dequantize path")
+                _warn_once(
+                    f"plan:{device}:{spec.fp8_dtype}:{dtype}",
+                    f"{self.mode.value}: {plan}; using the dequantize path",
+                )
                 return DEQUANTIZE, f"fp8 weight upcast, then F.linear ({plan})"
             act = "fused Triton" if fused else "eager"
             detail = f"torch._scaled_mm, per-token e4m3 activation scales ({act} quantization)"
             if device.type == "cuda" and not fused:
-                _warn_once(f"eager:{device}", "Triton is not importable: the per-token activation "
-                           "quantization of the _fast modes runs eagerly and will not beat bf16")
+                _warn_once(
+                    f"eager:{device}",
+                    "Triton is not importable: the per-token activation "
+                    "quantization of the _fast modes runs eagerly and will not beat bf16",
+                )
             return SCALED_MM, detail + (f"; {plan.note}" if plan.note else "")
         scaled = " x per-channel scale" if spec.per_channel_scale else ""
         return DEQUANTIZE, f"fp8 weight upcast{scaled}, then F.linear"
@@ -475,8 +530,10 @@ class QuantizedLinear(nn.Module):
             cap = tuple(cuda_capability(device))
             if _FP4_X2 is None:
                 return "this torch has no float4_e2m1fn_x2 dtype"
-            return (f"compute capability {cap[0]}.{cap[1]} < "
-                    f"{FP4_MIN_CAPABILITY[0]}.{FP4_MIN_CAPABILITY[1]} (Blackwell)")
+            return (
+                f"compute capability {cap[0]}.{cap[1]} < "
+                f"{FP4_MIN_CAPABILITY[0]}.{FP4_MIN_CAPABILITY[1]} (Blackwell)"
+            )
         if self.in_features % 32 or self.out_features % 16:
             return f"in_features {self.in_features} must be a multiple of 32 and out_features of 16"
         return _FP4_NATIVE_BROKEN.get(str(device), "")
@@ -513,8 +570,12 @@ class QuantizedLinear(nn.Module):
             ops = DEQUANT_FP8_CONTRACT.enforce(where, weight=self.weight, scale_weight=scale)
             return fp8.dequantize_fp8(ops["weight"], ops["scale_weight"], dtype)
         return kernels.dequantize_fp4(
-            self.weight_packed, self.weight_scale, self._buffers.get("weight_scale_2"),
-            self.in_features, dtype, where,
+            self.weight_packed,
+            self.weight_scale,
+            self._buffers.get("weight_scale_2"),
+            self.in_features,
+            dtype,
+            where,
         )
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -546,12 +607,20 @@ class QuantizedLinear(nn.Module):
         if plan.rowwise:
             bias = self._bias(plan.out_dtype) if plan.bias_in_kernel else None
             ops = SCALED_MM_CONTRACT.enforce(
-                where, mat1=q, mat2=self.weight.t(), scale_a=scale_a, scale_b=self._scale_b,
+                where,
+                mat1=q,
+                mat2=self.weight.t(),
+                scale_a=scale_a,
+                scale_b=self._scale_b,
                 bias=bias,
             )
             out = torch._scaled_mm(
-                ops["mat1"], ops["mat2"], scale_a=ops["scale_a"], scale_b=ops["scale_b"],
-                bias=ops["bias"], out_dtype=plan.out_dtype,
+                ops["mat1"],
+                ops["mat2"],
+                scale_a=ops["scale_a"],
+                scale_b=ops["scale_b"],
+                bias=ops["bias"],
+                out_dtype=plan.out_dtype,
             )  # (M, N)
         else:
             one = _unit_scale(x.device)
@@ -589,7 +658,10 @@ class QuantizedLinear(nn.Module):
                 scale_b=self._swizzled_weight_scale(x.device),
             )
             out = torch._scaled_mm(
-                ops["mat1"], ops["mat2"], scale_a=ops["scale_a"], scale_b=ops["scale_b"],
+                ops["mat1"],
+                ops["mat2"],
+                scale_a=ops["scale_a"],
+                scale_b=ops["scale_b"],
                 out_dtype=torch.bfloat16,
             )  # (M, N) = (x / xg) @ (w / wg)^T
         except (RuntimeError, NotImplementedError, TypeError) as exc:
@@ -607,8 +679,9 @@ class QuantizedLinear(nn.Module):
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An ``nn.Linear`` holding the dequantized weight (the reverse of :meth:`from_linear`)."""
         dtype = dtype or self.compute_dtype
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta", dtype=dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=dtype
+        )
         lin.weight = nn.Parameter(self.dequantized_weight(dtype), requires_grad=False)
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.to(dtype).clone(), requires_grad=False)

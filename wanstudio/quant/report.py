@@ -242,6 +242,7 @@ def quant_report(
             s[1] += (ref - approx.double()).pow(2).sum().item()
             s[2] += 1
             act_dtypes[name] = args[0].dtype
+
         return fn
 
     handles = [targets[name].register_forward_hook(hook(name)) for name in quantized]
@@ -263,11 +264,19 @@ def quant_report(
         lin = targets[name]
         signal, noise, calls = sums[name]
         path, detail = q.path_for(lin.weight.device, act_dtypes.get(name, q.compute_dtype))
-        layers.append(LayerQuantStats(
-            name=name, in_features=q.in_features, out_features=q.out_features, path=path,
-            detail=detail, sqnr_db=_db(signal, noise) if calls else math.inf,
-            base_bytes=lin.weight.nbytes, quant_bytes=q.weight_nbytes, calls=calls,
-        ))
+        layers.append(
+            LayerQuantStats(
+                name=name,
+                in_features=q.in_features,
+                out_features=q.out_features,
+                path=path,
+                detail=detail,
+                sqnr_db=_db(signal, noise) if calls else math.inf,
+                base_bytes=lin.weight.nbytes,
+                quant_bytes=q.weight_nbytes,
+                calls=calls,
+            )
+        )
     some = next(iter(targets.values()), None)
     return QuantReport(
         mode=spec.mode,

@@ -106,7 +106,8 @@ def cuda_name(device: torch.device) -> str:
 
 def _modes_that_work(capability: tuple[int, int]) -> list[str]:
     return [
-        m.value for m, s in SPECS.items()
+        m.value
+        for m, s in SPECS.items()
         if m not in REFUSED and not (s.needs_fp8_tensor_cores and capability < FP8_MIN_CAPABILITY)
     ]
 

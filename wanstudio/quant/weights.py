@@ -81,7 +81,9 @@ def quantize_weight(
     """
     spec = spec_for(mode)
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_weight takes a float [N, K] weight, got {weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(
+            f"quantize_weight takes a float [N, K] weight, got {weight.dtype} {tuple(weight.shape)}"
+        )
     n = weight.shape[0]
     scale = _checked_scale(scale, n)
     stored_fp8 = weight.dtype in fp8.FP8_DTYPES

@@ -12,5 +12,12 @@ from .generate_panel import GeneratePanel, GenerateRequest, GenerationCancelled,
 from .layout_panel import LayoutPanel
 from .load_panel import LoadPanel
 
-__all__ = ["GeneratePanel", "GenerateRequest", "GenerationCancelled", "LayoutPanel", "LoadPanel",
-           "options_markdown", "video_widget"]
+__all__ = [
+    "GeneratePanel",
+    "GenerateRequest",
+    "GenerationCancelled",
+    "LayoutPanel",
+    "LoadPanel",
+    "options_markdown",
+    "video_widget",
+]

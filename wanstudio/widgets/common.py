@@ -34,9 +34,13 @@ def error_html(error: BaseException, context: str = "") -> str:
     ours = isinstance(error, WanstudioError)
     lines = html.escape(message).replace("\n", "<br>")
     where = f"{html.escape(context)}: " if context else ""
-    hint = "" if ours else (
-        "<div style='font-size:85%;color:#666'>Unexpected error: the full traceback is in "
-        "<code>panel.last_traceback</code>.</div>"
+    hint = (
+        ""
+        if ours
+        else (
+            "<div style='font-size:85%;color:#666'>Unexpected error: the full traceback is in "
+            "<code>panel.last_traceback</code>.</div>"
+        )
     )
     return (
         "<div class='wanstudio-error' style='border-left:4px solid #b42318;background:#fdf0ef;"

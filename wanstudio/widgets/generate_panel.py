@@ -146,9 +146,14 @@ def video_widget(path: str | Path, max_bytes: int = MAX_INLINE_BYTES) -> widgets
     if size > max_bytes:
         return widgets.HTML(status_html(f"{path} is {size / 2**20:.0f} MiB: open it from the file browser."))
     # drawn at least 320 px wide (the tiny preset's 64x64 would be a stamp), at most 640 x 480
-    return widgets.Video(value=path.read_bytes(), format="mp4", controls=True, autoplay=False, loop=False,
-                         layout=widgets.Layout(width="100%", min_width="320px", max_width="640px",
-                                               max_height="480px"))
+    return widgets.Video(
+        value=path.read_bytes(),
+        format="mp4",
+        controls=True,
+        autoplay=False,
+        loop=False,
+        layout=widgets.Layout(width="100%", min_width="320px", max_width="640px", max_height="480px"),
+    )
 
 
 def _resolve_pipeline(source):
@@ -170,8 +175,16 @@ class GeneratePanel(widgets.VBox):
         steps, max_frames: initial values (the tiny pipeline starts with quick ones).
     """
 
-    def __init__(self, pipeline=None, *, image: str | Path | None = None, audio: str | Path | None = None,
-                 out: str | Path | None = None, steps: int | None = None, max_frames: int | None = None):
+    def __init__(
+        self,
+        pipeline=None,
+        *,
+        image: str | Path | None = None,
+        audio: str | Path | None = None,
+        out: str | Path | None = None,
+        steps: int | None = None,
+        max_frames: int | None = None,
+    ):
         self.source = pipeline
         self.result = None
         self.last_error: BaseException | None = None
@@ -195,62 +208,138 @@ class GeneratePanel(widgets.VBox):
         max_frames = max_frames if max_frames is not None else (25 if tiny else 1000)
 
         # --- inputs
-        self.image_path = widgets.Text(value=str(image), description="image", style=STYLE,
-                                       layout=widgets.Layout(width="70%"))
+        self.image_path = widgets.Text(
+            value=str(image), description="image", style=STYLE, layout=widgets.Layout(width="70%")
+        )
         self.image_upload = widgets.FileUpload(accept="image/*", multiple=False, description="upload")
-        self.audio_path = widgets.Text(value=str(audio), description="speech (speaker 1)", style=STYLE,
-                                       layout=widgets.Layout(width="70%"))
+        self.audio_path = widgets.Text(
+            value=str(audio),
+            description="speech (speaker 1)",
+            style=STYLE,
+            layout=widgets.Layout(width="70%"),
+        )
         self.audio_upload = widgets.FileUpload(accept="audio/*", multiple=False, description="upload")
-        self.speakers = inline(widgets.ToggleButtons(options=[("one speaker", 1), ("two speakers", 2)], value=1,
-                                                     description="speakers", style=STYLE, layout=fit_layout()))
-        self.audio2_path = widgets.Text(description="speech (speaker 2)", style=STYLE,
-                                        layout=widgets.Layout(width="70%"))
+        self.speakers = inline(
+            widgets.ToggleButtons(
+                options=[("one speaker", 1), ("two speakers", 2)],
+                value=1,
+                description="speakers",
+                style=STYLE,
+                layout=fit_layout(),
+            )
+        )
+        self.audio2_path = widgets.Text(
+            description="speech (speaker 2)", style=STYLE, layout=widgets.Layout(width="70%")
+        )
         self.audio2_upload = widgets.FileUpload(accept="audio/*", multiple=False, description="upload")
-        self.speaker_mix = widgets.Dropdown(options=choices.speaker_mix_choices(), description="speaker mix",
-                                            style=STYLE, layout=widgets.Layout(width="70%"))
-        self.bboxes = widgets.Text(description="speaker boxes", style=STYLE, layout=widgets.Layout(width="70%"),
-                                   placeholder="x0,y0,x1,y1; x0,y0,x1,y1 (empty: left half, right half)")
-        self.two_box = widgets.VBox([widgets.HBox([self.audio2_path, self.audio2_upload]),
-                                     self.speaker_mix, self.bboxes])
+        self.speaker_mix = widgets.Dropdown(
+            options=choices.speaker_mix_choices(),
+            description="speaker mix",
+            style=STYLE,
+            layout=widgets.Layout(width="70%"),
+        )
+        self.bboxes = widgets.Text(
+            description="speaker boxes",
+            style=STYLE,
+            layout=widgets.Layout(width="70%"),
+            placeholder="x0,y0,x1,y1; x0,y0,x1,y1 (empty: left half, right half)",
+        )
+        self.two_box = widgets.VBox(
+            [widgets.HBox([self.audio2_path, self.audio2_upload]), self.speaker_mix, self.bboxes]
+        )
         # --- text and sampling
-        self.prompt = widgets.Textarea(description="prompt", style=STYLE, layout=WIDE,
-                                       placeholder="A person talking to the camera, natural expressions.")
-        self.negative_prompt = widgets.Textarea(value=_default_negative(), description="negative prompt",
-                                                style=STYLE, layout=WIDE)
-        self.size_class = widgets.Dropdown(options=choices.size_class_choices(), value=SizeClass.P480.value,
-                                           description="size class", style=STYLE)
+        self.prompt = widgets.Textarea(
+            description="prompt",
+            style=STYLE,
+            layout=WIDE,
+            placeholder="A person talking to the camera, natural expressions.",
+        )
+        self.negative_prompt = widgets.Textarea(
+            value=_default_negative(), description="negative prompt", style=STYLE, layout=WIDE
+        )
+        self.size_class = widgets.Dropdown(
+            options=choices.size_class_choices(),
+            value=SizeClass.P480.value,
+            description="size class",
+            style=STYLE,
+        )
         # a pipeline with a size of its own (the tiny preset: 64x64) uses it unless unticked; a
         # 480p bucket on the tiny preset is a ~600x600 video: minutes on a CPU instead of seconds
-        self.own_size = widgets.Checkbox(value=True, description="the pipeline's own size", indent=True,
-                                         style=STYLE, layout=fit_layout(display="none"))
-        self.scheduler = widgets.Dropdown(options=choices.scheduler_choices(), value=Scheduler.EULER.value,
-                                          description="sampler", style=STYLE)
-        self.steps = widgets.IntSlider(value=steps, min=1, max=100, description="steps", style=STYLE,
-                                       layout=slider_layout())
-        self.shift = widgets.BoundedFloatText(value=DEFAULT_SHIFT[SizeClass.P480], min=0.01, max=100.0,
-                                              step=0.5, description="shift", style=STYLE)
-        self.text_scale = widgets.FloatSlider(value=5.0, min=1.0, max=15.0, step=0.5,
-                                              description="text guidance", style=STYLE, layout=slider_layout())
-        self.audio_scale = widgets.FloatSlider(value=4.0, min=1.0, max=15.0, step=0.5,
-                                               description="audio guidance", style=STYLE, layout=slider_layout())
+        self.own_size = widgets.Checkbox(
+            value=True,
+            description="the pipeline's own size",
+            indent=True,
+            style=STYLE,
+            layout=fit_layout(display="none"),
+        )
+        self.scheduler = widgets.Dropdown(
+            options=choices.scheduler_choices(),
+            value=Scheduler.EULER.value,
+            description="sampler",
+            style=STYLE,
+        )
+        self.steps = widgets.IntSlider(
+            value=steps, min=1, max=100, description="steps", style=STYLE, layout=slider_layout()
+        )
+        self.shift = widgets.BoundedFloatText(
+            value=DEFAULT_SHIFT[SizeClass.P480],
+            min=0.01,
+            max=100.0,
+            step=0.5,
+            description="shift",
+            style=STYLE,
+        )
+        self.text_scale = widgets.FloatSlider(
+            value=5.0,
+            min=1.0,
+            max=15.0,
+            step=0.5,
+            description="text guidance",
+            style=STYLE,
+            layout=slider_layout(),
+        )
+        self.audio_scale = widgets.FloatSlider(
+            value=4.0,
+            min=1.0,
+            max=15.0,
+            step=0.5,
+            description="audio guidance",
+            style=STYLE,
+            layout=slider_layout(),
+        )
         self.seed = widgets.BoundedIntText(value=42, min=0, max=2**31 - 1, description="seed", style=STYLE)
-        self.max_frames = widgets.BoundedIntText(value=max_frames, min=1, max=10**7, description="max frames",
-                                                 style=STYLE)
+        self.max_frames = widgets.BoundedIntText(
+            value=max_frames, min=1, max=10**7, description="max frames", style=STYLE
+        )
         out = out if out is not None else studio.output_path("infinitetalk.mp4")
-        self.out = widgets.Text(value=str(out), description="output mp4", style=STYLE,
-                                layout=widgets.Layout(width="70%"))
-        self.resume = widgets.Checkbox(value=False, description="resume (continue the run in <out>.work)",
-                                       indent=True, style=STYLE, layout=fit_layout())
-        self.strict = widgets.Checkbox(value=False, description="strict layout (raise before a bad launch)",
-                                       indent=True, style=STYLE, layout=fit_layout())
+        self.out = widgets.Text(
+            value=str(out), description="output mp4", style=STYLE, layout=widgets.Layout(width="70%")
+        )
+        self.resume = widgets.Checkbox(
+            value=False,
+            description="resume (continue the run in <out>.work)",
+            indent=True,
+            style=STYLE,
+            layout=fit_layout(),
+        )
+        self.strict = widgets.Checkbox(
+            value=False,
+            description="strict layout (raise before a bad launch)",
+            indent=True,
+            style=STYLE,
+            layout=fit_layout(),
+        )
         # --- actions and results
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
-        self.cancel_button = widgets.Button(description="Cancel", button_style="warning", icon="stop",
-                                            disabled=True)
-        self.clip_bar = widgets.IntProgress(value=0, min=0, max=1, description="clips", style=STYLE,
-                                            layout=slider_layout())
-        self.step_bar = widgets.IntProgress(value=0, min=0, max=1, description="steps", style=STYLE,
-                                            layout=slider_layout())
+        self.cancel_button = widgets.Button(
+            description="Cancel", button_style="warning", icon="stop", disabled=True
+        )
+        self.clip_bar = widgets.IntProgress(
+            value=0, min=0, max=1, description="clips", style=STYLE, layout=slider_layout()
+        )
+        self.step_bar = widgets.IntProgress(
+            value=0, min=0, max=1, description="steps", style=STYLE, layout=slider_layout()
+        )
         self.progress_text = widgets.HTML()
         self.status = widgets.HTML()
         self.video_box = widgets.Box()
@@ -259,24 +348,46 @@ class GeneratePanel(widgets.VBox):
         self.cancel_button.on_click(lambda _b: self.cancel())
         self.speakers.observe(lambda _c: self._speakers_changed(), "value")
         self.own_size.observe(lambda _c: self._own_size_changed(), "value")
-        self.size_class.observe(lambda c: setattr(self.shift, "value", DEFAULT_SHIFT[parse_option(SizeClass, c.new)]),
-                                "value")
+        self.size_class.observe(
+            lambda c: setattr(self.shift, "value", DEFAULT_SHIFT[parse_option(SizeClass, c.new)]), "value"
+        )
         self._speakers_changed()
         self._pipeline_changed()
         if callable(getattr(pipeline, "on_loaded", None)):  # a LoadPanel: its pipeline comes later
             pipeline.on_loaded(lambda _result: self._pipeline_changed())
-        super().__init__([
-            heading("Image and speech"),
-            widgets.HBox([self.image_path, self.image_upload]),
-            widgets.HBox([self.audio_path, self.audio_upload]),
-            self.speakers, self.two_box,
-            heading("Prompt"), self.prompt, self.negative_prompt,
-            heading("Sampling"), self.size_class, self.own_size, self.scheduler, self.steps, self.shift,
-            self.text_scale, self.audio_scale, self.seed, self.max_frames,
-            heading("Output"), self.out, self.resume, self.strict,
-            widgets.HBox([self.generate_button, self.cancel_button]),
-            self.clip_bar, self.step_bar, self.progress_text, self.status, self.video_box,
-        ], layout=widgets.Layout(width="100%"))
+        super().__init__(
+            [
+                heading("Image and speech"),
+                widgets.HBox([self.image_path, self.image_upload]),
+                widgets.HBox([self.audio_path, self.audio_upload]),
+                self.speakers,
+                self.two_box,
+                heading("Prompt"),
+                self.prompt,
+                self.negative_prompt,
+                heading("Sampling"),
+                self.size_class,
+                self.own_size,
+                self.scheduler,
+                self.steps,
+                self.shift,
+                self.text_scale,
+                self.audio_scale,
+                self.seed,
+                self.max_frames,
+                heading("Output"),
+                self.out,
+                self.resume,
+                self.strict,
+                widgets.HBox([self.generate_button, self.cancel_button]),
+                self.clip_bar,
+                self.step_bar,
+                self.progress_text,
+                self.status,
+                self.video_box,
+            ],
+            layout=widgets.Layout(width="100%"),
+        )
         self.add_class("wanstudio-generate-panel")
 
     # --- state ---------------------------------------------------------------------------------------
@@ -308,7 +419,9 @@ class GeneratePanel(widgets.VBox):
         size = self.pipeline_size()
         self.own_size.layout.display = None if size else "none"
         if size:
-            self.own_size.description = f"use the pipeline's own size, {size[0]}x{size[1]} (not the size class)"
+            self.own_size.description = (
+                f"use the pipeline's own size, {size[0]}x{size[1]} (not the size class)"
+            )
         self._own_size_changed()
 
     def _own_size_changed(self) -> None:
@@ -319,8 +432,11 @@ class GeneratePanel(widgets.VBox):
 
     def read_request(self) -> GenerateRequest:
         """The call the controls describe (uploads are saved next to the output first)."""
-        for upload, field in ((self.image_upload, self.image_path), (self.audio_upload, self.audio_path),
-                              (self.audio2_upload, self.audio2_path)):
+        for upload, field in (
+            (self.image_upload, self.image_path),
+            (self.audio_upload, self.audio_path),
+            (self.audio2_upload, self.audio2_path),
+        ):
             saved = save_upload(upload, self._uploads_folder())
             if saved is not None:
                 field.value = str(saved)
@@ -345,13 +461,23 @@ class GeneratePanel(widgets.VBox):
         if not Path(out).expanduser().parent.exists():
             Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
         return GenerateRequest(
-            image=image, audio=audio, audio2=audio2, speaker_mix=mix or SpeakerMix.PARA.value, bboxes=bboxes,
-            prompt=self.prompt.value, negative_prompt=self.negative_prompt.value or None,
+            image=image,
+            audio=audio,
+            audio2=audio2,
+            speaker_mix=mix or SpeakerMix.PARA.value,
+            bboxes=bboxes,
+            prompt=self.prompt.value,
+            negative_prompt=self.negative_prompt.value or None,
             size_class=None if self.size_class.disabled else self.size_class.value,
-            scheduler=self.scheduler.value, steps=self.steps.value,
-            shift=float(self.shift.value), text_scale=float(self.text_scale.value),
-            audio_scale=float(self.audio_scale.value), seed=int(self.seed.value),
-            max_frames=int(self.max_frames.value), out=out, resume=self.resume.value,
+            scheduler=self.scheduler.value,
+            steps=self.steps.value,
+            shift=float(self.shift.value),
+            text_scale=float(self.text_scale.value),
+            audio_scale=float(self.audio_scale.value),
+            seed=int(self.seed.value),
+            max_frames=int(self.max_frames.value),
+            out=out,
+            resume=self.resume.value,
             strict_layout=self.strict.value,
         )
 
@@ -381,8 +507,9 @@ class GeneratePanel(widgets.VBox):
         self.status.value = status_html("Preparing (encoding image, text and speech)…", "busy")
         self.progress_text.value = ""
         self.generate_button.disabled, self.cancel_button.disabled = True, False
-        self._thread = threading.Thread(target=self._work, args=(pipe, request), name="wanstudio-generate",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(pipe, request), name="wanstudio-generate", daemon=True
+        )
         self._thread.start()
         return True
 
@@ -408,7 +535,9 @@ class GeneratePanel(widgets.VBox):
             if not self._cancel.is_set():
                 self.status.value = status_html(  # the inputs are encoded: sampling starts now
                     f"Generating {event.clips} clip{'s' if event.clips != 1 else ''} of {event.steps} "
-                    f"step{'s' if event.steps != 1 else ''} each…", "busy")
+                    f"step{'s' if event.steps != 1 else ''} each…",
+                    "busy",
+                )
         elif event.kind in ("clip", "done"):
             self.finished_clips = event.clip
         self.clip_bar.max = max(1, event.clips)
@@ -419,7 +548,8 @@ class GeneratePanel(widgets.VBox):
         resumed = f" ({event.resumed_clips} resumed)" if event.resumed_clips else ""
         self.progress_text.value = html.escape(
             f"clip {min(event.clip, event.clips)} of {event.clips}{resumed}, step {event.step} of {event.steps} · "
-            f"{event.frames_done}/{event.frames_total} frames · elapsed {_hms(event.elapsed)} · ETA {eta}")
+            f"{event.frames_done}/{event.frames_total} frames · elapsed {_hms(event.elapsed)} · ETA {eta}"
+        )
         if event.kind != "done" and self._cancel.is_set():
             raise GenerationCancelled(event)
 
@@ -428,9 +558,13 @@ class GeneratePanel(widgets.VBox):
         try:
             strict = _strict(request.strict_layout)
             with strict:
-                result = pipe(request.image, request.audio, **request.call_kwargs(), progress=self._on_progress)
+                result = pipe(
+                    request.image, request.audio, **request.call_kwargs(), progress=self._on_progress
+                )
             self.result = result
-            self.status.value = status_html(f"Done in {time.perf_counter() - t0:.1f} s: {_summary(result)}", "ok")
+            self.status.value = status_html(
+                f"Done in {time.perf_counter() - t0:.1f} s: {_summary(result)}", "ok"
+            )
             self.clip_bar.bar_style = self.step_bar.bar_style = "success"
             path = getattr(result, "path", None) or request.out
             if path and Path(path).is_file():
@@ -440,9 +574,14 @@ class GeneratePanel(widgets.VBox):
             self.last_error = e
             kept = self.finished_clips
             self.clip_bar.bar_style = self.step_bar.bar_style = "warning"
-            more = (f" {kept} finished clip{'s' if kept != 1 else ''} kept in {request.work_dir}; 'resume' is "
-                    f"ticked, so Generate continues from clip {kept + 1}.") if kept else \
-                " No clip had finished; Generate starts over."
+            more = (
+                (
+                    f" {kept} finished clip{'s' if kept != 1 else ''} kept in {request.work_dir}; 'resume' is "
+                    f"ticked, so Generate continues from clip {kept + 1}."
+                )
+                if kept
+                else " No clip had finished; Generate starts over."
+            )
             self.resume.value = kept > 0
             self.status.value = status_html(f"Cancelled{_where(e.event)}.{more}", "warn")
         except Exception as e:  # shown in the panel; the traceback stays on the panel
@@ -450,7 +589,9 @@ class GeneratePanel(widgets.VBox):
             if self.finished_clips:
                 self.status.value += status_html(
                     f"{self.finished_clips} finished clip(s) are kept in {request.work_dir}: tick 'resume' "
-                    f"to continue after fixing the cause.", "info")
+                    f"to continue after fixing the cause.",
+                    "info",
+                )
             self.clip_bar.bar_style = self.step_bar.bar_style = "danger"
         finally:
             self.generate_button.disabled, self.cancel_button.disabled = False, True

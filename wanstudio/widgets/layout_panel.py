@@ -52,8 +52,7 @@ class LayoutPanel(widgets.VBox):
             (default :func:`studio.inspect_model`; tests pass a fake).
     """
 
-    def __init__(self, model=None, inputs: Mapping | None = None, *,
-                 inspector: Callable | None = None):
+    def __init__(self, model=None, inputs: Mapping | None = None, *, inspector: Callable | None = None):
         self.source = model
         self.inputs = inputs
         self.inspector = inspector or studio.inspect_model
@@ -62,15 +61,29 @@ class LayoutPanel(widgets.VBox):
         self.last_traceback = ""
 
         self.inspect_button = widgets.Button(description="Inspect", button_style="primary", icon="search")
-        self.strict = widgets.ToggleButton(value=False, description="strict mode", icon="shield",
-                                           tooltip="raise LayoutError before a kernel gets a tensor it cannot take")
-        self.only_violations = widgets.Checkbox(value=False, description="violations only", indent=True,
-                                                style=STYLE, layout=fit_layout())
-        self.only_non_contiguous = widgets.Checkbox(value=False, description="non-contiguous only", indent=False,
-                                                    layout=fit_layout(margin="0 0 0 24px"))
+        self.strict = widgets.ToggleButton(
+            value=False,
+            description="strict mode",
+            icon="shield",
+            tooltip="raise LayoutError before a kernel gets a tensor it cannot take",
+        )
+        self.only_violations = widgets.Checkbox(
+            value=False, description="violations only", indent=True, style=STYLE, layout=fit_layout()
+        )
+        self.only_non_contiguous = widgets.Checkbox(
+            value=False,
+            description="non-contiguous only",
+            indent=False,
+            layout=fit_layout(margin="0 0 0 24px"),
+        )
         self.role = widgets.Dropdown(options=[("all roles", ALL)], description="role", style=STYLE)
-        self.module = widgets.Text(description="module name", placeholder="e.g. blocks.0.self_attn",
-                                   style=STYLE, continuous_update=False, layout=widgets.Layout(width="480px"))
+        self.module = widgets.Text(
+            description="module name",
+            placeholder="e.g. blocks.0.self_attn",
+            style=STYLE,
+            continuous_update=False,
+            layout=widgets.Layout(width="480px"),
+        )
         self.kernel = widgets.Dropdown(options=[("all kernels", ALL)], description="kernel", style=STYLE)
         self.status = widgets.HTML()
         self.counts = widgets.HTML()
@@ -82,13 +95,21 @@ class LayoutPanel(widgets.VBox):
         self.strict.observe(lambda _c: self._strict_changed(), "value")
         for w in (self.only_violations, self.only_non_contiguous, self.role, self.module, self.kernel):
             w.observe(lambda _c: self.refresh(), "value")
-        super().__init__([
-            widgets.HBox([self.inspect_button, self.strict]),
-            widgets.HBox([self.only_violations, self.only_non_contiguous]),
-            widgets.HBox([self.role, self.kernel]), self.module,
-            self.status, self.counts, self.table,
-            heading("Block swap timeline"), self.timeline_note, self.timeline,
-        ], layout=widgets.Layout(width="100%"))
+        super().__init__(
+            [
+                widgets.HBox([self.inspect_button, self.strict]),
+                widgets.HBox([self.only_violations, self.only_non_contiguous]),
+                widgets.HBox([self.role, self.kernel]),
+                self.module,
+                self.status,
+                self.counts,
+                self.table,
+                heading("Block swap timeline"),
+                self.timeline_note,
+                self.timeline,
+            ],
+            layout=widgets.Layout(width="100%"),
+        )
         self.add_class("wanstudio-layout-panel")
 
     @property
@@ -130,8 +151,11 @@ class LayoutPanel(widgets.VBox):
             self.last_error, self.last_traceback = e, format_traceback(e)
             self.report = None
             self.table.value = self.counts.value = ""
-            title = ("Strict mode stopped the forward before the launch" if isinstance(e, LayoutError)
-                     and model is not None else "Inspection failed")
+            title = (
+                "Strict mode stopped the forward before the launch"
+                if isinstance(e, LayoutError) and model is not None
+                else "Inspection failed"
+            )
             self.status.value = error_html(e, title)
             self._show_timeline(model)
             return None
@@ -158,10 +182,14 @@ class LayoutPanel(widgets.VBox):
         total = len(studio.report_rows(self.report))
         violations = getattr(self.report, "violations", None)
         n_bad = len(violations()) if callable(violations) else 0
-        self.counts.value = status_html(f"{len(studio.report_rows(shown))} of {total} rows shown; "
-                                        f"{n_bad} violation{'s' if n_bad != 1 else ''} in all")
+        self.counts.value = status_html(
+            f"{len(studio.report_rows(shown))} of {total} rows shown; "
+            f"{n_bad} violation{'s' if n_bad != 1 else ''} in all"
+        )
         to_html = getattr(shown, "_repr_html_", None)
-        self.table.value = TABLE_CSS + (to_html() if callable(to_html) else f"<pre>{html.escape(str(shown))}</pre>")
+        self.table.value = TABLE_CSS + (
+            to_html() if callable(to_html) else f"<pre>{html.escape(str(shown))}</pre>"
+        )
 
     def _show_timeline(self, model) -> None:
         stats = getattr(model, "block_swap_stats", None) if model is not None else None
@@ -169,8 +197,10 @@ class LayoutPanel(widgets.VBox):
         if not spans:
             self.timeline.layout.display = "none"
             self.timeline_note.value = status_html(
-                "Block swap is off: every block stays on the device." if stats is None
-                else "Block swap is on; run a forward (Inspect) to record its timeline.")
+                "Block swap is off: every block stays on the device."
+                if stats is None
+                else "Block swap is on; run a forward (Inspect) to record its timeline."
+            )
             return
         self.timeline.value = png_bytes(swap_timeline_figure(spans))
         self.timeline.layout.display = None
@@ -181,4 +211,5 @@ class LayoutPanel(widgets.VBox):
         self.timeline_note.value = status_html(
             f"{copies} block copies in the last forward; {len(waits)} not hidden behind compute "
             f"({exposed:.2f} ms exposed){' — simulated device, virtual clock' if simulated else ''}.",
-            "warn" if waits else "ok")
+            "warn" if waits else "ok",
+        )

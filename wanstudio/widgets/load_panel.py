@@ -28,8 +28,12 @@ from .common import (
 
 # field -> (label, placeholder, required)
 PATH_FIELDS: dict[str, tuple[str, str, bool]] = {
-    "dit": ("DiT (Wan2.1-I2V-14B)", "…/Wan2.1-I2V-14B-480P/diffusion_pytorch_model.safetensors.index.json "
-            "(one path per line: shards' index json, their folder, or single files)", True),
+    "dit": (
+        "DiT (Wan2.1-I2V-14B)",
+        "…/Wan2.1-I2V-14B-480P/diffusion_pytorch_model.safetensors.index.json "
+        "(one path per line: shards' index json, their folder, or single files)",
+        True,
+    ),
     "infinitetalk": ("InfiniteTalk", "…/InfiniteTalk/single/infinitetalk.safetensors", False),
     "vae": ("VAE", "…/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth", True),
     "text_encoder": ("text encoder (umT5)", "…/models_t5_umt5-xxl-enc-bf16.pth", True),
@@ -77,8 +81,14 @@ class LoadPanel(widgets.VBox):
         device: the initial device (default: the first GPU, else the CPU).
     """
 
-    def __init__(self, *, weights: WeightPaths | None = None, loader: Callable[[LoadSettings], LoadResult] | None = None,
-                 device: str | None = None, find: bool = True):
+    def __init__(
+        self,
+        *,
+        weights: WeightPaths | None = None,
+        loader: Callable[[LoadSettings], LoadResult] | None = None,
+        device: str | None = None,
+        find: bool = True,
+    ):
         if weights is None and find:
             try:
                 weights = studio.find_weights()
@@ -96,16 +106,27 @@ class LoadPanel(widgets.VBox):
 
         presets = studio.pipeline_presets()
         self.preset = widgets.Dropdown(
-            options=[(f"{p} (random weights, no files)" if p.startswith("tiny") else f"{p} (real weights)", p)
-                     for p in presets],
-            value=next((p for p in presets if not p.startswith("tiny")), presets[0]) if weights else presets[0],
-            description="preset", style=STYLE, layout=widgets.Layout(width="60%"))
+            options=[
+                (f"{p} (random weights, no files)" if p.startswith("tiny") else f"{p} (real weights)", p)
+                for p in presets
+            ],
+            value=next((p for p in presets if not p.startswith("tiny")), presets[0])
+            if weights
+            else presets[0],
+            description="preset",
+            style=STYLE,
+            layout=widgets.Layout(width="60%"),
+        )
         self.paths: dict[str, widgets.Text | widgets.Textarea] = {}
         self.path_status: dict[str, widgets.HTML] = {}
         for name, (label, placeholder, _) in PATH_FIELDS.items():
             cls = widgets.Textarea if name == "dit" else widgets.Text
-            box = cls(description=label, placeholder=placeholder, style=STYLE,
-                      layout=widgets.Layout(width="70%", height="52px" if name == "dit" else None))
+            box = cls(
+                description=label,
+                placeholder=placeholder,
+                style=STYLE,
+                layout=widgets.Layout(width="70%", height="52px" if name == "dit" else None),
+            )
             box.observe(lambda _c, n=name: self._check_path(n), "value")
             self.paths[name] = box
             self.path_status[name] = widgets.HTML(layout=widgets.Layout(width="28%"))
@@ -115,21 +136,44 @@ class LoadPanel(widgets.VBox):
         self.device = widgets.Dropdown(options=choices.device_choices(), description="device", style=STYLE)
         if device in [v for _, v in self.device.options]:
             self.device.value = device
-        self.precision = widgets.Dropdown(options=choices.precision_choices(self.device.value),
-                                          value=studio.default_precision(self.device.value).value,
-                                          description="base precision", style=STYLE)
-        self.quantization = widgets.Dropdown(options=choices.quant_choices(self.device.value),
-                                             value=QuantMode.DISABLED.value, description="quantization",
-                                             style=STYLE, layout=widgets.Layout(width="60%"))
-        self.attention = widgets.Dropdown(options=choices.attention_choices(self.device.value),
-                                          value=AttentionMode.SDPA.value, description="attention",
-                                          style=STYLE, layout=widgets.Layout(width="60%"))
-        self.blocks_to_swap = widgets.IntSlider(value=0, min=0, max=PRESETS[self.preset.value].num_layers,
-                                                description="blocks to swap", style=STYLE, layout=slider_layout())
-        self.prefetch = widgets.IntSlider(value=1, min=0, max=4, description="prefetch", style=STYLE,
-                                          layout=slider_layout())
-        self.accuracy = widgets.Checkbox(value=True, description="measure per-layer quantization accuracy",
-                                         indent=True, style=STYLE, layout=fit_layout())
+        self.precision = widgets.Dropdown(
+            options=choices.precision_choices(self.device.value),
+            value=studio.default_precision(self.device.value).value,
+            description="base precision",
+            style=STYLE,
+        )
+        self.quantization = widgets.Dropdown(
+            options=choices.quant_choices(self.device.value),
+            value=QuantMode.DISABLED.value,
+            description="quantization",
+            style=STYLE,
+            layout=widgets.Layout(width="60%"),
+        )
+        self.attention = widgets.Dropdown(
+            options=choices.attention_choices(self.device.value),
+            value=AttentionMode.SDPA.value,
+            description="attention",
+            style=STYLE,
+            layout=widgets.Layout(width="60%"),
+        )
+        self.blocks_to_swap = widgets.IntSlider(
+            value=0,
+            min=0,
+            max=PRESETS[self.preset.value].num_layers,
+            description="blocks to swap",
+            style=STYLE,
+            layout=slider_layout(),
+        )
+        self.prefetch = widgets.IntSlider(
+            value=1, min=0, max=4, description="prefetch", style=STYLE, layout=slider_layout()
+        )
+        self.accuracy = widgets.Checkbox(
+            value=True,
+            description="measure per-layer quantization accuracy",
+            indent=True,
+            style=STYLE,
+            layout=fit_layout(),
+        )
         self.load_button = widgets.Button(description="Load", button_style="primary", icon="download")
         self.mode_notes = widgets.HTML()
         self.status = widgets.HTML()
@@ -147,14 +191,31 @@ class LoadPanel(widgets.VBox):
 
         path_rows = [widgets.HBox([self.paths[n], self.path_status[n]]) for n in PATH_FIELDS]
         self.paths_box = widgets.VBox(path_rows)
-        super().__init__([
-            heading("Weights"), self.preset, self.paths_box,
-            heading("Modes"), self.device, self.precision, self.quantization, self.attention,
-            self.blocks_to_swap, self.prefetch, self.accuracy, self.mode_notes,
-            widgets.HBox([self.load_button]), self.status,
-            heading("Loaded model"), self.summary_html, heading("Quantization accuracy per layer"),
-            self.report_html, modes, table_style("wanstudio-load-panel"),
-        ], layout=widgets.Layout(width="100%"))
+        super().__init__(
+            [
+                heading("Weights"),
+                self.preset,
+                self.paths_box,
+                heading("Modes"),
+                self.device,
+                self.precision,
+                self.quantization,
+                self.attention,
+                self.blocks_to_swap,
+                self.prefetch,
+                self.accuracy,
+                self.mode_notes,
+                widgets.HBox([self.load_button]),
+                self.status,
+                heading("Loaded model"),
+                self.summary_html,
+                heading("Quantization accuracy per layer"),
+                self.report_html,
+                modes,
+                table_style("wanstudio-load-panel"),
+            ],
+            layout=widgets.Layout(width="100%"),
+        )
         self.add_class("wanstudio-load-panel")
         self._preset_changed()
         self._device_changed()
@@ -184,16 +245,23 @@ class LoadPanel(widgets.VBox):
             return None
         values = {n: self.paths[n].value.strip() for n in PATH_FIELDS}
         values["dit"] = tuple(line.strip() for line in values["dit"].splitlines() if line.strip())
-        return WeightPaths(**{k: (v or None) if k in WeightPaths.OPTIONAL else v for k, v in values.items()},
-                           source="the load panel")
+        return WeightPaths(
+            **{k: (v or None) if k in WeightPaths.OPTIONAL else v for k, v in values.items()},
+            source="the load panel",
+        )
 
     def settings(self) -> LoadSettings:
         """The settings the controls describe (raises ConfigError when incomplete)."""
         return LoadSettings(
-            preset=self.preset.value, weights=self.weights(), device=self.device.value,
-            precision=self.precision.value, quantization=self.quantization.value,
-            attention=self.attention.value, blocks_to_swap=self.blocks_to_swap.value,
-            prefetch=self.prefetch.value, accuracy=self.accuracy.value,
+            preset=self.preset.value,
+            weights=self.weights(),
+            device=self.device.value,
+            precision=self.precision.value,
+            quantization=self.quantization.value,
+            attention=self.attention.value,
+            blocks_to_swap=self.blocks_to_swap.value,
+            prefetch=self.prefetch.value,
+            accuracy=self.accuracy.value,
         )
 
     # --- reactions ------------------------------------------------------------------------------------
@@ -241,7 +309,8 @@ class LoadPanel(widgets.VBox):
         if not studio.swap_availability(self.device.value).available:
             notes.append(f"block swap: {studio.swap_availability(self.device.value).reason}")
         self.mode_notes.value = "".join(
-            [status_html(p, "error") for p in problems] + [status_html(n, "info") for n in notes])
+            [status_html(p, "error") for p in problems] + [status_html(n, "info") for n in notes]
+        )
         self.load_button.disabled = bool(problems)
         self.load_button.tooltip = "; ".join(problems) if problems else "Load the pipeline"
 

@@ -41,7 +41,9 @@ def quant_comparison_figure(comparison):
     ax.set_xlim(0, max([1.1] + [r.ratio * 1.1 for r in rows if math.isfinite(r.ratio)]))
     if rows and any(not math.isfinite(r.sqnr_db) for r in rows):
         ax.axhline(top, color="grey", lw=0.5, ls=":")
-        ax.text(0.02, top, " exact (base precision)", fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
+        ax.text(
+            0.02, top, " exact (base precision)", fontsize=7, va="bottom", transform=ax.get_yaxis_transform()
+        )
     fig.tight_layout()
     return fig
 
@@ -64,9 +66,15 @@ def swap_timeline_figure(spans: Sequence, title: str = "Block swap: copy vs comp
     ax.invert_yaxis()
     ax.set_xlabel("ms from the forward's start")
     ax.set_title(title)
-    ax.legend(handles=[Patch(color=COPY, label="copy (side stream)"),
-                       Patch(color=EXPOSED, label="compute waiting for the copy"),
-                       Patch(color=COMPUTE, label="compute")], loc="lower right", fontsize=7)
+    ax.legend(
+        handles=[
+            Patch(color=COPY, label="copy (side stream)"),
+            Patch(color=EXPOSED, label="compute waiting for the copy"),
+            Patch(color=COMPUTE, label="compute"),
+        ],
+        loc="lower right",
+        fontsize=7,
+    )
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
