@@ -25,7 +25,8 @@ from torch import nn
 from .config import WanConfig
 from .errors import CheckpointError, ConfigError
 from .layout import assign_layout_names
-from .options import AttentionMode, BasePrecision, QuantMode, parse_option
+from .modes import RuntimeModes, apply_modes
+from .options import AttentionMode, BasePrecision, QuantMode
 from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
 
 log = logging.getLogger(__name__)
@@ -277,38 +278,8 @@ def check_keys(
 
 # --- loading -----------------------------------------------------------------------------------------
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    prec = parse_option(BasePrecision, dtype)
-    return {
-        BasePrecision.FP32: torch.float32,
-        BasePrecision.BF16: torch.bfloat16,
-        BasePrecision.FP16: torch.float16,
-        BasePrecision.FP16_FAST: torch.float16,
-    }[prec]
-
-
-def _enable_fp16_accumulation_if_asked(precision, device: torch.device) -> None:
-    """``fp16_fast``: fp16 weights and fp16 matmul accumulation (a process-wide cuBLAS switch)."""
-    if (
-        isinstance(precision, torch.dtype)
-        or parse_option(BasePrecision, precision) is not BasePrecision.FP16_FAST
-    ):
-        return
-    from .errors import UnsupportedModeError
-
-    if device.type != "cuda":
-        raise UnsupportedModeError(
-            f"base precision 'fp16_fast' (fp16 matmul accumulation) needs a CUDA GPU; device is {device}. "
-            f"Use 'fp16' or 'bf16' here."
-        )
-    if not hasattr(torch.backends.cuda.matmul, "allow_fp16_accumulation"):
-        raise UnsupportedModeError(
-            f"base precision 'fp16_fast' needs torch >= 2.7 (allow_fp16_accumulation); this is "
-            f"torch {torch.__version__}. Use 'fp16'."
-        )
-    torch.backends.cuda.matmul.allow_fp16_accumulation = True
-    log.info("fp16_fast: cuBLAS fp16 accumulation enabled for this process")
+    """A torch dtype from a dtype or a base precision name (``"bf16"``)."""
+    return BasePrecision.of(dtype).dtype
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -328,37 +299,45 @@ def load_model(
     *,
     config: WanConfig | str | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.bfloat16,
-    quantization: str = "disabled",
-    attention: str | None = None,
-    blocks_to_swap: int = 0,
-    prefetch: int = 1,
-    strict_layout: bool = False,
-    compile_blocks: bool = False,
+    modes: RuntimeModes | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantization: QuantMode | str | None = None,
+    attention: AttentionMode | str | None = None,
+    blocks_to_swap: int | None = None,
+    prefetch: int | None = None,
+    strict_layout: bool | None = None,
+    compile_blocks: bool | None = None,
 ):
-    """Build a WanModel from checkpoint files, streaming tensors to ``device`` in ``dtype``.
+    """Build a WanModel from checkpoint files, streaming tensors to ``device`` in their dtype.
 
     Args:
         paths: a .safetensors file, an index json, a folder, or a list of these merged in order.
         config: a WanConfig, a preset name, or None to infer it from the tensors' shapes.
-        device / dtype: where the weights live and the compute dtype (or a BasePrecision name).
-        quantization: a QuantMode name (see ``wanstudio.QUANT_MODES``).
-        attention: an AttentionMode name (default: sdpa).
-        blocks_to_swap: keep the last N blocks in pinned host memory (CUDA only).
-        strict_layout: run every forward under ``strict_layout()``.
-        compile_blocks: ``torch.compile`` each block to fuse its elementwise work (``fusion.py``).
+        device: where the weights live (swapped blocks: pinned host memory).
+        modes: a :class:`~wanstudio.modes.RuntimeModes` (default bf16, no quantization, sdpa).
+        dtype, quantization, attention, blocks_to_swap, prefetch, strict_layout, compile_blocks:
+            the same choices as keywords (``dtype`` is ``RuntimeModes.precision``,
+            ``compile_blocks`` is ``compile``); one given wins over ``modes``.
+
+    Layers are quantized tensor by tensor while they stream, so the base-precision model never
+    exists; :func:`~wanstudio.modes.apply_modes` then sets attention, block swap, strict layout
+    and compilation.
     """
     from .model import WanModel
 
+    modes = RuntimeModes.merge(
+        modes,
+        precision=dtype,
+        quantization=quantization,
+        attention=attention,
+        blocks_to_swap=blocks_to_swap,
+        prefetch=prefetch,
+        strict_layout=strict_layout,
+        compile=compile_blocks,
+    )
     device = torch.device(device)
-    _enable_fp16_accumulation_if_asked(dtype, device)
-    dtype = parse_dtype(dtype)
-    if attention is not None:  # bad names fail before any file is read
-        attention = parse_option(AttentionMode, attention)
-    quantization = parse_option(QuantMode, quantization)
-    from .quant import check_device
-
-    check_device(quantization, device)
+    modes.check_device(device)  # bad names and unsupported modes fail before any file is read
+    dtype = modes.dtype
     entries, info = scan_checkpoint(paths)
     if config is None:
         try:
@@ -374,8 +353,8 @@ def load_model(
     model = WanModel(cfg, device="meta", dtype=dtype)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
-    mode = _storage_mode(quantization, entries, info)
-    placement = _placement(model, device, blocks_to_swap)
+    mode = _storage_mode(modes.quantization, entries, info)
+    placement = _placement(model, device, modes.blocks_to_swap)
     quantized = _swap_in_quantized_layers(model, mode, dtype)
     for name in model_shapes:
         layer, _, leaf = name.rpartition(".")
@@ -397,23 +376,7 @@ def load_model(
     model.checkpoint_info = info
     model.quantization = mode
     log.info("loaded %s; quantization %s", info.summary(), mode.value)
-    if blocks_to_swap:
-        from .offload import enable_block_swap
-
-        enable_block_swap(model, blocks_to_swap, prefetch=prefetch, device=device)
-    if attention is not None:
-        from .attention import set_attention
-
-        set_attention(model, attention)
-    if strict_layout:
-        from .layout import set_strict_layout
-
-        set_strict_layout(model, True)
-    if compile_blocks:
-        from .fusion import compile_blocks as compile_model_blocks
-
-        compile_model_blocks(model)
-    return model
+    return apply_modes(model, modes, device=device)
 
 
 def _scale_entry(entries: dict[str, TensorEntry], weight_name: str) -> TensorEntry | None:

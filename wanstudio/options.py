@@ -11,6 +11,8 @@ import difflib
 from enum import Enum
 from typing import TypeVar
 
+import torch
+
 from .errors import UnknownOptionError
 
 
@@ -149,6 +151,24 @@ class BasePrecision(Option):
         "float16 with fp16 matmul accumulation (faster, less accurate)",
         "CUDA",
     )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype weights and activations are held in."""
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.value, torch.float16)
+
+    @classmethod
+    def of(cls, value: BasePrecision | str | torch.dtype) -> BasePrecision:
+        """A precision from its name or from a torch dtype (float32 / bfloat16 / float16)."""
+        if isinstance(value, torch.dtype):
+            for member in (cls.FP32, cls.BF16, cls.FP16):
+                if member.dtype == value:
+                    return member
+            raise UnknownOptionError(
+                f"BasePrecision: dtype {value} is not a base precision; use torch.float32, "
+                f"torch.bfloat16 or torch.float16 (or one of {', '.join(cls.names())})."
+            )
+        return parse_option(cls, value)
 
 
 class Scheduler(Option):
