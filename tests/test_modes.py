@@ -24,7 +24,12 @@ def test_strings_become_options_and_dtypes_become_precisions():
 
 @pytest.mark.parametrize(
     ("precision", "dtype"),
-    [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp16_fast", torch.float16)],
+    [
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("fp16_fast", torch.float16),
+    ],
 )
 def test_base_precision_knows_its_dtype(precision, dtype):
     assert BasePrecision(precision).dtype == dtype
@@ -101,7 +106,10 @@ def test_load_model_takes_modes_or_the_old_keywords(tmp_path):
     modes = RuntimeModes(quantization="fp8_e4m3fn_scaled", precision="fp32", strict_layout=True)
     by_modes = ws.load_model(tmp_path / "dit.safetensors", modes=modes)
     by_keywords = ws.load_model(
-        tmp_path / "dit.safetensors", dtype=torch.float32, quantization="fp8_e4m3fn_scaled", strict_layout=True
+        tmp_path / "dit.safetensors",
+        dtype=torch.float32,
+        quantization="fp8_e4m3fn_scaled",
+        strict_layout=True,
     )
     assert by_modes.modes == by_keywords.modes == modes
     assert is_strict_layout(by_modes)
