@@ -17,6 +17,9 @@ def test_compiled_blocks_compute_the_same_function_and_keep_contracts_eager():
     inputs = make_inputs(cfg, speakers=2)
     with torch.no_grad():
         reference = call(model, inputs)
+        compile_blocks(model)
+        compiled_fp32 = call(model, inputs)
+        uncompile_blocks(model)
         ws.quantize(model, "fp8_e4m3fn_scaled_fast")
         eager_fp8 = call(model, inputs)
         compile_blocks(model)
@@ -25,7 +28,11 @@ def test_compiled_blocks_compute_the_same_function_and_keep_contracts_eager():
             compiled = call(model, inputs)
     kernels = {e.kernel for e in checks}
     assert any("scaled_mm" in k for k in kernels) and any("sdpa" in k.lower() for k in kernels), kernels
-    assert sqnr_db(compiled, eager_fp8) > 60  # same function: only fusion rounding differs
+    assert sqnr_db(compiled_fp32, reference) > 100  # same function: only fusion rounding differs
+    # In fp8 a last-bit difference of an activation can move it across an fp8 rounding boundary
+    # (one code step, 1/16 relative): torch 2.13's CPU Inductor lands at ~53 dB. Far above the
+    # 25 dB the mode itself costs, far below what a wrong function would give.
+    assert sqnr_db(compiled, eager_fp8) > 45
     assert sqnr_db(compiled, reference) > 25
     assert set(model.state_dict()) == set(
         ws.quantize(ws.WanModel(cfg).eval(), "fp8_e4m3fn_scaled_fast").state_dict()
