@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from wanstudio.layout import listen
 from wanstudio.offload import (
     BLOCK_SWAP_CONTRACT,
     FakeTransferBackend,
+    check_blocks_to_swap,
     disable_block_swap,
     enable_block_swap,
     plan_block_swap,
@@ -691,3 +693,38 @@ def test_another_backend_while_enabled():
     enable_block_swap(model, 1, backend=FakeTransferBackend())
     with pytest.raises(BlockSwapError, match="disable_block_swap"):
         enable_block_swap(model, 1, backend=FakeTransferBackend())
+
+
+# --- blocks_to_swap, the one check -----------------------------------------------------------------
+@pytest.mark.parametrize("n, num_blocks", [(0, 2), (2, 2), (np.int64(1), 2), (7, None), (0, None)])
+def test_check_blocks_to_swap_accepts_counts_in_range(n, num_blocks):
+    got = check_blocks_to_swap(n, num_blocks)
+    assert got == int(n) and type(got) is int
+
+
+@pytest.mark.parametrize(
+    "value, num_blocks, found",
+    [
+        (True, 2, "found True (bool)"),
+        (1.5, 2, "found 1.5 (float)"),
+        ("2", 2, "found '2' (str)"),
+        (-1, 2, "found -1"),
+        (-1, None, "found -1"),
+        (3, 2, "found 2 blocks"),
+    ],
+)
+def test_check_blocks_to_swap_says_expected_found_and_what_to_do(value, num_blocks, found):
+    with pytest.raises(BlockSwapError) as err:
+        check_blocks_to_swap(value, num_blocks)
+    msg = str(err.value)
+    expected = "an integer >= 0" if num_blocks is None else f"an integer in [0, {num_blocks}]"
+    assert expected in msg and found in msg and "no block swap" in msg
+    if num_blocks is not None:
+        assert f"use 0..{num_blocks} (0: no block swap, {num_blocks} swaps every block)" in msg
+
+
+def test_enable_block_swap_validates_blocks_to_swap_with_check_blocks_to_swap():
+    with pytest.raises(BlockSwapError, match=r"an integer in \[0, 2\], found -1"):
+        enable_block_swap(_model(), -1, backend=FakeTransferBackend())
+    with pytest.raises(BlockSwapError, match=r"found 2 blocks\. Expected an integer in \[0, 2\]"):
+        swap_placement(WanConfig.preset("tiny-t2v"), 3)
