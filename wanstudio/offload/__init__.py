@@ -52,6 +52,7 @@ from .transfer import (
     FakeTransferBackend,
     HostBuffer,
     TransferBackend,
+    is_page_locked,
 )
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "check_blocks_to_swap",
     "disable_block_swap",
     "enable_block_swap",
+    "is_page_locked",
     "plan_block_swap",
     "swap_placement",
 ]

@@ -1,14 +1,22 @@
 """Transfer backends: how block swap allocates host masters and device slots, copies and times.
 
 :class:`CudaTransferBackend` is the real device; :class:`FakeTransferBackend` simulates its two
-streams on the CPU.
+streams on the CPU. :func:`is_page_locked` says whether a host tensor is page-locked as CUDA sees
+it (pinned by torch or registered with ``cudaHostRegister``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import glob
+import importlib.util
 import mmap
+import os
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,12 +130,105 @@ def _unregister(ptr: int) -> None:
         pass
 
 
+# --- is host memory page-locked? ----------------------------------------------------------------
+# Tensor.is_pinned() does not see memory registered with cudaHostRegister on every torch version
+# (torch 2.11 says False while copies from it run at pinned speed), so CUDA is asked directly.
+_CUDA_ERROR_INVALID_VALUE = 1
+_CUDA_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: from cudaHostAlloc, or cudaHostRegister'ed
+_POINTER_ATTRIBUTES_BYTES = 256  # >= sizeof(cudaPointerAttributes) in every CUDA release
+
+
+def _cudart_candidates() -> Iterator[str | None]:
+    """Where the CUDA runtime may be; the copy torch already loaded comes first."""
+    yield None  # the process's global symbols (a runtime loaded with RTLD_GLOBAL)
+    try:
+        with open("/proc/self/maps") as maps:  # Linux: the shared libraries mapped now
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("libcudart"):
+                    yield parts[5].strip()
+    except OSError:
+        pass
+    yield from sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libcudart*.so*")))
+    spec = importlib.util.find_spec("nvidia")  # the CUDA wheels (nvidia-cuda-runtime-cu12, ...)
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        yield from sorted(glob.glob(os.path.join(root, "*", "lib", "libcudart.so*")))
+    name = ctypes.util.find_library("cudart")
+    if name:
+        yield name
+
+
+@functools.cache
+def _cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime through ctypes (torch's bindings lack the pointer queries), or None."""
+    seen: set[str | None] = set()
+    for where in _cudart_candidates():
+        if where in seen:
+            continue
+        seen.add(where)
+        try:
+            lib = ctypes.CDLL(where)
+        except OSError:
+            continue
+        if not hasattr(lib, "cudaGetLastError"):
+            continue
+        lib.cudaGetLastError.restype = ctypes.c_int
+        lib.cudaGetLastError.argtypes = []
+        if hasattr(lib, "cudaPointerGetAttributes"):
+            lib.cudaPointerGetAttributes.restype = ctypes.c_int
+            lib.cudaPointerGetAttributes.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            return lib
+        if hasattr(lib, "cudaHostGetFlags"):
+            lib.cudaHostGetFlags.restype = ctypes.c_int
+            lib.cudaHostGetFlags.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
+            return lib
+    return None
+
+
+def _cuda_host_query(ptr: int) -> bool | None:
+    """Whether CUDA sees host address ``ptr`` as page-locked; None when CUDA cannot be asked."""
+    lib = _cudart()
+    if lib is None or not ptr:
+        return None
+    if hasattr(lib, "cudaPointerGetAttributes"):
+        attrs = ctypes.create_string_buffer(_POINTER_ATTRIBUTES_BYTES)
+        err = lib.cudaPointerGetAttributes(attrs, ctypes.c_void_p(ptr))
+        # `type` is the struct's first field since CUDA 11; unregistered memory is type 0
+        locked = err == 0 and ctypes.c_int.from_buffer(attrs).value == _CUDA_MEMORY_TYPE_HOST
+    else:
+        flags = ctypes.c_uint()
+        err = lib.cudaHostGetFlags(ctypes.byref(flags), ctypes.c_void_p(ptr))
+        locked = err == 0  # cudaSuccess only for cudaHostAlloc'ed or registered memory
+    if err != 0:
+        lib.cudaGetLastError()  # clear it, or torch's next launch check would report it
+    if err not in (0, _CUDA_ERROR_INVALID_VALUE):
+        return None  # no device, driver too old, ...: no answer
+    return locked
+
+
+def is_page_locked(t: torch.Tensor) -> bool:
+    """Whether ``t``'s host memory is page-locked for CUDA (host -> device copies by DMA).
+
+    True for memory from ``pin_memory`` / ``cudaHostAlloc`` and for memory registered with
+    ``cudaHostRegister`` (which ``Tensor.is_pinned()`` misses on some torch versions: the CUDA
+    runtime is asked about the pointer). False for device tensors, and without CUDA.
+    """
+    if t.device.type != "cpu":
+        return False
+    if t.is_pinned():
+        return True
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return False  # no CUDA context in this process: nothing was registered
+    return _cuda_host_query(t.data_ptr()) is True
+
+
 class CudaTransferBackend(TransferBackend):
     """Copies on a side CUDA stream, ordered with CUDA events.
 
     Host masters are page-locked with ``cudaHostRegister`` on exact-size (page-rounded)
     buffers. ``torch.empty(..., pin_memory=True)`` would round every buffer up to a power of two
-    (a 0.73 GB block would pin 1 GB); it is the fallback when registration is unavailable.
+    (a 0.73 GB block would pin 1 GB); it is the fallback when registration is unavailable,
+    fails, or leaves memory CUDA does not report as page-locked (asked like :func:`is_page_locked`).
     """
 
     def __init__(self, device: torch.device | str = "cuda"):
@@ -173,6 +274,11 @@ class CudaTransferBackend(TransferBackend):
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1))  # 1: cudaHostRegisterPortable
         if err != 0:
             raise RuntimeError(f"cudaError {err} registering {_gb(size)}")
+        if not flat.is_pinned() and _cuda_host_query(ptr) is False:  # None: cannot tell, trust err
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+            raise RuntimeError(
+                f"the {_gb(size)} it registered is not page-locked as CUDA sees it (cudaPointerGetAttributes)"
+            )
         buf = HostBuffer(flat[:nbytes], size, "cudaHostRegister")
         buf._finalizer = weakref.finalize(buf, _unregister, ptr)
         return buf
