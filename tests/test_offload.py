@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +12,15 @@ from wanstudio import BlockSwapError, WanConfig, WanModel
 from wanstudio.layout import listen
 from wanstudio.offload import (
     BLOCK_SWAP_CONTRACT,
+    CudaTransferBackend,
     FakeTransferBackend,
+    check_blocks_to_swap,
     disable_block_swap,
     enable_block_swap,
+    is_page_locked,
     plan_block_swap,
     swap_placement,
+    transfer,
 )
 
 
@@ -691,3 +696,104 @@ def test_another_backend_while_enabled():
     enable_block_swap(model, 1, backend=FakeTransferBackend())
     with pytest.raises(BlockSwapError, match="disable_block_swap"):
         enable_block_swap(model, 1, backend=FakeTransferBackend())
+
+
+# --- blocks_to_swap, the one check -----------------------------------------------------------------
+@pytest.mark.parametrize("n, num_blocks", [(0, 2), (2, 2), (np.int64(1), 2), (7, None), (0, None)])
+def test_check_blocks_to_swap_accepts_counts_in_range(n, num_blocks):
+    got = check_blocks_to_swap(n, num_blocks)
+    assert got == int(n) and type(got) is int
+
+
+@pytest.mark.parametrize(
+    "value, num_blocks, found",
+    [
+        (True, 2, "found True (bool)"),
+        (1.5, 2, "found 1.5 (float)"),
+        ("2", 2, "found '2' (str)"),
+        (-1, 2, "found -1"),
+        (-1, None, "found -1"),
+        (3, 2, "found 2 blocks"),
+    ],
+)
+def test_check_blocks_to_swap_says_expected_found_and_what_to_do(value, num_blocks, found):
+    with pytest.raises(BlockSwapError) as err:
+        check_blocks_to_swap(value, num_blocks)
+    msg = str(err.value)
+    expected = "an integer >= 0" if num_blocks is None else f"an integer in [0, {num_blocks}]"
+    assert expected in msg and found in msg and "no block swap" in msg
+    if num_blocks is not None:
+        assert f"use 0..{num_blocks} (0: no block swap, {num_blocks} swaps every block)" in msg
+
+
+def test_enable_block_swap_validates_blocks_to_swap_with_check_blocks_to_swap():
+    with pytest.raises(BlockSwapError, match=r"an integer in \[0, 2\], found -1"):
+        enable_block_swap(_model(), -1, backend=FakeTransferBackend())
+    with pytest.raises(BlockSwapError, match=r"found 2 blocks\. Expected an integer in \[0, 2\]"):
+        swap_placement(WanConfig.preset("tiny-t2v"), 3)
+
+
+# --- page-locked host memory ----------------------------------------------------------------------
+def test_is_page_locked_is_false_for_pageable_memory_and_without_cuda():
+    t = torch.empty(1 << 16, dtype=torch.uint8)
+    assert is_page_locked(t) is False
+    assert is_page_locked(torch.empty(0)) is False
+    if not torch.cuda.is_available():  # the runtime, if any library is found, has no device here
+        assert transfer._cuda_host_query(t.data_ptr()) is not True
+        assert transfer._cuda_host_query(0) is None
+
+
+class _FakeCudart:
+    """torch.cuda.cudart() stand-in: cudaHostRegister succeeds (page-locked or not is up to the test)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def _cuda_backend_on_cpu(monkeypatch, page_locked):
+    """A CudaTransferBackend whose CUDA calls are faked; records pin_memory requests."""
+    cudart = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(transfer, "_cuda_host_query", lambda ptr: page_locked)
+    pins = []
+    aligned_empty = transfer._aligned_empty
+
+    def fake_aligned_empty(nbytes, device, pin_memory=False):
+        pins.append(pin_memory)
+        return aligned_empty(nbytes, device)  # no pinning on a CPU-only torch
+
+    monkeypatch.setattr(transfer, "_aligned_empty", fake_aligned_empty)
+    backend = object.__new__(CudaTransferBackend)  # no stream: only host allocation is used
+    backend.device, backend._register, backend.host_memory = torch.device("cuda", 0), True, "cudaHostRegister"
+    return backend, cudart, pins
+
+
+def test_registered_memory_that_is_not_page_locked_falls_back_to_pin_memory(monkeypatch):
+    backend, cudart, pins = _cuda_backend_on_cpu(monkeypatch, page_locked=False)
+    with pytest.warns(RuntimeWarning, match="not page-locked.*falling back to pin_memory"):
+        buf = backend.alloc_host(10_000)
+    (_, ptr, size), unregister = cudart.calls
+    assert unregister == ("unregister", ptr)  # the registration was undone
+    assert buf.method == "pin_memory" and pins == [True] and buf.flat.numel() == 10_000
+    assert backend.host_memory == "pin_memory" and not backend._register
+    assert buf.reserved == 1 << 14  # pin_memory's power-of-two rounding, as reported to the stats
+    backend.alloc_host(100)  # and later units go straight to pin_memory
+    assert len(cudart.calls) == 2 and pins == [True, True]
+
+
+@pytest.mark.parametrize("page_locked", [True, None])  # None: CUDA cannot be asked; trust cudaHostRegister
+def test_registered_memory_that_is_page_locked_stays_registered(monkeypatch, page_locked):
+    backend, cudart, pins = _cuda_backend_on_cpu(monkeypatch, page_locked)
+    buf = backend.alloc_host(10_000)
+    assert buf.method == "cudaHostRegister" and backend.host_memory == "cudaHostRegister"
+    assert [c[0] for c in cudart.calls] == ["register"] and pins == []
+    assert buf.flat.numel() == 10_000 and buf.flat.data_ptr() == cudart.calls[0][1]
+    buf._finalizer.detach()  # nothing was really registered
