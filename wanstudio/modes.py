@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModeError
+from .offload import check_blocks_to_swap
 from .options import AttentionMode, BasePrecision, QuantMode, parse_option
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class RuntimeModes:
         set_(self, "quantization", parse_option(QuantMode, self.quantization))
         set_(self, "attention", parse_option(AttentionMode, self.attention))
         set_(self, "precision", BasePrecision.of(self.precision))
-        set_(self, "blocks_to_swap", _count(self.blocks_to_swap, "blocks_to_swap"))
+        set_(self, "blocks_to_swap", check_blocks_to_swap(self.blocks_to_swap))
         set_(self, "prefetch", _count(self.prefetch, "prefetch"))
         for name in ("compile", "strict_layout"):
             if not isinstance(getattr(self, name), bool):
