@@ -15,14 +15,14 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ipywidgets as widgets
 
 from .. import studio
-from ..errors import PipelineError, WanstudioError
+from ..errors import PipelineError
 from ..options import Scheduler, SizeClass, SpeakerMix, parse_option
+from ..pipeline.infinitetalk import DEFAULT_SHIFT  # the pipeline's own default shift per size
 from . import choices
 from .common import (
     STYLE,
@@ -35,125 +35,10 @@ from .common import (
     slider_layout,
     status_html,
 )
+from .generate_request import GenerateRequest, GenerationCancelled, halves, parse_bboxes
+from .media_view import save_upload, video_widget
 
 log = logging.getLogger(__name__)
-
-try:  # the pipeline's own default shift per size class
-    from ..pipeline.infinitetalk import DEFAULT_SHIFT
-except ImportError:  # pragma: no cover - a build without the pipeline
-    DEFAULT_SHIFT = {SizeClass.P480: 7.0, SizeClass.P720: 11.0}
-MAX_INLINE_BYTES = 64 * 2**20  # larger videos are linked, not embedded in the notebook
-
-
-class GenerationCancelled(WanstudioError):
-    """Raised from the progress callback after Cancel: stops the pipeline at the next step."""
-
-    def __init__(self, event=None):
-        where = ""
-        if event is not None:
-            where = f" at clip {event.clip} of {event.clips}"
-            if getattr(event, "kind", "") == "step":
-                where += f", step {event.step} of {event.steps}"
-        super().__init__(f"cancelled{where}")
-        self.event = event
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One Generate click: the pipeline call's arguments, as the panel read them."""
-
-    image: str
-    audio: str
-    audio2: str | None = None
-    speaker_mix: str = SpeakerMix.PARA.value
-    bboxes: tuple | None = None
-    prompt: str = ""
-    negative_prompt: str | None = None
-    size_class: str | None = SizeClass.P480.value  # None: the pipeline's own size (tiny: 64x64)
-    scheduler: str = Scheduler.EULER.value
-    steps: int = 40
-    shift: float = 7.0
-    text_scale: float = 5.0
-    audio_scale: float = 4.0
-    seed: int = 42
-    max_frames: int = 1000
-    out: str = "infinitetalk.mp4"
-    resume: bool = False
-    strict_layout: bool = False
-
-    @property
-    def work_dir(self) -> Path:
-        """Where the pipeline keeps finished clips (its default, ``<out>.work``)."""
-        return Path(f"{self.out}.work")
-
-    def call_kwargs(self) -> dict:
-        """Keyword arguments of ``InfiniteTalkPipeline.__call__`` (image and audio positional)."""
-        kw = asdict(self)
-        for key in ("image", "audio", "strict_layout"):
-            kw.pop(key)
-        if self.size_class is None:
-            kw.pop("size_class")
-        if self.audio2 is None:
-            kw.pop("audio2"), kw.pop("speaker_mix"), kw.pop("bboxes")
-        return kw
-
-
-def parse_bboxes(text: str) -> tuple | None:
-    """'x0,y0,x1,y1; x0,y0,x1,y1' (speaker 1 first, source-image pixels) -> two 4-tuples."""
-    text = text.strip()
-    if not text:
-        return None
-    boxes = []
-    for part in text.replace("\n", ";").split(";"):
-        if not part.strip():
-            continue
-        try:
-            numbers = tuple(int(round(float(v))) for v in part.replace(" ", ",").split(",") if v.strip())
-        except ValueError:
-            raise PipelineError(f"speaker boxes: {part.strip()!r} is not four numbers x0,y0,x1,y1") from None
-        if len(numbers) != 4:
-            raise PipelineError(f"speaker boxes: {part.strip()!r} is not four numbers x0,y0,x1,y1")
-        boxes.append(numbers)
-    if len(boxes) != 2:
-        raise PipelineError(f"speaker boxes: give two boxes (speaker 1; speaker 2), got {len(boxes)}")
-    return tuple(boxes)
-
-
-def halves(image: str | Path) -> tuple:
-    """Default two-speaker boxes: speaker 1 the left half of the image, speaker 2 the right."""
-    from PIL import Image
-
-    with Image.open(image) as im:
-        w, h = im.size
-    return ((0, 0, w // 2, h), (w // 2, 0, w, h))
-
-
-def save_upload(upload: widgets.FileUpload, folder: Path) -> Path | None:
-    """Write the last file of a FileUpload to ``folder``; its path, or None if nothing uploaded."""
-    if not upload.value:
-        return None
-    item = upload.value[-1]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / Path(item["name"]).name
-    path.write_bytes(bytes(item["content"]))
-    return path
-
-
-def video_widget(path: str | Path, max_bytes: int = MAX_INLINE_BYTES) -> widgets.Widget:
-    """The mp4 as an inline ``ipywidgets.Video`` (bytes embedded), or a note if too large."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size > max_bytes:
-        return widgets.HTML(status_html(f"{path} is {size / 2**20:.0f} MiB: open it from the file browser."))
-    # drawn at least 320 px wide (the tiny preset's 64x64 would be a stamp), at most 640 x 480
-    return widgets.Video(
-        value=path.read_bytes(),
-        format="mp4",
-        controls=True,
-        autoplay=False,
-        loop=False,
-        layout=widgets.Layout(width="100%", min_width="320px", max_width="640px", max_height="480px"),
-    )
 
 
 def _resolve_pipeline(source):
