@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import WanConfig
-from .model import WanModel
+from .model import ModelInputs, WanModel
 from .options import AttentionMode, QuantMode, parse_option
 from .quant import sqnr_db
 
@@ -86,24 +86,28 @@ def forward_flops(cfg: WanConfig, frames: int, width: int, height: int, speakers
 
 # --- inputs and models ---------------------------------------------------------------------------
 def make_inputs(cfg: WanConfig, frames: int, width: int, height: int, dtype=torch.bfloat16) -> dict:
-    g = torch.Generator("cuda").manual_seed(0)
-    f, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
-    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-    inputs = dict(
-        x=rnd(1, 16, f, h, w),
-        t=torch.tensor([500.0], device="cuda"),
-        context=rnd(1, cfg.text_len, cfg.text_dim).to(dtype),
+    """Seeded inputs of one forward for a video of frames x height x width pixels, on the GPU.
+
+    Full text length, 257 CLIP tokens, t = 500; features in ``dtype`` (the model casts them to
+    its own anyway).
+    """
+    inputs = ModelInputs.example(
+        cfg,
+        frames=(frames - 1) // 4 + 1,
+        height=height // 8,
+        width=width // 8,
+        text_tokens=cfg.text_len,
+        clip_tokens=257,
+        t=500.0,
+        device="cuda",
+        dtype=dtype,
     )
-    if cfg.is_i2v:
-        inputs.update(y=rnd(1, cfg.cond_dim, f, h, w), clip_fea=rnd(1, 257, cfg.clip_dim).to(dtype))
-    if cfg.audio:
-        inputs["audio"] = rnd(1, 1, frames, cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
-    return inputs
+    return inputs.as_kwargs()
 
 
 def run_model(model, inputs: dict):
-    kw = {k: v for k, v in inputs.items() if k not in ("x", "t", "context")}
-    return model(inputs["x"], inputs["t"], inputs["context"], **kw)
+    """One forward with the inputs of :func:`make_inputs`."""
+    return model(**inputs)
 
 
 def build(preset: str, seed: int = 0) -> WanModel:

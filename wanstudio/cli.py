@@ -450,30 +450,21 @@ def cmd_inspect(args) -> int:
 
 
 def _random_inputs(cfg, frames: int, height: int, width: int, *, speakers: int, device) -> dict:
-    """Seeded random inputs of the model's shapes at the given latent size."""
-    import torch
+    """Seeded random inputs of the model's shapes at the given latent size, by name."""
+    from .model import ModelInputs
 
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-
-    inputs = dict(
-        x=rnd(1, cfg.out_dim, frames, height, width),
-        t=torch.tensor([500.0], device=device),
-        context=rnd(1, 16, cfg.text_dim),
+    inputs = ModelInputs.example(
+        cfg,
+        frames=frames,
+        height=height,
+        width=width,
+        speakers=speakers,
+        text_tokens=16,
+        clip_tokens=257,
+        t=500.0,
+        device=device,
     )
-    if cfg.is_i2v:
-        inputs.update(y=rnd(1, cfg.cond_dim, frames, height, width), clip_fea=rnd(1, 257, cfg.clip_dim))
-    if cfg.audio:
-        f_video = cfg.vae_scale * (frames - 1) + 1
-        inputs["audio"] = rnd(1, speakers, f_video, cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
-        if speakers == 2:
-            masks = torch.zeros(3, height * 8, width * 8, device=device)
-            masks[0, :, : width * 4], masks[1, :, width * 4 :] = 1, 1
-            masks[2] = 1 - masks[0] - masks[1]
-            inputs["ref_target_masks"] = masks
-    return inputs
+    return inputs.as_kwargs()
 
 
 def cmd_bench(args) -> int:

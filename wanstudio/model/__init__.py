@@ -1,5 +1,6 @@
 """The Wan2.1 / InfiniteTalk DiT."""
 
-from .wan import WanModel
+from .inputs import ModelInputs
+from .wan import StepState, WanModel
 
-__all__ = ["WanModel"]
+__all__ = ["ModelInputs", "StepState", "WanModel"]

@@ -99,6 +99,9 @@ class AudioCrossAttention(nn.Module):
         H, d = self.num_heads, self.head_dim
         N_a = audio_tokens.shape[2]
         q = self.q_linear(x).view(B, L, H, d)
+        # Assumes x holds whole latent frames, frame-major (L = f*h*w with f = grid[0]) and
+        # audio_tokens the same f frames: a sequence-parallel shard must hold whole frames and
+        # pass its own grid / audio frames, or gather the tokens before this attention.
         kv = self.kv_linear(audio_tokens).view(B, f, N_a, 2, H, d)
         k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # (B, f, N_a, H, d) each
         if speakers > 1:
@@ -108,7 +111,7 @@ class AudioCrossAttention(nn.Module):
             k_pos = self.audio_key_positions(N_a, speakers, x.device)  # (N_a,)
             cos, sin = rope_1d_cos_sin(k_pos, d)
             k = apply_rope(k.reshape(B * f, N_a, H, d), cos, sin).view(B, f, N_a, H, d)
-        q = q.reshape(B * f, L // f, H, d)  # (B*f, h*w, H, d)
+        q = q.reshape(B * f, L // f, H, d)  # (B*f, h*w, H, d): a whole latent frame per row
         out = attention(
             q,
             k.reshape(B * f, N_a, H, d),
@@ -147,7 +150,7 @@ def reference_attention_map(
     Heads are processed ``head_chunk`` at a time to bound memory (L x ref_tokens per head).
     """
     B, L, H, d = q.shape
-    k_ref = k[:, :ref_tokens]
+    k_ref = k[:, :ref_tokens]  # latent frame 0's keys: must be local (sequence parallelism)
     masks = masks.to(q.dtype)
     area = masks.sum(-1).clamp_min(1)  # (B, C)
     total = torch.zeros(B, masks.shape[1], L, device=q.device, dtype=torch.float32)

@@ -2,11 +2,42 @@
 
 Parameter names are the official checkpoint keys (``WAN_SPEC.md`` §2); ``state_dict()`` holds
 nothing else (RoPE tables are computed, never stored).
+
+The seam. ``forward`` is three stages, each usable on its own::
+
+    tokens, state = model.embed(inputs)      # ModelInputs -> tokens [B, L, D], StepState
+    tokens = model.run_blocks(tokens, state)  # the blocks; optionally only blocks [start, stop)
+    video = model.run_head(tokens, state)     # -> [B, out_dim, F, H, W] fp32
+
+``state`` (:class:`StepState`) holds what every block reads besides the tokens: the time
+embeddings, RoPE tables, the token grid, text / image / audio tokens, speaker masks.
+Step caches and sequence parallelism attach here, never inside the blocks. ``forward`` stays
+the entry point (block swap and strict layout hook the model's forward: one call = one step),
+so they wrap ``run_blocks`` on the instance, and ``forward`` calls the wrapper::
+
+    inner = model.run_blocks
+    def cached(tokens, state, start=0, stop=None):
+        first = inner(tokens, state, 0, 1)           # block 0 alone
+        if close_to_last_step(first, state.e0):      # the cache's own rule
+            return tokens + residual                 # skip blocks 0..n-1: reuse the residual
+        out = inner(first, state, 1, None)           # the other blocks
+        residual = out - tokens                      # kept for the next step
+        return out
+    model.run_blocks = cached
+
+* A step cache (TeaCache / MagCache) decides from block 0 (its modulated input or its output)
+  or from the time embedding, compared with the previous step; it keeps one residual per
+  guidance condition (the conditional and unconditional calls of a step differ).
+* Sequence parallelism shards ``tokens`` and ``state.rope`` along L (rank r holds a run of
+  whole latent frames), calls the wrapped ``run_blocks`` per rank and gathers the tokens; the
+  attention gathers what it needs. The InfiniteTalk audio attention groups tokens by latent
+  frame (``model/audio.py``), and two-speaker routing reads latent frame 0's keys.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +48,37 @@ from ..errors import ShapeError
 from ..layout import assign_layout_names
 from .audio import AudioProjection
 from .blocks import WanBlock
+from .inputs import ModelInputs
 from .layers import FP32LayerNorm, fp32_linear, time_sinusoid
 from .rope import rope_3d_cos_sin
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What :meth:`WanModel.embed` computes once per forward for the blocks and the head.
+
+    Attributes (B batch, L = f*h*w tokens, D model dim, d head dim):
+        e: time embedding [B, D] fp32 (the head's modulation).
+        e0: block modulation [B, 6, D] fp32 (shift, scale, gate of attention and FFN).
+        rope: 3-D RoPE (cos, sin), each [L, d / 2] fp32, rows in token order.
+        grid: (f, h, w) token grid; tokens are in (f, h, w) row-major order.
+        text: text tokens [B, text_len, D] (context padded to text_len, projected).
+        image: CLIP image tokens [B, N_img, D] (i2v), else None.
+        audio_tokens: [B, f, P * context_tokens, output_dim] (InfiniteTalk; speaker 1's
+            tokens first), else None.
+        ref_masks: speaker masks on the token grid [B, 3, h*w] (two speakers), else None.
+        speakers: P, the number of audio speakers (1 without audio).
+    """
+
+    e: torch.Tensor
+    e0: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    grid: tuple[int, int, int]
+    text: torch.Tensor
+    image: torch.Tensor | None = None
+    audio_tokens: torch.Tensor | None = None
+    ref_masks: torch.Tensor | None = None
+    speakers: int = 1
 
 
 class Head(nn.Module):
@@ -121,8 +181,11 @@ class WanModel(nn.Module):
                 self._rope_cache = {key: rope_3d_cos_sin(grid, self.config.head_dim, device)}
         return self._rope_cache[key]
 
-    def _check_inputs(self, x, t, context, clip_fea, y, audio, ref_target_masks) -> None:
+    def _check_inputs(self, inputs: ModelInputs) -> None:
+        """Raise ShapeError unless ``inputs`` fit this model (shapes, fields the config needs)."""
         cfg = self.config
+        x, t, context, clip_fea, y = inputs.x, inputs.t, inputs.context, inputs.clip_fea, inputs.y
+        audio, ref_target_masks = inputs.audio, inputs.ref_target_masks
         pt, ph, pw = cfg.patch_size
 
         def fail(msg: str):
@@ -179,7 +242,7 @@ class WanModel(nn.Module):
         ):
             fail(f"ref_target_masks must be [3, H, W] or [B, 3, H, W], got {tuple(ref_target_masks.shape)}")
 
-    # --- forward ----------------------------------------------------------------------------------
+    # --- forward: embed -> run_blocks -> run_head (the seam, see the module docstring) -------------
     def forward(
         self,
         x: torch.Tensor,
@@ -197,13 +260,25 @@ class WanModel(nn.Module):
         clip_fea [B, 257, clip_dim] and y [B, in_dim - out_dim, F, H, W] (i2v);
         audio [B, P, 4 (F - 1) + 1, window, layers, dim] (InfiniteTalk, P speakers);
         ref_target_masks [3, H_px, W_px] (two speakers). Returns [B, out_dim, F, H, W] fp32.
+        With a :class:`ModelInputs` ``inputs``: ``model(**inputs.as_kwargs())``.
+        """
+        inputs = ModelInputs(x, t, context, clip_fea, y, audio, ref_target_masks)
+        tokens, state = self.embed(inputs)
+        return self.run_head(self.run_blocks(tokens, state), state)
+
+    def embed(self, inputs: ModelInputs) -> tuple[torch.Tensor, StepState]:
+        """Check ``inputs`` and embed them: -> tokens [B, L, D] in the compute dtype, StepState.
+
+        L = f*h*w with (f, h, w) = (F, H, W) / patch_size, tokens in (f, h, w) row-major order.
+        Raises ShapeError when the inputs do not fit the model.
         """
         cfg = self.config
-        self._check_inputs(x, t, context, clip_fea, y, audio, ref_target_masks)
+        self._check_inputs(inputs)
         dtype, device = self.dtype, self.device
+        x, t = inputs.x, inputs.t
         B = x.shape[0]
         if cfg.is_i2v:
-            x = torch.cat([x, y], dim=1)  # (B, in_dim, F, H, W)
+            x = torch.cat([x, inputs.y], dim=1)  # (B, in_dim, F, H, W)
         x = self.patch_embedding(x.to(device=device, dtype=dtype))  # (B, D, f, h, w)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, L, D) tokens in (f, h, w) row-major order
@@ -215,24 +290,52 @@ class WanModel(nn.Module):
         )
         e0 = fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D)
 
+        context = inputs.context
         context = F.pad(context.to(device=device, dtype=dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
         text = self.text_embedding(context)  # (B, text_len, D)
-        image = self.img_emb(clip_fea.to(device=device, dtype=dtype)) if cfg.is_i2v else None
+        image = self.img_emb(inputs.clip_fea.to(device=device, dtype=dtype)) if cfg.is_i2v else None
 
         audio_tokens, ref_masks, speakers = None, None, 1
         if cfg.audio:
-            speakers = audio.shape[1]
-            tokens = self.audio_proj(audio.to(device).flatten(0, 1))  # (B*P, f, ctx, C)
-            tokens = tokens.unflatten(0, (B, speakers))  # (B, P, f, ctx, C)
-            audio_tokens = tokens.permute(0, 2, 1, 3, 4).flatten(2, 3)  # (B, f, P*ctx, C), speaker 1 first
+            speakers = inputs.audio.shape[1]
+            per_speaker = self.audio_proj(inputs.audio.to(device).flatten(0, 1))  # (B*P, f, ctx, C)
+            per_speaker = per_speaker.unflatten(0, (B, speakers))  # (B, P, f, ctx, C)
+            audio_tokens = per_speaker.permute(0, 2, 1, 3, 4).flatten(
+                2, 3
+            )  # (B, f, P*ctx, C), speaker 1 first
             if speakers > 1:
-                ref_masks = self._token_masks(ref_target_masks, grid, B)
+                ref_masks = self._token_masks(inputs.ref_target_masks, grid, B)
+        state = StepState(e, e0, rope, grid, text, image, audio_tokens, ref_masks, speakers)
+        return x, state
 
-        for block in self.blocks:
-            x = block(x, e0, rope, grid, text, image, audio_tokens, ref_masks, speakers)
+    def run_blocks(
+        self, tokens: torch.Tensor, state: StepState, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Run blocks ``start .. stop - 1`` (all by default): tokens [B, L, D] -> [B, L, D].
 
-        out = self.head(x, e)  # (B, L, pt*ph*pw*C) fp32
-        return self._unpatchify(out, grid)
+        ``run_blocks(x, s, 0, k)`` then ``run_blocks(_, s, k)`` equals ``run_blocks(x, s)``;
+        an empty range returns ``tokens`` unchanged.
+        """
+        n = len(self.blocks)
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ShapeError(
+                f"block range [{start}, {stop}) must lie within [0, {n}]; pass 0 <= start <= stop"
+            )
+        s = state
+        for i in range(start, stop):
+            tokens = self.blocks[i](
+                tokens, s.e0, s.rope, s.grid, s.text, s.image, s.audio_tokens, s.ref_masks, s.speakers
+            )
+        return tokens
+
+    def run_head(self, tokens: torch.Tensor, state: StepState) -> torch.Tensor:
+        """tokens [B, L, D] -> velocity [B, out_dim, F, H, W] fp32 (head, then unpatchify).
+
+        Named ``run_head`` because ``model.head`` is the checkpoint's head module.
+        """
+        out = self.head(tokens, state.e)  # (B, L, pt*ph*pw*C) fp32
+        return self._unpatchify(out, state.grid)
 
     def _token_masks(self, masks: torch.Tensor, grid, batch: int) -> torch.Tensor:
         """[3, H_px, W_px] (or [B, 3, ...]) -> [B, 3, h*w] 0/1 masks on the token grid (nearest)."""
