@@ -25,6 +25,7 @@ from wanstudio.quant import (
     dequantize,
     fp4,
     quant_report,
+    quantizable_linears,
     quantize,
     quantize_weight,
     spec,
@@ -124,6 +125,50 @@ def test_spec_for_parses_names_and_rejects_unknown_ones():
 
 def test_default_keep_is_the_models_keep_list():
     assert tuple(DEFAULT_KEEP) == tuple(WanModel._keep_in_base_precision)
+
+
+# The keep-list before it was reduced to names of existing modules (ComfyUI leftovers included).
+OLD_KEEP = (
+    "norm",
+    "bias",
+    "time_in",
+    "patch_embedding",
+    "time_",
+    "img_emb",
+    "modulation",
+    "text_embedding",
+    "adapter",
+    "add",
+    "ref_conv",
+    "audio_proj",
+)
+
+
+@pytest.fixture(scope="module")
+def preset_models():
+    from wanstudio.config import PRESETS
+
+    return {name: WanModel(cfg, device="meta") for name, cfg in PRESETS.items()}
+
+
+def test_keep_list_quantizes_the_same_layers_as_the_old_list_in_every_preset(preset_models):
+    kept = set()
+    for preset, model in preset_models.items():
+        for only_under in ("blocks.", ""):
+            new = [n for n, _ in quantizable_linears(model, only_under=only_under)]
+            old = [n for n, _ in quantizable_linears(model, keep=OLD_KEEP, only_under=only_under)]
+            assert new == old, (preset, only_under)
+        linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+        kept |= linears - set(new)  # with only_under="": what the keep-list keeps
+    assert {"text_embedding.0", "time_projection.1", "img_emb.proj.1", "audio_proj.proj1"} <= kept
+
+
+def test_every_keep_list_entry_names_linear_layers_of_some_preset(preset_models):
+    linears = {
+        n for model in preset_models.values() for n, m in model.named_modules() if type(m) is nn.Linear
+    }
+    for entry in DEFAULT_KEEP:
+        assert any(entry in n for n in linears), f"keep-list entry {entry!r} matches no Linear layer"
 
 
 # --- accuracy on one Linear -----------------------------------------------------------------------

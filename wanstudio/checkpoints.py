@@ -425,21 +425,15 @@ def _swap_in_quantized_layers(model: nn.Module, mode: QuantMode, dtype: torch.dt
     """Replace the quantizable meta Linears by empty QuantizedLinears; returns them by name."""
     if mode is QuantMode.DISABLED:
         return {}
-    from .quant import QuantizedLinear, quantizable_linears
+    from .quant import QuantizedLinear, is_quantizable, swap_linears
 
-    layers = {}
-    for name, linear in list(quantizable_linears(model)):
-        layer = QuantizedLinear.empty(
-            linear.in_features,
-            linear.out_features,
-            mode,
-            bias=linear.bias is not None,
-            device="meta",
-            dtype=dtype,
+    def empty(name: str, linear: nn.Linear) -> nn.Module:
+        bias = linear.bias is not None
+        return QuantizedLinear.empty(
+            linear.in_features, linear.out_features, mode, bias=bias, device="meta", dtype=dtype
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        layers[name] = layer
+
+    layers = swap_linears(model, empty, is_quantizable)
     assign_layout_names(model)  # the new layers report their own qualified names
     return layers
 

@@ -5,15 +5,28 @@ Every mode of :class:`wanstudio.options.QuantMode` is implemented with the meani
 
 * :func:`quantize` swaps ``nn.Linear`` layers for :class:`QuantizedLinear` in place;
 * :func:`quantize_weight` quantizes one tensor (the checkpoint loader's entry point);
-* :func:`quant_report` measures per-layer and whole-model SQNR, bytes and matmul paths.
+* :func:`quant_report` measures per-layer and whole-model SQNR, bytes and matmul paths;
+* :func:`kernel_path` says what runs the matmul of a mode on a device;
+* :func:`format_for` gives a mode's storage format (``quant/formats/``);
+* :func:`swap_linears` replaces Linear layers (quantization and checkpoint loading use it).
 """
 
 from . import fp4, fp8, kernels  # noqa: F401  (submodules the GPU suite and benchmark use)
-from .apply import DEFAULT_KEEP, dequantize, is_kept, quantizable_linears, quantize, quantized_layers
-from .linear import QuantizedLinear
+from .apply import (
+    DEFAULT_KEEP,
+    dequantize,
+    is_kept,
+    is_quantizable,
+    quantizable_linears,
+    quantize,
+    quantized_layers,
+    swap_linears,
+)
+from .formats import StorageFormat, format_for
+from .linear import QuantizedLinear, kernel_path
 from .report import LayerQuantStats, QuantReport, quant_report, sqnr_db
-from .spec import REFUSED, SPECS, QuantSpec, check_device, spec_for
-from .weights import quantize_weight, storage_mode_for
+from .spec import REFUSED, SPECS, QuantSpec, check_device, spec_for, storage_mode_for
+from .weights import quantize_weight
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -23,9 +36,13 @@ __all__ = [
     "QuantReport",
     "QuantSpec",
     "QuantizedLinear",
+    "StorageFormat",
     "check_device",
     "dequantize",
+    "format_for",
     "is_kept",
+    "is_quantizable",
+    "kernel_path",
     "quant_report",
     "quantizable_linears",
     "quantize",
@@ -34,4 +51,5 @@ __all__ = [
     "spec_for",
     "sqnr_db",
     "storage_mode_for",
+    "swap_linears",
 ]

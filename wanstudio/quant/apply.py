@@ -3,11 +3,12 @@
 Which layers: every ``nn.Linear`` whose qualified name starts with ``only_under`` (the DiT
 blocks by default) and contains none of the ``keep`` substrings. The default keep-list is the
 model's own capability metadata, ``WanModel._keep_in_base_precision`` (MODES.md).
+:func:`swap_linears` does the replacing, for :func:`quantize` and for the checkpoint loader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,13 +27,59 @@ def is_kept(name: str, keep: Sequence[str]) -> bool:
     return any(k in name for k in keep)
 
 
+def is_quantizable(
+    name: str, module: nn.Module, *, keep: Sequence[str] = DEFAULT_KEEP, only_under: str = "blocks."
+) -> bool:
+    """Whether :func:`quantize` replaces this module: a plain ``nn.Linear`` (not a subclass)
+    whose qualified name starts with ``only_under`` and contains no ``keep`` substring."""
+    return type(module) is nn.Linear and name.startswith(only_under) and not is_kept(name, keep)
+
+
 def quantizable_linears(
     model: nn.Module, *, keep: Sequence[str] = DEFAULT_KEEP, only_under: str = "blocks."
 ) -> Iterator[tuple[str, nn.Linear]]:
     """(qualified name, layer) of every plain ``nn.Linear`` that :func:`quantize` would replace."""
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and name.startswith(only_under) and not is_kept(name, keep):
+        if is_quantizable(name, module, keep=keep, only_under=only_under):
             yield name, module
+
+
+def _post_order(module: nn.Module, prefix: str = "", seen: set | None = None):
+    """(qualified name, module) of every submodule, children before their parent (the root
+    itself excluded); a module registered twice comes once, under its first name."""
+    seen = set() if seen is None else seen
+    for child_name, child in module.named_children():
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield from _post_order(child, name, seen)
+        yield name, child
+
+
+def swap_linears(
+    model: nn.Module,
+    factory: Callable[[str, nn.Linear], nn.Module],
+    filter_fn: Callable[[str, nn.Linear], bool],
+) -> dict[str, nn.Module]:
+    """Replace every ``nn.Linear`` of ``model`` for which ``filter_fn(name, module)`` is true by
+    ``factory(name, module)``, in place; returns {qualified name: new module}.
+
+    Children are replaced before their parents (post-order), so a factory sees a module whose
+    own sublayers are already swapped. Layers are swapped one at a time: the old one is
+    dropped before the next is built. The root module itself is never replaced.
+    """
+    targets = [
+        name
+        for name, module in _post_order(model)
+        if isinstance(module, nn.Linear) and filter_fn(name, module)
+    ]
+    swapped: dict[str, nn.Module] = {}
+    for name in targets:
+        new = factory(name, model.get_submodule(name))
+        _set_submodule(model, name, new)
+        swapped[name] = new
+    return swapped
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -86,15 +133,13 @@ def quantize(
             f"the model is already quantized ({found}); cannot re-quantize to {mode.value!r}. "
             f"Call wanstudio.quant.dequantize(model) first, or reload the checkpoint."
         )
-    targets = [name for name, _ in quantizable_linears(model, keep=keep, only_under=only_under)]
-    for name in targets:  # post-order does not matter: Linear layers have no children
-        linear = model.get_submodule(name)
+
+    def quantized(name: str, linear: nn.Linear) -> QuantizedLinear:
         q = QuantizedLinear.from_linear(linear, mode)
         q._layout_name = name
-        _set_submodule(model, name, q)
-        del linear
-    model._quant_mode = mode
-    model._quant_keep = keep
+        return q
+
+    swap_linears(model, quantized, lambda name, m: is_quantizable(name, m, keep=keep, only_under=only_under))
     return model
 
 
@@ -103,8 +148,6 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     targets = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name in targets:
         _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
-    if hasattr(model, "_quant_mode"):
-        model._quant_mode = QuantMode.DISABLED
     return model
 
 

@@ -50,7 +50,8 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torc
 def quantize_rows_eager(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token e4m3 quantization: x [M, K] -> (q e4m3 [M, K], scale fp32 [M, 1]); x unchanged.
 
-    The eager reference of the fused kernel in ``kernels.py`` (same rounding: x / scale, RNE).
+    The eager reference of the fused kernel in ``kernels.py`` (same rounding: x / scale, RNE;
+    on CUDA torch divides by the scalar 448 through its rounded reciprocal: see ``kernels.py``).
     """
     xf = x2d.float()
     amax = xf.abs().amax(dim=1, keepdim=True)  # (M, 1)

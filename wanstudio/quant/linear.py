@@ -1,6 +1,8 @@
 """QuantizedLinear: a Linear layer that stores fp8 / fp4 weights and picks its matmul path.
 
-Paths (``QuantizedLinear.path`` says which one runs on the layer's device, and why):
+What a layer stores, and how a weight is quantized and dequantized, is its storage format
+(``quant/formats/``, one object per mode). The paths (:func:`kernel_path` describes them;
+``QuantizedLinear.path`` says which one runs on the layer's device, and why):
 
 * ``dequantize`` — weight -> the activations' dtype, then ``F.linear``. Plain and ``_scaled``
   fp8, fp4 (fused Triton dequantize on CUDA, eager on the CPU), and the fallback of the fast
@@ -12,9 +14,9 @@ Paths (``QuantizedLinear.path`` says which one runs on the layer's device, and w
 * ``fp4_native`` — ``fp4_scaled_fast`` on Blackwell: NVFP4 x NVFP4 ``torch._scaled_mm`` with
   swizzled e4m3 block scales; the fp32 tensor scales multiply the output.
 
-Quantized tensors are buffers, materialised once (contiguous, own 16-byte-aligned storage) when
-quantized or loaded; ``.to(dtype)`` / ``.half()`` on the model move them but never change their
-dtype. Layers compute in the dtype of their input activations.
+Quantized tensors are buffers, materialised once (contiguous, own 16-byte-aligned storage);
+``.to(dtype)`` / ``.half()`` move them but never change their dtype. Layers compute in the
+dtype of their input activations.
 """
 
 from __future__ import annotations
@@ -27,16 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..layout import LayoutContract, Operand, StrideRule, is_aligned, layout_name
+from ..layout import is_aligned, layout_name
 from ..options import QuantMode
 from . import fp4, fp8, kernels
+from .contracts import _FP4_X2, FP4_MM_CONTRACT, SCALED_MM_CONTRACT, SCALED_MM_TENSORWISE_CONTRACT
+from .formats import format_for
 from .spec import (
     DEQUANTIZE,
     FP4_MIN_CAPABILITY,
     FP4_NATIVE,
-    FP8,
-    MXFP4,
-    NVFP4,
+    LINEAR,
     SCALED_MM,
     check_device,
     cuda_capability,
@@ -48,93 +50,7 @@ from .weights import quantize_weight
 _F32 = torch.float32
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-SCALED_MM_CONTRACT = LayoutContract(
-    "torch._scaled_mm[fp8, row-wise scales]",
-    (
-        Operand(
-            "mat1",
-            dtypes=(fp8.ACT_DTYPE,),
-            ndim=2,
-            stride=StrideRule.ROW_MAJOR,
-            align=16,
-            divisible=((1, 16),),
-        ),
-        Operand(
-            "mat2",
-            dtypes=fp8.FP8_DTYPES,
-            ndim=2,
-            stride=StrideRule.COL_MAJOR,
-            align=16,
-            divisible=((0, 16), (1, 16)),
-        ),
-        Operand("scale_a", dtypes=(_F32,), ndim=2, stride=StrideRule.CONTIGUOUS),
-        Operand("scale_b", dtypes=(_F32,), ndim=2, stride=StrideRule.CONTIGUOUS),
-        Operand("bias", dtypes=_FLOAT_DTYPES, ndim=1, stride=StrideRule.CONTIGUOUS, optional=True),
-    ),
-)
-SCALED_MM_TENSORWISE_CONTRACT = LayoutContract(
-    "torch._scaled_mm[fp8, tensor-wise scales]",
-    (
-        Operand(
-            "mat1",
-            dtypes=(fp8.ACT_DTYPE,),
-            ndim=2,
-            stride=StrideRule.ROW_MAJOR,
-            align=16,
-            divisible=((1, 16),),
-        ),
-        Operand(
-            "mat2",
-            dtypes=fp8.FP8_DTYPES,
-            ndim=2,
-            stride=StrideRule.COL_MAJOR,
-            align=16,
-            divisible=((0, 16), (1, 16)),
-        ),
-        Operand("scale_a", dtypes=(_F32,), ndim=0),
-        Operand("scale_b", dtypes=(_F32,), ndim=0),
-    ),
-)
-DEQUANT_FP8_CONTRACT = LayoutContract(
-    "dequantize[fp8]",
-    (
-        Operand("weight", dtypes=fp8.FP8_DTYPES, ndim=2, stride=StrideRule.CONTIGUOUS),
-        Operand("scale_weight", dtypes=(_F32,), stride=StrideRule.CONTIGUOUS, optional=True),
-    ),
-)
-_FP4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
-FP4_MM_CONTRACT = LayoutContract(
-    "torch._scaled_mm[nvfp4, block scales]",
-    (
-        Operand(
-            "mat1",
-            dtypes=(_FP4_X2,) if _FP4_X2 else None,
-            ndim=2,
-            stride=StrideRule.ROW_MAJOR,
-            align=16,
-            divisible=((1, 16),),
-        ),
-        Operand(
-            "mat2",
-            dtypes=(_FP4_X2,) if _FP4_X2 else None,
-            ndim=2,
-            stride=StrideRule.COL_MAJOR,
-            align=16,
-            divisible=((0, 16), (1, 16)),
-        ),
-        Operand("scale_a", dtypes=(torch.float8_e4m3fn,), ndim=1, stride=StrideRule.CONTIGUOUS),
-        Operand("scale_b", dtypes=(torch.float8_e4m3fn,), ndim=1, stride=StrideRule.CONTIGUOUS),
-    ),
-)
-
-# Quantized storage, by format: (name, role). Every one is a persistent buffer.
-_STORAGE_NAMES = {
-    FP8: ("weight", "scale_weight"),
-    NVFP4: ("weight_packed", "weight_scale", "weight_scale_2"),
-    MXFP4: ("weight_packed", "weight_scale"),
-}
-# Keys some checkpoints carry that these layers do not need (static activation scales: the
-# _fast modes compute per-token scales on the fly).
+# Checkpoint keys these layers do not need (static activation scales: _fast computes per-token ones)
 _IGNORED_KEYS = ("scale_input", "input_scale")
 
 _WARNED: set[str] = set()
@@ -237,6 +153,87 @@ def _scaled_mm_plan(device: torch.device, w_dtype, out_dtype, has_bias: bool) ->
 _FP4_NATIVE_BROKEN: dict[str, str] = {}  # device -> why the native fp4 call failed
 
 
+# --- the one description of the paths ----------------------------------------------------------
+def kernel_path(
+    mode: QuantMode | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    bias: bool = True,
+) -> tuple[str, str]:
+    """(path, detail): what runs the matmul of a Linear quantized in ``mode`` on ``device``.
+
+    ``path`` is ``"scaled_mm"`` / ``"fp4_native"`` / ``"dequantize"`` (``"linear"`` for
+    ``disabled``, ``"undecided"`` on the meta device); ``detail`` says how, and why a faster
+    path is not taken. With ``in_features`` / ``out_features`` it is the path of that layer
+    (:meth:`QuantizedLinear.path_for`); without, the path of layers whose shapes its kernels
+    accept. ``dtype`` is the activations' dtype, ``bias`` whether the layer has one.
+
+    Raises :class:`UnsupportedModeError` for an fp8 ``_fast`` mode on a CUDA GPU older than
+    compute capability 8.9.
+    """
+    spec = spec_for(mode)
+    device = torch.device(device)
+    if spec.storage is None:
+        return LINEAR, "F.linear at base precision"
+    if device.type == "meta":
+        return "undecided", "weights on the meta device; the path is chosen once they are loaded"
+    fmt = format_for(spec)
+    k, n = in_features, out_features
+    deq = (DEQUANTIZE, fmt.dequantize_detail(device))
+    if spec.matmul == FP4_NATIVE:
+        why = _fp4_native_blocker(device, k, n)
+        if why:
+            return deq[0], deq[1] + f"; native FP4 not used: {why}"
+        how = "activations quantized per call"
+        return FP4_NATIVE, f"native {fmt.label} x {fmt.label} torch._scaled_mm ({how})"
+    if spec.matmul != SCALED_MM:
+        return deq
+    if (k is not None and k % 16) or (n is not None and n % 16):
+        return DEQUANTIZE, (
+            f"fp8 weight upcast, then F.linear: in_features {k} / out_features {n} are not "
+            f"both multiples of 16, which torch._scaled_mm needs"
+        )
+    check_device(spec.mode, device)
+    w_dtype = fmt.scaled_mm_dtype
+    plan = _scaled_mm_plan(device, w_dtype, dtype, bias)
+    if isinstance(plan, str):
+        _warn_once(
+            f"plan:{device}:{w_dtype}:{dtype}",
+            f"{spec.mode.value}: {plan}; using the dequantize path",
+        )
+        return DEQUANTIZE, f"fp8 weight upcast, then F.linear ({plan})"
+    fused = kernels.HAS_TRITON and device.type == "cuda"
+    act = "fused Triton" if fused else "eager"
+    detail = f"torch._scaled_mm, per-token e4m3 activation scales ({act} quantization)"
+    if device.type == "cuda" and not fused:
+        _warn_once(
+            f"eager:{device}",
+            "Triton is not importable: the per-token activation "
+            "quantization of the _fast modes runs eagerly and will not beat bf16",
+        )
+    return SCALED_MM, detail + (f"; {plan.note}" if plan.note else "")
+
+
+def _fp4_native_blocker(device: torch.device, k: int | None, n: int | None) -> str:
+    """Why the native FP4 matmul cannot run here ("" when it can)."""
+    if device.type != "cuda":
+        return f"{device.type} has no FP4 tensor cores (emulated path)"
+    if not fp4_native_available(device):
+        cap = tuple(cuda_capability(device))
+        if _FP4_X2 is None:
+            return "this torch has no float4_e2m1fn_x2 dtype"
+        return (
+            f"compute capability {cap[0]}.{cap[1]} < "
+            f"{FP4_MIN_CAPABILITY[0]}.{FP4_MIN_CAPABILITY[1]} (Blackwell)"
+        )
+    if (k is not None and k % 32) or (n is not None and n % 16):
+        return f"in_features {k} must be a multiple of 32 and out_features of 16"
+    return _FP4_NATIVE_BROKEN.get(str(device), "")
+
+
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is stored quantized per :class:`QuantMode` (see MODES.md).
 
@@ -250,7 +247,7 @@ class QuantizedLinear(nn.Module):
         dtype: base precision: the bias dtype and the compute dtype reported for the layer.
             Activations of any float dtype are accepted; the output has their dtype.
 
-    State-dict keys are listed in ``wanstudio/quant/weights.py``.
+    State-dict keys: ``self.format.names`` (``quant/formats/``; the table is in ``weights.py``).
     """
 
     def __init__(
@@ -268,24 +265,14 @@ class QuantizedLinear(nn.Module):
             raise ValueError("mode 'disabled' is no quantization: keep the nn.Linear")
         self.spec = spec
         self.mode = spec.mode
+        self.format = format_for(spec)  # what is stored, and how (quant/formats/)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.compute_dtype = dtype or torch.get_default_dtype()
         n, k = self.out_features, self.in_features
-        kw = dict(device=device)
-        if spec.storage == FP8:
-            self.register_buffer("weight", torch.empty(n, k, dtype=spec.fp8_dtype, **kw))
-            if spec.per_channel_scale:
-                self.register_buffer("scale_weight", torch.ones(n, dtype=_F32, **kw))
-        else:
-            block = spec.block_size
-            kp = fp4.padded_k(k, block)
-            scale_dtype = torch.float8_e4m3fn if spec.storage == NVFP4 else fp4.E8M0_DTYPE
-            self.register_buffer("weight_packed", torch.empty(n, kp // 2, dtype=torch.uint8, **kw))
-            self.register_buffer("weight_scale", torch.empty(n, kp // block, dtype=scale_dtype, **kw))
-            if spec.storage == NVFP4:
-                self.register_buffer("weight_scale_2", torch.ones((), dtype=_F32, **kw))
+        for buf in self.format.buffers(n, k):
+            self.register_buffer(buf.name, buf.allocate(device))
         if bias:
-            self.register_buffer("bias", torch.zeros(n, dtype=self.compute_dtype, **kw))
+            self.register_buffer("bias", torch.zeros(n, dtype=self.compute_dtype, device=device))
         else:
             self.register_buffer("bias", None)
         # [1, N] fp32 weight scale in the layout _scaled_mm's row-wise recipe reads (derived).
@@ -310,12 +297,8 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: QuantMode | str) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` (its tensors are not modified). A meta Linear gives a meta layer."""
-        w = linear.weight
-        base = (
-            w.dtype
-            if w.dtype in _FLOAT_DTYPES
-            else (linear.bias.dtype if linear.bias is not None else torch.bfloat16)
-        )
+        w, b = linear.weight, linear.bias
+        base = w.dtype if w.dtype in _FLOAT_DTYPES else (b.dtype if b is not None else torch.bfloat16)
         q = cls(
             linear.in_features,
             linear.out_features,
@@ -337,7 +320,7 @@ class QuantizedLinear(nn.Module):
         Tensors are materialised once on the layer's device (or theirs, for a meta layer):
         contiguous, in their own 16-byte-aligned storage.
         """
-        expected = [n for n in _STORAGE_NAMES[self.spec.storage] if n in self._buffers]
+        expected = list(self.format.names)
         names = set(tensors)
         missing = [n for n in expected if n not in names]
         extra = names - set(expected)
@@ -357,11 +340,12 @@ class QuantizedLinear(nn.Module):
 
     def _put(self, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         old = self._buffers[name]
-        want = self._expected_shape(name, t)
+        n, k = self.out_features, self.in_features
+        want = (n,) if name == "bias" else self.format.expected_shape(name, t, n, k)
         if tuple(t.shape) != want:
             raise CheckpointError(
-                f"{self._where()}: {name} must have shape {want} for a {self.out_features}x"
-                f"{self.in_features} layer in mode {self.mode.value!r}, got {tuple(t.shape)}"
+                f"{self._where()}: {name} must have shape {want} for a {n}x{k} layer in mode "
+                f"{self.mode.value!r}, got {tuple(t.shape)}"
             )
         if dtype is None and old is not None and t.dtype != old.dtype:
             raise CheckpointError(
@@ -372,33 +356,12 @@ class QuantizedLinear(nn.Module):
         device = old.device if old is not None and old.device.type != "meta" else None
         self._buffers[name] = _materialise(t, device)
 
-    def _expected_shape(self, name: str, t: torch.Tensor) -> tuple[int, ...]:
-        n, k = self.out_features, self.in_features
-        if name == "scale_weight":  # per channel [N] (or [N, 1]), or per tensor [] / [1]
-            return tuple(t.shape) if t.numel() in (1, n) and t.dim() <= 2 else (n,)
-        if name == "bias":
-            return (n,)
-        if name == "weight":
-            return (n, k)
-        if name == "weight_scale_2":
-            return tuple(t.shape) if t.numel() == 1 else ()
-        kp = fp4.padded_k(k, self.spec.block_size)
-        return (n, kp // 2) if name == "weight_packed" else (n, kp // self.spec.block_size)
-
     def _refresh(self) -> None:
         """Rebuild derived tensors after the stored ones changed (load, quantize, move)."""
         self._paths: dict[tuple, tuple[str, str]] = {}
         self._w_scale_swizzled = None
-        if self.spec.matmul != SCALED_MM:
-            return
-        ref = self._buffers["weight"]
-        n = self.out_features
-        s = self._buffers.get("scale_weight")
-        if s is None:
-            sb = torch.ones(1, n, dtype=_F32, device=ref.device)
-        else:  # per channel [N] or per tensor [] -> [1, N], its own contiguous storage
-            sb = s.float().reshape(1, -1).expand(1, n).clone(memory_format=torch.contiguous_format)
-        self._buffers["_scale_b"] = sb
+        if self.spec.matmul == SCALED_MM:
+            self._buffers["_scale_b"] = self.format.rowwise_scale(self._buffers, self.out_features)
 
     # --- loading / moving ---------------------------------------------------------------------------
     def _load_from_state_dict(
@@ -420,11 +383,8 @@ class QuantizedLinear(nn.Module):
                     scale = local.pop("weight_scale", None)
                 tensors = quantize_weight(weight, self.mode, scale=scale)
             else:
-                names = [n for n in _STORAGE_NAMES[self.spec.storage] if n in self._buffers]
-                tensors = {n: local.pop(n) for n in names if n in local}
-                if self.spec.storage == FP8:
-                    names = ["weight"]
-                lost = [n for n in names if n not in tensors]
+                tensors = {n: local.pop(n) for n in self.format.names if n in local}
+                lost = [n for n in self.format.required if n not in tensors]
                 missing_keys.extend(prefix + n for n in lost)
                 if lost:
                     tensors = {}
@@ -441,7 +401,7 @@ class QuantizedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Hide quantized storage from dtype conversions (model.to(bf16) / .half()): device moves
         # still apply, the fp8 / fp4 / scale dtypes stay as they are.
-        names = [*_STORAGE_NAMES[self.spec.storage], "_scale_b"]
+        names = [*self.format.names, "_scale_b"]
         held = {n: self._buffers[n] for n in names if self._buffers.get(n) is not None}
         for n in held:
             self._buffers[n] = None
@@ -465,7 +425,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._buffers[_STORAGE_NAMES[self.spec.storage][0]].device
+        return self._buffers[self.format.names[0]].device
 
     def path_for(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -479,64 +439,15 @@ class QuantizedLinear(nn.Module):
         dtype = dtype or self.compute_dtype
         key = (str(device), dtype)
         if key not in self._paths:
-            self._paths[key] = self._select_path(device, dtype)
-        return self._paths[key]
-
-    def _select_path(self, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-        spec, n, k = self.spec, self.out_features, self.in_features
-        if device.type == "meta":
-            return "undecided", "weights on the meta device; the path is chosen once they are loaded"
-        fused = kernels.HAS_TRITON and device.type == "cuda"
-        if spec.storage != FP8:
-            how = "fused Triton kernel" if fused else f"eager on {device.type}"
-            fmt = "NVFP4" if spec.storage == NVFP4 else "MXFP4"
-            deq = (DEQUANTIZE, f"{fmt} weight dequantized per layer ({how}), then F.linear")
-            if spec.matmul != FP4_NATIVE:
-                return deq
-            why = self._fp4_native_blocker(device)
-            if why:
-                return deq[0], deq[1] + f"; native FP4 not used: {why}"
-            return FP4_NATIVE, "native NVFP4 x NVFP4 torch._scaled_mm (activations quantized per call)"
-        if spec.matmul == SCALED_MM:
-            if k % 16 or n % 16:
-                return DEQUANTIZE, (
-                    f"fp8 weight upcast, then F.linear: in_features {k} / out_features {n} are not "
-                    f"both multiples of 16, which torch._scaled_mm needs"
-                )
-            check_device(self.mode, device)
-            plan = _scaled_mm_plan(device, spec.fp8_dtype, dtype, self.bias is not None)
-            if isinstance(plan, str):
-                _warn_once(
-                    f"plan:{device}:{spec.fp8_dtype}:{dtype}",
-                    f"{self.mode.value}: {plan}; using the dequantize path",
-                )
-                return DEQUANTIZE, f"fp8 weight upcast, then F.linear ({plan})"
-            act = "fused Triton" if fused else "eager"
-            detail = f"torch._scaled_mm, per-token e4m3 activation scales ({act} quantization)"
-            if device.type == "cuda" and not fused:
-                _warn_once(
-                    f"eager:{device}",
-                    "Triton is not importable: the per-token activation "
-                    "quantization of the _fast modes runs eagerly and will not beat bf16",
-                )
-            return SCALED_MM, detail + (f"; {plan.note}" if plan.note else "")
-        scaled = " x per-channel scale" if spec.per_channel_scale else ""
-        return DEQUANTIZE, f"fp8 weight upcast{scaled}, then F.linear"
-
-    def _fp4_native_blocker(self, device: torch.device) -> str:
-        if device.type != "cuda":
-            return f"{device.type} has no FP4 tensor cores (emulated path)"
-        if not fp4_native_available(device):
-            cap = tuple(cuda_capability(device))
-            if _FP4_X2 is None:
-                return "this torch has no float4_e2m1fn_x2 dtype"
-            return (
-                f"compute capability {cap[0]}.{cap[1]} < "
-                f"{FP4_MIN_CAPABILITY[0]}.{FP4_MIN_CAPABILITY[1]} (Blackwell)"
+            self._paths[key] = kernel_path(
+                self.mode,
+                device,
+                dtype,
+                in_features=self.in_features,
+                out_features=self.out_features,
+                bias=self.bias is not None,
             )
-        if self.in_features % 32 or self.out_features % 16:
-            return f"in_features {self.in_features} must be a multiple of 32 and out_features of 16"
-        return _FP4_NATIVE_BROKEN.get(str(device), "")
+        return self._paths[key]
 
     @property
     def path(self) -> str:
@@ -551,7 +462,7 @@ class QuantizedLinear(nn.Module):
     @property
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight and its scales (bias excluded)."""
-        names = _STORAGE_NAMES[self.spec.storage]
+        names = self.format.names
         return sum(self._buffers[n].nbytes for n in names if self._buffers.get(n) is not None)
 
     @property
@@ -564,19 +475,7 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [N, K] in ``dtype`` (a fresh tensor; one fused pass on CUDA for fp4)."""
         dtype = dtype or self.compute_dtype
-        where = self._where()
-        if self.spec.storage == FP8:
-            scale = self._buffers.get("scale_weight")
-            ops = DEQUANT_FP8_CONTRACT.enforce(where, weight=self.weight, scale_weight=scale)
-            return fp8.dequantize_fp8(ops["weight"], ops["scale_weight"], dtype)
-        return kernels.dequantize_fp4(
-            self.weight_packed,
-            self.weight_scale,
-            self._buffers.get("weight_scale_2"),
-            self.in_features,
-            dtype,
-            where,
-        )
+        return self.format.dequantize(self._buffers, self.in_features, dtype, self._where())
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         b = self.bias
@@ -603,7 +502,7 @@ class QuantizedLinear(nn.Module):
         dtype = x.dtype
         x2 = x.reshape(-1, self.in_features)  # (M, K), a view when x allows it
         q, scale_a = kernels.quantize_rows(x2, where)  # (M, K) e4m3, (M, 1) fp32; x2 untouched
-        plan = _scaled_mm_plan(x.device, self.spec.fp8_dtype, dtype, self.bias is not None)
+        plan = _scaled_mm_plan(x.device, self.format.scaled_mm_dtype, dtype, self.bias is not None)
         if plan.rowwise:
             bias = self._bias(plan.out_dtype) if plan.bias_in_kernel else None
             ops = SCALED_MM_CONTRACT.enforce(

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UnsupportedModeError
+from ..errors import CheckpointError, UnsupportedModeError
 from ..options import QuantMode, parse_option
 
-# Storage formats a quantized Linear can hold.
+# Storage formats a quantized Linear can hold: each names its module in ``quant/formats/``.
 FP8 = "fp8"  # weight [N, K] fp8 (+ scale_weight fp32, per output channel or per tensor)
 NVFP4 = "nvfp4"  # e2m1 packed + e4m3 scale per 16 along K + fp32 scale per tensor
 MXFP4 = "mxfp4"  # e2m1 packed + e8m0 (power-of-two) scale per 32 along K
 
-# Matmul kinds.
+# Matmul kinds (the paths of ``quant.kernel_path``).
+LINEAR = "linear"  # not quantized: nn.Linear at base precision (``disabled``)
 DEQUANTIZE = "dequantize"  # weight -> compute dtype, then F.linear
 SCALED_MM = "scaled_mm"  # fp8 tensor-core matmul (torch._scaled_mm), per-token e4m3 activations
 FP4_NATIVE = "fp4_native"  # Blackwell fp4 _scaled_mm where present, else per-layer dequantize
@@ -48,8 +49,8 @@ class QuantSpec:
 
     @property
     def block_size(self) -> int:
-        """Weights sharing one scale along K (fp4 formats); 0 for fp8."""
-        return {NVFP4: 16, MXFP4: 32}.get(self.storage, 0)
+        """Weights sharing one scale along K (fp4 formats); 0 for fp8 (the format's number)."""
+        return _format_of(self).block_size if self.storage else 0
 
     @property
     def needs_fp8_tensor_cores(self) -> bool:
@@ -57,8 +58,14 @@ class QuantSpec:
 
     @property
     def bits_per_weight(self) -> float:
-        """Nominal bits per weight, scales included (MODES.md)."""
-        return {FP8: 8.0, NVFP4: 4.5, MXFP4: 4.25}.get(self.storage, 16.0)
+        """Nominal bits per weight, scales included (MODES.md; the format's number)."""
+        return _format_of(self).bits_per_weight if self.storage else 16.0
+
+
+def _format_of(spec: QuantSpec):
+    from .formats import format_for  # the formats are built from specs: looked up on use
+
+    return format_for(spec)
 
 
 _E4, _E5 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -91,6 +98,20 @@ def spec_for(mode: QuantMode | str) -> QuantSpec:
     if mode in REFUSED:
         raise UnsupportedModeError(f"quantization {mode.value!r} is not available: {REFUSED[mode]}")
     return SPECS[mode]
+
+
+def storage_mode_for(dtype: torch.dtype, scaled: bool) -> QuantMode:
+    """The storage mode that runs an fp8 checkpoint as stored (what ``disabled`` picks)."""
+    table = {
+        (torch.float8_e4m3fn, False): QuantMode.FP8_E4M3FN,
+        (torch.float8_e4m3fn, True): QuantMode.FP8_E4M3FN_SCALED,
+        (torch.float8_e5m2, False): QuantMode.FP8_E5M2,
+        (torch.float8_e5m2, True): QuantMode.FP8_E5M2_SCALED,
+    }
+    try:
+        return table[(dtype, bool(scaled))]
+    except KeyError:
+        raise CheckpointError(f"{dtype} is not an fp8 storage dtype wanstudio runs") from None
 
 
 # --- hardware -------------------------------------------------------------------------------------

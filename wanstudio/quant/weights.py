@@ -19,7 +19,8 @@ fp4_scaled(_fast)  ``weight_packed``          uint8 [N, K_pad / 2], as above
                    ``weight_scale_2``         fp32 [] (per tensor)
 =================  =========================  =====================================================
 
-A checkpoint's own per-tensor scale (``scale_weight`` in ComfyUI-style scaled-fp8 files,
+Each format module in ``quant/formats/`` defines its tensors (``buffers``) and how a weight
+becomes them (``quantize``). A checkpoint's own per-tensor scale (``scale_weight`` in ComfyUI-style scaled-fp8 files,
 ``weight_scale`` in others) is passed as ``scale=`` and honoured as stored.
 """
 
@@ -29,22 +30,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..options import QuantMode
-from . import fp4, fp8
-from .spec import FP8, MXFP4, NVFP4, spec_for
-
-
-def storage_mode_for(dtype: torch.dtype, scaled: bool) -> QuantMode:
-    """The storage mode that runs an fp8 checkpoint as stored (what ``disabled`` picks)."""
-    table = {
-        (torch.float8_e4m3fn, False): QuantMode.FP8_E4M3FN,
-        (torch.float8_e4m3fn, True): QuantMode.FP8_E4M3FN_SCALED,
-        (torch.float8_e5m2, False): QuantMode.FP8_E5M2,
-        (torch.float8_e5m2, True): QuantMode.FP8_E5M2_SCALED,
-    }
-    try:
-        return table[(dtype, bool(scaled))]
-    except KeyError:
-        raise CheckpointError(f"{dtype} is not an fp8 storage dtype wanstudio runs") from None
+from . import fp8
+from .formats import format_for
+from .spec import spec_for, storage_mode_for
 
 
 def _checked_scale(scale: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -56,14 +44,6 @@ def _checked_scale(scale: torch.Tensor | None, n: int) -> torch.Tensor | None:
             f"got shape {tuple(scale.shape)}"
         )
     return scale.detach().float()
-
-
-def _real_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The weight a checkpoint means: stored * scale (fp32) or the weight itself."""
-    if scale is None:
-        return weight.float() if weight.dtype in fp8.FP8_DTYPES else weight
-    s = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
-    return weight.float() * s
 
 
 def quantize_weight(
@@ -84,48 +64,13 @@ def quantize_weight(
         raise ValueError(
             f"quantize_weight takes a float [N, K] weight, got {weight.dtype} {tuple(weight.shape)}"
         )
-    n = weight.shape[0]
-    scale = _checked_scale(scale, n)
-    stored_fp8 = weight.dtype in fp8.FP8_DTYPES
+    scale = _checked_scale(scale, weight.shape[0])
     weight = weight.detach()
-
     if spec.storage is None:
-        if stored_fp8:
+        if weight.dtype in fp8.FP8_DTYPES:
             fits = storage_mode_for(weight.dtype, scale is not None).value
             raise CheckpointError(
                 f"an {weight.dtype} weight cannot run unquantized; its storage mode is {fits!r}"
             )
         return {"weight": weight}
-
-    if spec.storage == FP8:
-        if stored_fp8:
-            if weight.dtype != spec.fp8_dtype:
-                fits = storage_mode_for(weight.dtype, spec.per_channel_scale).value
-                raise CheckpointError(
-                    f"the checkpoint stores {weight.dtype} weights but {spec.mode.value!r} stores "
-                    f"{spec.fp8_dtype}; use {fits!r} (or a bf16 checkpoint to re-quantize)"
-                )
-            if not spec.per_channel_scale:
-                if scale is not None and not bool((scale == 1).all()):
-                    fits = storage_mode_for(weight.dtype, True).value
-                    raise CheckpointError(
-                        f"the checkpoint stores scaled fp8 weights (a scale_weight / weight_scale "
-                        f"per tensor) that {spec.mode.value!r} cannot hold; use {fits!r}"
-                    )
-                return {"weight": weight}
-            stored = scale if scale is not None else torch.ones((), device=weight.device)
-            return {"weight": weight, "scale_weight": stored}
-        real = _real_weight(weight, scale)
-        if spec.per_channel_scale:
-            s = fp8.channel_scales(real, spec.fp8_dtype)
-            return {"weight": fp8.quantize_fp8(real, spec.fp8_dtype, s), "scale_weight": s}
-        return {"weight": fp8.saturating_cast(real, spec.fp8_dtype)}
-
-    real = _real_weight(weight, scale)
-    if spec.storage == NVFP4:
-        packed, block_scale, tensor_scale = fp4.quantize_nvfp4(real)
-        return {"weight_packed": packed, "weight_scale": block_scale, "weight_scale_2": tensor_scale}
-    if spec.storage == MXFP4:
-        packed, block_scale = fp4.quantize_mxfp4(real)
-        return {"weight_packed": packed, "weight_scale": block_scale}
-    raise AssertionError(f"unhandled storage {spec.storage}")  # pragma: no cover
+    return format_for(spec).quantize(weight, scale)
