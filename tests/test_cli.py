@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import wanstudio as ws
 from wanstudio.cli import build_parser, main
@@ -168,3 +170,115 @@ def test_forward_flops_match_the_published_wan_14b_figures():
     # issue 10: "Linear 0.78 PFLOP + attention 0.90 PFLOP per forward"
     assert flops["linear"] / 1e15 == pytest.approx(0.786, abs=0.005)
     assert flops["attention"] / 1e15 == pytest.approx(0.900, abs=0.005)
+
+
+# --- stopping and the work folder ------------------------------------------------------------------
+def folder_with_a_finished_clip(path) -> None:
+    from wanstudio.pipeline.resume import ClipRecord, WorkFolder
+
+    work = WorkFolder(path, {}, 2)
+    frames, motion = torch.zeros(1, 2, 2, 3, dtype=torch.uint8), torch.zeros(3, 1, 2, 2)
+    work.save(ClipRecord(0, frames, motion, torch.zeros(1), frames_done=1))
+    work.release()
+
+
+def interrupted_run(monkeypatch, how):
+    """Run generation as `how` (no model work) and record that the pipeline was called."""
+    from wanstudio.pipeline import InfiniteTalkPipeline
+
+    called = []
+
+    def call(self, *args, **kwargs):
+        called.append(kwargs)
+        how()
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "__call__", call)
+    monkeypatch.setattr(InfiniteTalkPipeline, "tiny", classmethod(lambda cls, **kw: object.__new__(cls)))
+    return called
+
+
+def test_ctrl_c_names_the_work_folder_and_the_exact_resume_command(tmp_path, monkeypatch, capsys):
+    def stop():
+        raise KeyboardInterrupt
+
+    called = interrupted_run(monkeypatch, stop)
+    out = tmp_path / "my talk.mp4"
+    argv = ["demo", "--out", str(out), "--seed", "7", "--quiet"]
+    assert main(argv) == 130
+    assert called and called[0]["overwrite"] is False
+    err = capsys.readouterr().err
+    work = f"{out}.work"
+    assert f"wanstudio demo: interrupted; 0 finished clip(s) are kept in the work folder {work}." in err
+    assert f"Continue with: wanstudio demo --out '{out}' --seed 7 --quiet --resume" in err
+    # a folder with a finished clip, interrupted again under --resume: the same command continues
+    folder_with_a_finished_clip(work)
+    assert main([*argv, "--resume"]) == 130
+    again = f"wanstudio demo --out '{out}' --seed 7 --quiet --resume\n"  # --resume not doubled
+    assert (
+        f"1 finished clip(s) are kept in the work folder {work}. Continue with: {again}"
+        in capsys.readouterr().err
+    )
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_handler_is_restored(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    def terminate():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises KeyboardInterrupt here
+
+    def unhandled(signum, frame):  # where SIGTERM lands unless the CLI handles it (not: kill pytest)
+        raise RuntimeError("SIGTERM reached the previous handler")
+
+    original = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        interrupted_run(monkeypatch, terminate)
+        out = tmp_path / "talk.mp4"
+        t0 = time.perf_counter()
+        assert main(["demo", "--out", str(out), "--quiet", "--overwrite"]) == 128 + signal.SIGTERM
+        assert time.perf_counter() - t0 < 20
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    err = capsys.readouterr().err
+    assert "wanstudio demo: stopped by SIGTERM; 0 finished clip(s) are kept in the work folder" in err
+    assert f"Continue with: wanstudio demo --out {out} --quiet --resume" in err  # --overwrite dropped
+
+
+@pytest.mark.parametrize(
+    "setup, extra, match",
+    [
+        ("folder", [], "it is a folder"),
+        ("clips", [], r"holds 1 finished clip\(s\) of an earlier run: pass resume=True / --resume"),
+        ("clips", ["--resume", "--overwrite"], "pass one of them"),
+        ("lock", ["--resume"], r"is in use by another run \(pid "),
+    ],
+)
+def test_output_and_work_folder_problems_are_refused_before_loading(
+    tmp_path, monkeypatch, capsys, setup, extra, match
+):
+    from wanstudio.pipeline import InfiniteTalkPipeline
+    from wanstudio.pipeline.resume import WorkFolder
+
+    out = tmp_path / "talk.mp4"
+    holder = None
+    if setup == "folder":
+        out.mkdir()
+    elif setup == "clips":
+        folder_with_a_finished_clip(f"{out}.work")
+    else:
+        holder = WorkFolder(f"{out}.work", {}, 2)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the output was checked")
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "tiny", no_loading)
+    monkeypatch.setattr(InfiniteTalkPipeline, "from_files", no_loading)
+    for command in (["demo"], ["infinitetalk", "--tiny", "--image", "a.png", "--audio", "a.wav"]):
+        assert main([*command, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err) and "Traceback" not in err
+    if holder is not None:
+        holder.release()

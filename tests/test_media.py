@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import subprocess
 
 import imageio_ffmpeg
@@ -16,6 +19,7 @@ from wanstudio.errors import MediaError, ShapeError, UnknownOptionError
 from wanstudio.media import (
     VideoWriter,
     asset_path,
+    check_output_path,
     choose_bucket,
     load_audio,
     load_image,
@@ -300,3 +304,57 @@ def test_probe_rejects_non_media(tmp_path):
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(MediaError, match="not a media file"):
         probe_media(junk)
+
+
+# --- the output path ------------------------------------------------------------------------
+
+
+def test_check_output_path_accepts_a_writable_video_path_and_makes_its_folder(tmp_path, no_temp_files):
+    path = tmp_path / "new" / "deeper" / "talk.mp4"
+    assert check_output_path(path) == path
+    assert path.parent.is_dir() and not any(path.parent.iterdir())  # the probe file is gone
+    no_temp_files.add("new")
+    assert check_output_path(str(tmp_path / "new" / "TALK.MOV")) == tmp_path / "new" / "TALK.MOV"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "it is a folder. Pass a file in it"),
+        ("talk.wav", r"expected a name ending in \.mp4, \.m4v, \.mov, found '\.wav'"),
+        ("talk", r"found 'no suffix'\. Pass e\.g\. .*talk\.mp4"),
+        ("file.txt/talk.mp4", "a part of the folder path is a file"),
+    ],
+)
+def test_check_output_path_refuses_what_cannot_be_written(tmp_path, name, message):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(MediaError, match=message):
+        check_output_path(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(errno.EROFS, "the file system is read-only"), (errno.EACCES, "permission denied")],
+)
+def test_check_output_path_tries_a_file_in_the_folder(tmp_path, monkeypatch, no_temp_files, code, reason):
+    tried = []
+
+    def refuse(path, *args, **kwargs):
+        tried.append(os.fspath(path))
+        raise OSError(code, os.strerror(code), os.fspath(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(MediaError, match=f"cannot write the video to .*out.mp4: {reason}"):
+        check_output_path(tmp_path / "out.mp4")
+    assert re.fullmatch(rf".*/\.out\.mp4\.{os.getpid()}\.[0-9a-f]{{8}}\.probe\.part", tried[0])
+
+
+def test_video_temp_files_carry_the_writers_pid(tmp_path):
+    with VideoWriter(tmp_path / "out.mp4", audio=_sine(0.5)) as writer:
+        writer.append(_frames(4))
+        parts = (writer._video_part, writer._muxed_part)  # ffmpeg may not have created them yet
+    pid = os.getpid()
+    assert {p.parent for p in parts} == {tmp_path}
+    assert re.fullmatch(rf"\.out\.mp4\.{pid}\.[0-9a-f]{{8}}\.video\.part", parts[0].name)
+    assert re.fullmatch(rf"\.out\.mp4\.{pid}\.[0-9a-f]{{8}}\.part", parts[1].name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -357,6 +360,110 @@ def test_nan_names_clip_and_step_and_finished_clips_stay_resumable(tmp_path):
     reference = make_pipe()[0](IMAGE, speech(1.2), **FAST).frames
     out = make_pipe()[0](IMAGE, speech(1.2), work_dir=tmp_path, resume=True, **FAST)
     assert out.resumed_clips == 1 and torch.equal(out.frames, reference)
+
+
+def test_resume_refuses_another_torch_thread_count(tmp_path, monkeypatch):
+    pipe, _, _ = make_pipe(FakeDiT(fail_at=12))
+    with pytest.raises(RuntimeError, match="injected"):
+        pipe(IMAGE, speech(1.3), work_dir=tmp_path, **FAST)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)  # CPU sums differ
+    pipe2, dit2, _ = make_pipe()
+    with pytest.raises(ws.PipelineError, match=f"threads: {threads} -> {threads + 1}.*--overwrite"):
+        pipe2(IMAGE, speech(1.3), work_dir=tmp_path, resume=True, **FAST)
+    assert not dit2.calls
+
+
+def test_a_run_without_resume_keeps_finished_clips_unless_told_to_overwrite(tmp_path):
+    reference = make_pipe()[0](IMAGE, speech(1.3), **FAST).frames
+    pipe, _, _ = make_pipe(FakeDiT(fail_at=3 * 3 + 1))  # clip 2
+    with pytest.raises(RuntimeError, match="injected"):
+        pipe(IMAGE, speech(1.3), work_dir=tmp_path, **FAST)
+    pipe2, dit2, _ = make_pipe()
+    with pytest.raises(
+        ws.PipelineError, match=r"holds 1 finished clip\(s\) of an earlier run: pass resume=True"
+    ):
+        pipe2(IMAGE, speech(1.3), work_dir=tmp_path, **FAST)
+    assert not dit2.calls and (tmp_path / "clip_0000.pt").exists()
+    out = pipe2(IMAGE, speech(1.3), work_dir=tmp_path, overwrite=True, **FAST)
+    assert out.resumed_clips == 0 and torch.equal(out.frames, reference)
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
+    from wanstudio.pipeline import WorkFolder
+
+    first = WorkFolder(tmp_path / "talk.mp4.work", {}, 1, temporary=True)  # a run in progress
+    pipe, dit, _ = make_pipe()
+    with pytest.raises(ws.PipelineError, match=r"talk\.mp4\.work is in use by another run \(pid "):
+        pipe(IMAGE, speech(0.5), out=tmp_path / "talk.mp4", **FAST)
+    assert not dit.calls and not (tmp_path / "talk.mp4").exists()
+    first.finish()
+    assert not (tmp_path / "talk.mp4.work").exists()
+
+
+def test_a_full_disk_mid_run_is_reported_and_the_run_resumes(tmp_path, monkeypatch):
+    import errno
+
+    reference = make_pipe()[0](IMAGE, speech(1.3), **FAST).frames
+    real_save, saves = torch.save, []
+
+    def save(obj, f):
+        saves.append(obj)
+        if len(saves) == 2:  # clip 2: torch.save's RuntimeError raised while handling ENOSPC
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:626] unexpected pos") from None
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(ws.PipelineError, match=f"no space left on {tmp_path}: need ~.* MB") as err:
+        make_pipe()[0](IMAGE, speech(1.3), work_dir=tmp_path, **FAST)
+    assert "continue from clip 2" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_0000.pt", "manifest.json"]
+    monkeypatch.undo()
+    out = make_pipe()[0](IMAGE, speech(1.3), work_dir=tmp_path, resume=True, **FAST)
+    assert out.resumed_clips == 1 and torch.equal(out.frames, reference)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("", "it is a folder"),
+        ("talk.txt", r"expected a name ending in \.mp4"),
+        ("talk", "found 'no suffix'"),
+        ("ro/talk.mp4", "the file system is read-only"),
+    ],
+)
+def test_an_unwritable_out_fails_before_heavy_work(tmp_path, monkeypatch, name, match):
+    import errno
+
+    if name.startswith("ro/"):
+        real_open = os.open
+
+        def read_only(path, *a, **kw):
+            if str(path).startswith(str(tmp_path / "ro")):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_open(path, *a, **kw)
+
+        (tmp_path / "ro").mkdir()
+        monkeypatch.setattr(os, "open", read_only)
+    text, audio = FakeText(), FakeAudio()
+    pipe, dit, vae = make_pipe(text=text, audio=audio)
+    with pytest.raises(ws.MediaError, match=match):
+        pipe(IMAGE, speech(0.5), out=tmp_path / name, **FAST)
+    assert not dit.calls and not vae.encoded and text.calls == 0 and audio.calls == 0
+
+
+def test_a_run_removes_temp_files_of_killed_runs_beside_its_out(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".talk.mp4.{dead.pid}.0a1b2c3d.video.part"
+    live = tmp_path / ".talk.mp4.1.0a1b2c3d.part"  # pid 1 runs: maybe another run's file
+    for f in (stale, live):
+        f.write_bytes(b"\0" * 1000)
+    make_pipe()[0](IMAGE, speech(0.5), out=tmp_path / "talk.mp4", **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "talk.mp4"])
 
 
 def test_out_of_memory_is_reraised_with_advice(tmp_path):

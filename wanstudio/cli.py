@@ -7,7 +7,10 @@ comes from ``wanstudio.options``; nothing here spells a mode name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -81,6 +84,11 @@ def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str)
     g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
     g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
     g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the finished clips of an earlier run in the work folder and start again",
+    )
     g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -222,6 +230,7 @@ def _generation_kwargs(args) -> dict:
         out=args.out,
         work_dir=args.work_dir,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=_progress(args),
         tiled_vae=args.tiled_vae,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
@@ -231,10 +240,24 @@ def _generation_kwargs(args) -> dict:
     return kw
 
 
+def _work_dir(args) -> Path:
+    return Path(args.work_dir) if args.work_dir else Path(f"{args.out}.work")
+
+
+def _check_output(args) -> None:
+    """An unwritable --out, or a work folder in use or holding clips: refused before any weights load."""
+    from .media import check_output_path
+    from .pipeline.resume import check_work_folder
+
+    check_output_path(args.out)
+    check_work_folder(_work_dir(args), resume=args.resume, overwrite=args.overwrite)
+
+
 def cmd_demo(args) -> int:
     from .media import asset_path, probe_media
     from .pipeline import InfiniteTalkPipeline
 
+    _check_output(args)
     t0 = time.perf_counter()
     pipe = InfiniteTalkPipeline.tiny(seed=0, device=args.device)
     t_load = time.perf_counter() - t0
@@ -273,6 +296,7 @@ def cmd_infinitetalk(args) -> int:
         from PIL import Image
 
         masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in args.mask]
+    _check_output(args)
 
     if args.tiny:
         pipe = InfiniteTalkPipeline.tiny(seed=0, device=args.device or "cpu")
@@ -490,20 +514,56 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    terminated: list[int] = []
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt(terminated):
+            return COMMANDS[args.command](args)
     except WanstudioError as e:
         if args.debug:
             raise
         print(f"wanstudio {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"wanstudio {args.command}: interrupted; finished clips are kept in the work folder, "
-            f"rerun with --resume to continue",
-            file=sys.stderr,
-        )
-        return 130
+        print(_interrupted_message(args, argv, bool(terminated)), file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(caught: list):
+    """SIGTERM (kill, a job scheduler) stops a command like Ctrl-C: KeyboardInterrupt in the main
+    thread, so finished clips are kept and temp files removed. The old handler is restored after."""
+
+    def handler(signum, frame):
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _interrupted_message(args, argv: list[str], terminated: bool) -> str:
+    """What was kept and the exact command that continues the run."""
+    what = f"{args.command}: {'stopped by SIGTERM' if terminated else 'interrupted'}"
+    if getattr(args, "out", None) is None or not hasattr(args, "resume"):
+        return f"wanstudio {what}"
+    from .pipeline.resume import finished_clips
+
+    work = _work_dir(args)
+    # the same command minus --overwrite (or its abbreviation), plus --resume
+    again = [a for a in argv if not ("--overwrite".startswith(a) and a.startswith("--ov"))]
+    if not args.resume:
+        again.append("--resume")
+    return (
+        f"wanstudio {what}; {finished_clips(work)} finished clip(s) are kept in the work folder "
+        f"{work}. Continue with: {shlex.join(['wanstudio', *again])}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ what to do; an array of the wrong shape raises ShapeError.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
 import subprocess
 import tempfile
-import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import part_path
 from .errors import MediaError, ShapeError
 from .options import SizeClass, SpeakerMix, parse_option
 
@@ -30,6 +31,15 @@ VIDEO_FPS = 25  # InfiniteTalk's output rate; audio features are computed per vi
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SILENCE_PEAK = 1e-4  # peak amplitude (-80 dBFS) below which a track counts as silent
 ASSETS = Path(__file__).resolve().parent / "assets"
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")  # what VideoWriter writes: an MP4 (ISO BMFF) file
+_WRITE_ERRORS = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOSPC: "no space left on the disk",
+    errno.ENOTDIR: "a part of the folder path is a file",
+    errno.EEXIST: "a part of the folder path is a file",
+}
 
 # InfiniteTalk's size buckets: (H / W aspect ratio, H, W). 480 class ~640^2 px, 720 ~960^2 px.
 _BUCKETS: dict[SizeClass, tuple[tuple[float, int, int], ...]] = {
@@ -267,9 +277,8 @@ class VideoWriter:
         self.frames = 0
         self._size: tuple[int, int] | None = None  # (W, H), fixed by the first append
         self._done = False
-        stem = f".{self.path.name}.{uuid.uuid4().hex[:8]}"
-        self._video_part = self.path.with_name(stem + ".video.part")
-        self._muxed_part = self.path.with_name(stem + ".part")
+        self._video_part = part_path(self.path, "video")  # the writer's pid is in the names
+        self._muxed_part = part_path(self.path)
         log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives until close() / abort()
         self._scratch = _Scratch((self._video_part, self._muxed_part), log)
         # Runs discard once: at close() / abort(), or when a forgotten writer is collected.
@@ -406,6 +415,39 @@ class VideoWriter:
     def _ffmpeg_log(self) -> str:
         self._scratch.log.seek(0)
         return _last_line(self._scratch.log.read().decode(errors="replace"))
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse, before any heavy work, a video path that could not be written; returns it.
+
+    ``path`` must not be a folder and must end in a video suffix (.mp4, .m4v, .mov); its
+    folder is created when missing and must accept a new file (a temp file is created and
+    removed there, so a read-only disk, a missing permission or a full disk show now).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise MediaError(
+            f"cannot write the video to {path}: it is a folder. Pass a file in it, e.g. {path / 'video.mp4'}."
+        )
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise MediaError(
+            f"cannot write the video to {path}: expected a name ending in {', '.join(VIDEO_SUFFIXES)}, "
+            f"found {path.suffix or 'no suffix'!r}. Pass e.g. {path.with_name(path.name + '.mp4')}."
+        )
+    folder = path.parent
+    probe = part_path(path, "probe")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        probe.unlink()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        reason = _WRITE_ERRORS.get(err.errno, err.strerror or str(err))
+        raise MediaError(
+            f"cannot write the video to {path}: {reason} ({folder}). Pass an output path on a writable disk."
+        ) from err
+    return path
 
 
 def write_video(

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_parts
 from ..errors import PipelineError, ShapeError
 from ..options import AttentionMode, QuantMode, Scheduler, SizeClass, SpeakerMix, parse_option
 from .color import match_colors
 from .guidance import Condition, Guidance, GuidanceConfig
 from .progress import ProgressClock, resolve_progress
-from .resume import ClipRecord, WorkFolder, tensor_digest
+from .resume import ClipRecord, WorkFolder, environment_fingerprint, tensor_digest
 from .sampler import check_schedule_args, make_sampler
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,7 @@ class InfiniteTalkPipeline:
         out: str | os.PathLike | None = None,
         work_dir: str | os.PathLike | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         progress=None,
         keep_frames: bool = True,
         tiled_vae: bool = False,
@@ -404,6 +406,8 @@ class InfiniteTalkPipeline:
             out: the mp4 to write (with the audio); it appears only when the video is complete.
             work_dir: folder for finished clips; default ``<out>.work`` (deleted on success).
             resume: continue the run found in ``work_dir`` (same arguments) at its next clip.
+            overwrite: delete the finished clips of an earlier run in ``work_dir`` and start
+                again (without it, and without ``resume``, they are an error, never deleted).
             progress: callback for :class:`ProgressEvent`; None = tqdm bar, False = silent.
             keep_frames: return the frames (uint8); False keeps memory flat for long videos.
             tiled_vae: decode with the VAE's tiling (less memory at high resolution).
@@ -458,9 +462,14 @@ class InfiniteTalkPipeline:
         for name, value in (("image", image), ("audio", audio), ("audio2", audio2)):
             if isinstance(value, (str, os.PathLike)) and not Path(value).is_file():
                 raise PipelineError(f"{name}: no such file {str(value)!r}")
-        out = Path(out) if out is not None else None
-        if out is not None and not out.parent.exists():
-            raise PipelineError(f"out: folder {str(out.parent)!r} does not exist")
+        if out is not None:  # a folder, a read-only disk, a bad suffix: now, not after the run
+            from ..media import check_output_path
+
+            out = check_output_path(out)
+        if resume and overwrite:
+            raise PipelineError(
+                "resume=True continues an earlier run and overwrite=True deletes it: pass one"
+            )
         if resume and work_dir is None and out is None:
             raise PipelineError(
                 "resume=True needs the work folder of the broken run: pass the same "
@@ -491,7 +500,7 @@ class InfiniteTalkPipeline:
         # --- 3. the work folder (resume) -------------------------------------------------------
         fingerprint = dict(
             model=self.identity,
-            settings=self.settings,
+            **environment_fingerprint(self),  # modes, dtypes, device, CPU threads, torch
             image=tensor_digest(ref),
             audio=tensor_digest(*[torch.from_numpy(np.ascontiguousarray(t)) for t in tracks]),
             masks=None if target_masks is None else tensor_digest(target_masks),
@@ -514,14 +523,18 @@ class InfiniteTalkPipeline:
         temporary = work_dir is None
         if work_dir is None:
             work_dir = Path(f"{out}.work") if out is not None else Path(tempfile.mkdtemp(prefix="wanstudio-"))
-        work = WorkFolder(work_dir, fingerprint, plan.clips, resume=resume, temporary=temporary)
+        if out is not None:
+            remove_stale_parts(out.parent, out.name)  # temp files of a killed run's mp4
+        callback = resolve_progress(progress)
+        work = WorkFolder(
+            work_dir, fingerprint, plan.clips, resume=resume, overwrite=overwrite, temporary=temporary
+        )  # holds the folder's lock until released below
         # how a later call finds this folder again: the same out= derives it, else name it
         work.resume_args = (
             "resume=True" if not temporary or out is not None else f"work_dir={str(work.path)!r}, resume=True"
         )
 
         # --- 4. conditions shared by every clip -------------------------------------------------
-        callback = resolve_progress(progress)
         try:
             try:
                 cond = self._conditions(
@@ -555,11 +568,12 @@ class InfiniteTalkPipeline:
                 keep_frames=keep_frames,
                 tiled_vae=tiled_vae,
             )
+            work.finish()
         finally:
+            work.release()
             close = getattr(callback, "close", None)
             if close is not None:
                 close()
-        work.finish()
         frames = torch.cat(result, dim=0) if keep_frames else None
         return GeneratedVideo(
             frames=frames,
