@@ -33,6 +33,7 @@ from wanstudio.quant import (
     sqnr_db,
     storage_mode_for,
 )
+from wanstudio.quant.formats import format_for
 
 QUANTIZED = [m for m in QuantMode if m is not QuantMode.DISABLED]
 FAST_FP8 = [m for m in QUANTIZED if m.is_fp8 and m.is_fast]
@@ -352,7 +353,7 @@ def test_fp4_pads_k_to_whole_blocks(mode):
     torch.manual_seed(0)
     lin = nn.Linear(40, 16)
     layer = QuantizedLinear.from_linear(lin, mode)
-    block = spec_for(mode).block_size
+    block = format_for(mode).block_size
     assert layer.weight_packed.shape == (16, fp4.padded_k(40, block) // 2)
     assert layer.dequantized_weight(torch.float32).shape == (16, 40)
     x = torch.randn(8, 40)

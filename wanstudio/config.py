@@ -13,6 +13,19 @@ from .errors import ConfigError
 MODEL_TYPES = ("t2v", "i2v")
 
 
+# Modules whose Linear layers quantization leaves at base precision by default: the embeddings
+# of the conditions and the timestep (docs/MODES.md keep-list). A model fact, read by
+# ``WanModel._keep_in_base_precision`` and ``quant.DEFAULT_KEEP``. Every entry names Linear
+# layers of some preset (tests/test_quant.py checks it).
+KEEP_IN_BASE_PRECISION: tuple[str, ...] = (
+    "text_embedding",
+    "time_embedding",
+    "time_projection",
+    "img_emb",
+    "audio_proj",
+)
+
+
 @dataclass(frozen=True)
 class WanConfig:
     """Hyper-parameters of a Wan2.1 DiT (+ InfiniteTalk audio modules).

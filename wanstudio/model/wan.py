@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import WanConfig
+from ..config import KEEP_IN_BASE_PRECISION, WanConfig
 from ..errors import ShapeError
 from ..layout import assign_layout_names
 from .audio import AudioProjection
@@ -126,16 +126,7 @@ class WanModel(nn.Module):
     """
 
     _no_split_modules = ("WanBlock",)
-    # modules whose Linear layers quantization leaves alone by default (MODES.md keep-list):
-    # the embeddings of the conditions and the timestep. Every entry names Linear layers of some
-    # preset (tests/test_quant.py checks it).
-    _keep_in_base_precision = (
-        "text_embedding",
-        "time_embedding",
-        "time_projection",
-        "img_emb",
-        "audio_proj",
-    )
+    _keep_in_base_precision = KEEP_IN_BASE_PRECISION
 
     def __init__(self, cfg: WanConfig, *, device: torch.device | str | None = None, dtype=None):
         super().__init__()

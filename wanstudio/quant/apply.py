@@ -2,7 +2,7 @@
 
 Which layers: every ``nn.Linear`` whose qualified name starts with ``only_under`` (the DiT
 blocks by default) and contains none of the ``keep`` substrings. The default keep-list is the
-model's own capability metadata, ``WanModel._keep_in_base_precision`` (MODES.md).
+model's own capability metadata, ``config.KEEP_IN_BASE_PRECISION`` (docs/MODES.md).
 :func:`swap_linears` does the replacing, for :func:`quantize` and for the checkpoint loader.
 """
 
@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..config import KEEP_IN_BASE_PRECISION
 from ..errors import UnsupportedModeError
-from ..model.wan import WanModel
 from ..options import QuantMode
 from .linear import QuantizedLinear
 from .spec import check_device, spec_for
 
-DEFAULT_KEEP: tuple[str, ...] = tuple(WanModel._keep_in_base_precision)
+DEFAULT_KEEP: tuple[str, ...] = KEEP_IN_BASE_PRECISION
 
 
 def is_kept(name: str, keep: Sequence[str]) -> bool:

@@ -48,24 +48,8 @@ class QuantSpec:
             raise ValueError(f"{self.mode}: _scaled_mm with per-token scales is an fp8 path")
 
     @property
-    def block_size(self) -> int:
-        """Weights sharing one scale along K (fp4 formats); 0 for fp8 (the format's number)."""
-        return _format_of(self).block_size if self.storage else 0
-
-    @property
     def needs_fp8_tensor_cores(self) -> bool:
         return self.matmul == SCALED_MM
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Nominal bits per weight, scales included (MODES.md; the format's number)."""
-        return _format_of(self).bits_per_weight if self.storage else 16.0
-
-
-def _format_of(spec: QuantSpec):
-    from .formats import format_for  # the formats are built from specs: looked up on use
-
-    return format_for(spec)
 
 
 _E4, _E5 = torch.float8_e4m3fn, torch.float8_e5m2
