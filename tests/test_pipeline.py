@@ -184,6 +184,27 @@ def test_text_scale_one_makes_two_calls_per_step():
     assert drop_audio["audio"].abs().sum() == 0
 
 
+@pytest.mark.parametrize(
+    "text_scale, audio_scale, calls", [(1.0, 1.0, 1), (1.0, 2.0, 2), (5.0, 4.0, 3), (4.0, 1.0, 3)]
+)
+def test_guidance_calls_per_step(text_scale, audio_scale, calls):
+    pipe, dit, _ = make_pipe()
+    pipe(IMAGE, speech(0.5), text_scale=text_scale, audio_scale=audio_scale, **FAST)
+    assert len(dit.calls) == 3 * calls
+    if calls == 1:  # v = v(T, A): the prompt and the real audio, every step
+        assert all(c["audio"].abs().sum() > 0 for c in dit.calls)
+        assert all(torch.equal(c["context"], dit.calls[0]["context"]) for c in dit.calls)
+
+
+def test_guidance_free_distill_sampler_follows_its_timestep_list():
+    """The distilled setting end to end: one DiT call per step, at the trained list shifted by 5."""
+    pipe, dit, _ = make_pipe()
+    kw = {**FAST, "steps": 4}
+    pipe(IMAGE, speech(0.5), text_scale=1.0, audio_scale=1.0, scheduler="euler_distill", shift=5.0, **kw)
+    want = [5 * u / (1 + 4 * u) * 1000 for u in (1.0, 0.75, 0.5, 0.25)]
+    assert [c["t"].item() for c in dit.calls] == pytest.approx(want, abs=1e-3)
+
+
 def hand_loop(pipe, vae, noise, head, audio, steps, shift, s_t, s_a, y):
     """WAN_SPEC §6 written out: Euler, 3-call CFG, head overwrite before calls and after updates."""
     text = FakeText().encode(["", DEFAULT_NEGATIVE_PROMPT])

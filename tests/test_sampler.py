@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import wanstudio as ws
+from wanstudio.options import GenerationPreset, Scheduler
 from wanstudio.pipeline.color import lab_to_rgb, match_colors, rgb_to_lab
 from wanstudio.pipeline.guidance import (
     Condition,
@@ -23,8 +24,10 @@ from wanstudio.pipeline.infinitetalk import (
     overwrite_head,
 )
 from wanstudio.pipeline.sampler import (
+    DistillSampler,
     EulerSampler,
     UniPCSampler,
+    distill_step_list,
     make_sampler,
     shift_timesteps,
     timestep_schedule,
@@ -88,7 +91,7 @@ def test_euler_step_is_x_minus_v_dt():
     assert torch.equal(x, x_copy)  # the caller's tensor is not mutated
 
 
-@pytest.mark.parametrize("kind", ["euler", "unipc"])
+@pytest.mark.parametrize("kind", ["euler", "unipc", "euler_distill"])
 @pytest.mark.parametrize("steps", [1, 3, 12])
 def test_exact_velocity_lands_on_the_data(kind, steps):
     """On the straight path x = (1 - s) x0 + s n the velocity is n - x0 = (x - x0) / s; a
@@ -102,6 +105,52 @@ def test_exact_velocity_lands_on_the_data(kind, steps):
         sigma = (t / 1000).double().clamp_min(1e-6)
         x = sampler.step((x - x0) / sigma, i, x)
     assert torch.allclose(x, x0, atol=1e-4)
+
+
+# --- the distilled sampler ---------------------------------------------------------------------------
+def test_distill_schedule_is_the_trained_list_warped_by_the_shift():
+    """lightx2v's 4-step distill LoRAs: denoising steps 1000, 750, 500, 250, each shifted by 5."""
+    assert distill_step_list(4) == (1000.0, 750.0, 500.0, 250.0)
+    s = make_sampler("euler_distill", 4, 5.0)
+    assert isinstance(s, DistillSampler) and s.name is Scheduler.DISTILL
+    want = [5 * u / (1 + 4 * u) * 1000 for u in (1.0, 0.75, 0.5, 0.25)] + [0.0]  # 1000, 937.5, 833.3, 625
+    assert s.schedule.tolist() == pytest.approx(want, abs=1e-3)
+    assert s.timesteps.tolist() == pytest.approx(want[:-1], abs=1e-3)
+    custom = DistillSampler(3, 1.0, step_list=(999, 500, 100))
+    assert custom.schedule.tolist() == pytest.approx([999.0, 500.0, 100.0, 0.0])
+
+
+def test_distill_step_is_euler_between_the_list_entries():
+    s = DistillSampler(4, 5.0)
+    x, v = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 16, 2, 4, 4)
+    for i in range(4):
+        dt = (s.schedule[i] - s.schedule[i + 1]) / 1000
+        assert torch.allclose(s.step(v, i, x), x - v * dt)
+    assert s.schedule[-1] == 0  # the last step lands on the data: x - v * sigma
+
+
+@pytest.mark.parametrize(
+    "steps, step_list", [(3, (1000, 750, 500, 250)), (2, (500, 750)), (2, (1000, 0)), (2, (1200, 500))]
+)
+def test_bad_distill_step_lists_raise(steps, step_list):
+    with pytest.raises(ws.PipelineError, match="step_list"):
+        DistillSampler(steps, 5.0, step_list=step_list)
+
+
+def test_distill_preset_is_one_place_and_consistent():
+    settings = GenerationPreset.DISTILL_4STEP.settings
+    assert (settings.steps, settings.shift, settings.text_scale, settings.audio_scale) == (4, 5.0, 1.0, 2.0)
+    assert settings.scheduler is Scheduler.DISTILL
+    sampler = make_sampler(settings.scheduler, settings.steps, settings.shift)
+    assert sampler.timesteps[0] == 1000 and len(sampler.timesteps) == 4
+    assert GuidanceConfig(text_scale=settings.text_scale, audio_scale=settings.audio_scale).conditions == (
+        Condition.COND,
+        Condition.DROP_AUDIO,
+    )
+    assert GenerationPreset.STANDARD.settings.as_kwargs() == dict(
+        steps=40, text_scale=5.0, audio_scale=4.0, scheduler="euler"
+    )
+    assert ws.parse_option(GenerationPreset, "distill_4step") is GenerationPreset.DISTILL_4STEP
 
 
 def test_unipc_uses_the_shared_schedule():
@@ -136,6 +185,25 @@ def test_two_call_cfg_when_text_scale_is_one():
     assert calls == [Condition.COND, Condition.DROP_AUDIO]
     want = v[Condition.DROP_AUDIO] + 2.0 * (v[Condition.COND] - v[Condition.DROP_AUDIO])
     assert torch.allclose(out, want)
+
+
+@pytest.mark.parametrize("apg", [False, True])
+def test_one_call_when_both_scales_are_one(apg):
+    v = fake_predictions()
+    calls = []
+    out = Guidance(GuidanceConfig(text_scale=1.0, audio_scale=1.0, apg=apg))(
+        lambda c: calls.append(c) or v[c]
+    )
+    assert calls == [Condition.COND]
+    assert torch.equal(out, v[Condition.COND])
+
+
+@pytest.mark.parametrize(
+    "text_scale, audio_scale, calls",
+    [(1.0, 1.0, 1), (1.0, 2.0, 2), (1.0, 0.5, 2), (5.0, 1.0, 3), (5.0, 4.0, 3)],
+)
+def test_calls_per_step_follow_the_scales(text_scale, audio_scale, calls):
+    assert len(GuidanceConfig(text_scale=text_scale, audio_scale=audio_scale).conditions) == calls
 
 
 def test_condition_flags():

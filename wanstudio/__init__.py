@@ -16,6 +16,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     LayoutError,
+    LoraError,
     MediaError,
     PipelineError,
     ShapeError,
@@ -26,6 +27,7 @@ from .errors import (
 from .fusion import compile_blocks, uncompile_blocks
 from .inspector import LayoutReport, LayoutRow, inspect_layout
 from .layout import LayoutContract, Operand, StrideRule, is_strict_layout, set_strict_layout, strict_layout
+from .lora import LoRA, LoraSet, applied_loras, apply_lora, remove_lora
 from .model import ModelInputs, WanModel
 from .modes import RuntimeModes, apply_modes
 from .offload import BlockSwapStats, disable_block_swap, enable_block_swap, plan_block_swap, swap_placement

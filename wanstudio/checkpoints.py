@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from .config import WanConfig
 from .errors import CheckpointError, ConfigError
 from .layout import assign_layout_names
+from .model.keys import diffusers_to_official
 from .modes import RuntimeModes, apply_modes
 from .options import AttentionMode, BasePrecision, QuantMode
 from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
@@ -33,34 +33,6 @@ log = logging.getLogger(__name__)
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
-# diffusers name -> official name (regex on the diffusers key). diffusers calls the official
-# norm3 (affine, before cross-attention) "norm2"; its parameter-free norms are not stored.
-_DIFFUSERS_TO_OFFICIAL: tuple[tuple[str, str], ...] = (
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
-    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.add_k_proj\.", r"blocks.\1.cross_attn.k_img."),
-    (r"^blocks\.(\d+)\.attn2\.add_v_proj\.", r"blocks.\1.cross_attn.v_img."),
-    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.", r"blocks.\1.cross_attn.norm_k_img."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^scale_shift_table$", "head.modulation"),
-)
 _DIFFUSERS_MARKERS = ("condition_embedder.", ".attn1.to_q.", "scale_shift_table", "proj_out.")
 
 # what other components' files look like (for "you passed the wrong file" diagnoses)
@@ -86,15 +58,6 @@ _FOREIGN_COMPONENTS = (
 )
 _AUDIO_KEYS = ("audio_proj.", ".audio_cross_attn.", ".norm_x.")
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
-
-
-def diffusers_to_official(key: str) -> str:
-    """Map one diffusers ``WanTransformer3DModel`` key to its official Wan name."""
-    for pattern, repl in _DIFFUSERS_TO_OFFICIAL:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
 
 
 def official_key(key: str, diffusers_format: bool) -> str:

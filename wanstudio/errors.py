@@ -26,6 +26,10 @@ class CheckpointError(WanstudioError):
     """A checkpoint file is missing, corrupt, of the wrong kind, or does not fit the model."""
 
 
+class LoraError(CheckpointError):
+    """A LoRA file is not a LoRA, is in a format wanstudio cannot map, or does not fit the model."""
+
+
 class UnsupportedModeError(WanstudioError, RuntimeError):
     """A quantization / precision mode cannot run on this device."""
 

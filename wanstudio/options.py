@@ -8,6 +8,7 @@ never to the strings. Meanings are in ``shared/design/MODES.md``.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
@@ -174,6 +175,10 @@ class BasePrecision(Option):
 class Scheduler(Option):
     EULER = ("euler", "InfiniteTalk's Euler flow-matching sampler with shift")
     UNIPC = ("unipc", "UniPC multistep (diffusers' flow-matching scheduler)")
+    DISTILL = (
+        "euler_distill",
+        "Euler on a step-distill LoRA's trained timesteps (1000, 750, 500, 250 at 4 steps, shifted)",
+    )
 
 
 class SizeClass(Option):
@@ -186,10 +191,76 @@ class SpeakerMix(Option):
     ADD = ("add", "two speakers talk in turn (speaker 1, then speaker 2)")
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a :class:`GenerationPreset` sets (the pipeline's keyword of the same name).
+
+    Args:
+        steps: model evaluations per clip.
+        shift: timestep shift; None = the size class's default (7 at 480, 11 at 720).
+        text_scale / audio_scale: guidance scales (both 1: one model call per step).
+        scheduler: the sampler.
+        lora_strength: the strength the preset's LoRA is meant to run at (None: no LoRA).
+        source: where the numbers come from.
+    """
+
+    steps: int
+    shift: float | None
+    text_scale: float
+    audio_scale: float
+    scheduler: Scheduler
+    lora_strength: float | None = None
+    source: str = ""
+
+    def as_kwargs(self) -> dict:
+        """The pipeline call's keywords (``shift`` left out when it follows the size class)."""
+        kw = dict(
+            steps=self.steps,
+            text_scale=self.text_scale,
+            audio_scale=self.audio_scale,
+            scheduler=self.scheduler.value,
+        )
+        return kw if self.shift is None else {**kw, "shift": self.shift}
+
+
+class GenerationPreset(Option):
+    """Named sampling settings; :attr:`settings` holds the numbers."""
+
+    STANDARD = ("standard", "InfiniteTalk as released: 40 Euler steps, text 5, audio 4, shift by size")
+    DISTILL_4STEP = (
+        "distill_4step",
+        "lightx2v step/CFG-distill LoRA: 4 steps on its trained timesteps, shift 5, text 1, audio 2",
+        "a lightx2v cfg_step_distill LoRA (e.g. Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32)",
+    )
+    FUSIONX_8STEP = (
+        "fusionx_8step",
+        "FusionX LoRA as InfiniteTalk's README runs it: 8 Euler steps, shift 2, text 1, audio 2",
+        "the FusionX LoRA (Wan2.1_I2V_14B_FusionX_LoRA)",
+    )
+
+    @property
+    def settings(self) -> SamplingSettings:
+        """The preset's steps, shift, guidance scales, scheduler and LoRA strength."""
+        return _PRESET_SETTINGS[self]
+
+
+_README = "MeiGen-AI/InfiniteTalk README"
+_PRESET_SETTINGS: dict[GenerationPreset, SamplingSettings] = {
+    GenerationPreset.STANDARD: SamplingSettings(40, None, 5.0, 4.0, Scheduler.EULER, None, _README),
+    # timesteps and shift: lightx2v configs/distill/wan_i2v_distill_4step_cfg_lora.json and the
+    # Self-Forcing-Plus training config (denoising_step_list 1000/750/500/250, timestep_shift 5);
+    # text 1 / audio 2 / strength 1: InfiniteTalk's README for its 4-8 step LoRA runs
+    GenerationPreset.DISTILL_4STEP: SamplingSettings(
+        4, 5.0, 1.0, 2.0, Scheduler.DISTILL, 1.0, f"lightx2v distill configs; {_README}"
+    ),
+    GenerationPreset.FUSIONX_8STEP: SamplingSettings(8, 2.0, 1.0, 2.0, Scheduler.EULER, 1.0, _README),
+}
+
 QUANT_MODES: tuple[str, ...] = QuantMode.names()
 ATTENTION_MODES: tuple[str, ...] = AttentionMode.names()
 BASE_PRECISIONS: tuple[str, ...] = BasePrecision.names()
 SCHEDULERS: tuple[str, ...] = Scheduler.names()
+GENERATION_PRESETS: tuple[str, ...] = GenerationPreset.names()
 
 E = TypeVar("E", bound=Option)
 

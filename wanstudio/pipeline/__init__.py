@@ -11,12 +11,21 @@ from .infinitetalk import (
 )
 from .progress import ProgressEvent, TqdmProgress
 from .resume import WorkFolder
-from .sampler import EulerSampler, UniPCSampler, make_sampler, shift_timesteps, timestep_schedule
+from .sampler import (
+    DistillSampler,
+    EulerSampler,
+    UniPCSampler,
+    distill_step_list,
+    make_sampler,
+    shift_timesteps,
+    timestep_schedule,
+)
 
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
     "ClipPlan",
     "Condition",
+    "DistillSampler",
     "EulerSampler",
     "GeneratedVideo",
     "Guidance",
@@ -27,6 +36,7 @@ __all__ = [
     "UniPCSampler",
     "WorkFolder",
     "check_components",
+    "distill_step_list",
     "make_sampler",
     "match_colors",
     "shift_timesteps",

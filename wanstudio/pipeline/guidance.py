@@ -8,6 +8,11 @@ two calls when s_t == 1::
 
     v = v(T,¬A) + s_a [v(T,A) - v(T,¬A)]
 
+one call when s_t == s_a == 1 (the distilled setting: a step/CFG-distill LoRA was trained to
+predict the guided velocity itself)::
+
+    v = v(T,A)
+
 ``¬T`` is the negative-prompt embedding, ``¬A`` all-zero audio features. APG (adaptive projected
 guidance, arXiv 2410.02416) replaces each guidance difference by its momentum-averaged,
 norm-clipped component orthogonal to the conditional prediction.
@@ -48,7 +53,8 @@ class GuidanceConfig:
 
     Args:
         text_scale: s_t (5 by default; 1 with a distill LoRA, which saves one call per step).
-        audio_scale: s_a (4 by default; 2 with a distill LoRA).
+        audio_scale: s_a (4 by default; 2 with a distill LoRA in InfiniteTalk's README; 1 as
+            well makes it one call per step).
         apg: use adaptive projected guidance instead of plain CFG.
         apg_momentum: momentum of the running guidance difference (InfiniteTalk: -0.75).
         apg_norm_threshold: clip the difference's L2 norm to this (0 disables clipping).
@@ -72,8 +78,15 @@ class GuidanceConfig:
         return math.isclose(self.text_scale, 1.0)
 
     @property
+    def guidance_free(self) -> bool:
+        """s_t == s_a == 1: both guidance terms vanish, so one call per step is the whole formula."""
+        return self.text_free and math.isclose(self.audio_scale, 1.0)
+
+    @property
     def conditions(self) -> tuple[Condition, ...]:
         """Model calls per step, in the order they are made."""
+        if self.guidance_free:
+            return (Condition.COND,)
         if self.text_free:
             return (Condition.COND, Condition.DROP_AUDIO)
         return (Condition.COND, Condition.DROP_TEXT, Condition.UNCOND)
@@ -137,6 +150,8 @@ class Guidance:
         cfg = self.config
         s_t, s_a = cfg.text_scale, cfg.audio_scale
         cond = v[Condition.COND]
+        if cfg.guidance_free:  # every guidance difference has weight 0 (CFG and APG alike)
+            return cond
         if not cfg.apg:
             if cfg.text_free:
                 drop_audio = v[Condition.DROP_AUDIO]

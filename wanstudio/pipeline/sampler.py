@@ -8,6 +8,12 @@ Both samplers see the same timesteps: ``linspace(1000, 1, steps)`` followed by 0
 ``t' = s t / (1 + (s - 1) t)`` on ``t / 1000`` (InfiniteTalk's ``timestep_transform``). The
 Euler sampler is InfiniteTalk's; UniPC is diffusers' ``UniPCMultistepScheduler`` in its
 flow-matching mode, fed the same (unshifted) sigmas so that only the update rule differs.
+
+The distilled sampler is the exception: a step-distill LoRA (lightx2v's, trained with
+Self-Forcing-Plus) was trained at a fixed list of timesteps, ``[1000, 750, 500, 250]`` warped
+by the shift it was trained with (5), and is sampled with Euler steps between exactly those
+points, then to 0. :class:`DistillSampler` follows such a list (``steps`` evenly spaced
+``1000 (1 - i / steps)`` by default, which is that list for 4 steps).
 """
 
 from __future__ import annotations
@@ -113,8 +119,61 @@ class UniPCSampler:
         return out.to(x.dtype)
 
 
-def make_sampler(kind: Scheduler | str, steps: int, shift: float) -> EulerSampler | UniPCSampler:
+def distill_step_list(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[float, ...]:
+    """``steps`` evenly spaced unshifted timesteps ``T (1 - i / steps)``: for 4 steps the list
+    lightx2v's step-distill LoRAs were trained on, ``(1000, 750, 500, 250)``."""
+    check_schedule_args(steps, 1.0)
+    return tuple(num_train_timesteps * (steps - i) / steps for i in range(steps))
+
+
+class DistillSampler:
+    """Euler flow matching on an explicit list of timesteps (step-distilled models / LoRAs).
+
+    Args:
+        steps: number of model evaluations; with ``step_list`` given it must equal its length.
+        shift: the shift the distilled model was trained with (lightx2v: 5).
+        step_list: unshifted timesteps in (0, 1000], strictly decreasing; each is shifted as in
+            :func:`shift_timesteps` (lightx2v's "warped" denoising steps), and the last step
+            goes to 0. Default :func:`distill_step_list`.
+    """
+
+    name = Scheduler.DISTILL
+
+    def __init__(self, steps: int, shift: float, step_list: tuple[float, ...] | None = None):
+        check_schedule_args(steps, shift)
+        step_list = distill_step_list(steps) if step_list is None else tuple(step_list)
+        if len(step_list) != steps:
+            raise PipelineError(f"step_list has {len(step_list)} timesteps but steps={steps}")
+        bad = [t for t in step_list if not (isinstance(t, (int, float)) and 0 < t <= NUM_TRAIN_TIMESTEPS)]
+        if bad or any(a <= b for a, b in zip(step_list, step_list[1:])):
+            raise PipelineError(
+                f"step_list must be strictly decreasing timesteps in (0, {NUM_TRAIN_TIMESTEPS}], "
+                f"got {list(step_list)}"
+            )
+        self.steps, self.shift, self.step_list = steps, float(shift), step_list
+        t = torch.tensor([*step_list, 0.0], dtype=torch.float64)  # (steps + 1,), end point 0
+        self.schedule = shift_timesteps(t, self.shift).float()
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The ``steps`` shifted timesteps the model is called at, in [0, 1000]."""
+        return self.schedule[:-1]
+
+    def step(self, velocity: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """One Euler update from list entry ``i`` to ``i + 1`` (the last one lands on sigma 0)."""
+        dt = (self.schedule[i] - self.schedule[i + 1]) / NUM_TRAIN_TIMESTEPS
+        return x - velocity.to(x.dtype) * dt.to(x.device, x.dtype)
+
+
+def make_sampler(
+    kind: Scheduler | str, steps: int, shift: float
+) -> EulerSampler | UniPCSampler | DistillSampler:
     """A fresh sampler of ``kind`` (a :class:`~wanstudio.options.Scheduler` member or name)."""
     kind = parse_option(Scheduler, kind)
     check_schedule_args(steps, shift)
-    return {Scheduler.EULER: EulerSampler, Scheduler.UNIPC: UniPCSampler}[kind](steps, shift)
+    samplers = {
+        Scheduler.EULER: EulerSampler,
+        Scheduler.UNIPC: UniPCSampler,
+        Scheduler.DISTILL: DistillSampler,
+    }
+    return samplers[kind](steps, shift)
