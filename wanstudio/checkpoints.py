@@ -11,10 +11,8 @@ final dtype and device into a meta-initialised model.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,15 @@ from .layout import assign_layout_names
 from .model.keys import diffusers_to_official
 from .modes import RuntimeModes, apply_modes
 from .options import AttentionMode, BasePrecision, QuantMode
-from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
+from .weights import (
+    FP8_DTYPES,
+    SafetensorsFile,
+    TensorEntry,
+    dequantize_fp8,
+    read_tensor,
+    resolve_files,
+    scale_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,53 +74,6 @@ def official_key(key: str, diffusers_format: bool) -> str:
     return diffusers_to_official(key) if diffusers_format else key
 
 
-# --- finding the files -----------------------------------------------------------------------------
-def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files / index jsons / folders into the ordered list of safetensors files."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise CheckpointError(
-                f"{p}: no such file or folder (expected a .safetensors file, a "
-                f"*.safetensors.index.json, or a folder holding them)"
-            )
-        if p.is_dir():
-            indexes = sorted(p.glob("*.safetensors.index.json"))
-            if len(indexes) == 1:
-                files += _files_of_index(indexes[0])
-            elif found := sorted(p.glob("*.safetensors")):
-                files += found
-            else:
-                raise CheckpointError(f"{p}: folder holds no .safetensors files")
-        elif p.name.endswith(".json"):
-            files += _files_of_index(p)
-        elif p.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-            raise CheckpointError(
-                f"{p}: pickled {p.suffix} checkpoints are not loaded for the DiT (unsafe and slow); "
-                f"convert it to .safetensors or use the official safetensors shards"
-            )
-        else:
-            files.append(p)
-    return files
-
-
-def _files_of_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index (no valid 'weight_map': {e})") from None
-    names = list(dict.fromkeys(weight_map.values()))
-    missing = [n for n in names if not (index.parent / n).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{index}: {len(missing)} of {len(names)} shards are missing beside the index, "
-            f"e.g. {missing[:3]}; download every shard into {index.parent}"
-        )
-    return [index.parent / n for n in names]
-
-
 # --- the merged view of all files ------------------------------------------------------------------
 @dataclass
 class CheckpointInfo:
@@ -153,15 +112,22 @@ def scan_checkpoint(paths) -> tuple[dict[str, TensorEntry], CheckpointInfo]:
         prefixed = any(k.startswith(PREFIXES) for k in keys)
         info.formats.append("diffusers" if diffusers_format else "comfy-prefixed" if prefixed else "official")
         info.scaled_fp8_marker |= any(k.endswith("scaled_fp8") for k in keys)
+        source: dict[str, str] = {}  # official name -> this file's key
         for key, entry in st.entries.items():
             name = official_key(key, diffusers_format)
             if name.endswith("scaled_fp8"):
                 continue
+            if name in source:  # one would silently replace the other
+                raise CheckpointError(
+                    f"{path}: keys {source[name]!r} and {key!r} both name the tensor {name!r}; "
+                    f"keep one of them (a file merged from two sources?)"
+                )
+            source[name] = key
             entries[name] = entry
     for name, entry in entries.items():
         dname = str(entry.dtype).replace("torch.", "")
         info.dtypes[dname] = info.dtypes.get(dname, 0) + 1
-        info.fp8_weights += entry.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        info.fp8_weights += entry.dtype in FP8_DTYPES
         if name.endswith(_SCALE_SUFFIXES):
             info.scale_keys.append(name)
         info.bytes += entry.nbytes
@@ -343,26 +309,19 @@ def load_model(
 
 
 def _scale_entry(entries: dict[str, TensorEntry], weight_name: str) -> TensorEntry | None:
-    base = weight_name[: -len(".weight")]
-    for suffix in (".scale_weight", ".weight_scale"):
-        if base + suffix in entries:
-            return entries[base + suffix]
-    return None
+    key = scale_key(weight_name, entries)
+    return entries[key] if key is not None else None
 
 
 def _real_tensor(entries: dict[str, TensorEntry], name: str) -> torch.Tensor:
     """A tensor as the checkpoint means it: an fp8 weight outside the quantized layers (a
     keep-listed layer stored in fp8) is dequantized with its stored scale."""
     tensor = read_tensor(entries[name])
-    if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if tensor.dtype not in FP8_DTYPES:
         return tensor
-    scale_entry = _scale_entry(entries, name) if name.endswith(".weight") else None
-    if scale_entry is None:
-        return tensor.float()
-    scale = read_tensor(scale_entry).float()  # [] / [1] per tensor, or [N] per output channel
-    if scale.numel() > 1:
-        scale = scale.reshape(-1, *[1] * (tensor.dim() - 1))
-    return tensor.float() * scale
+    scale_entry = _scale_entry(entries, name)
+    scale = read_tensor(scale_entry) if scale_entry is not None else None
+    return dequantize_fp8(name, tensor, scale, source=entries[name].path)
 
 
 def _storage_mode(requested: QuantMode, entries: dict[str, TensorEntry], info: CheckpointInfo) -> QuantMode:

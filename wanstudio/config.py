@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
 MODEL_TYPES = ("t2v", "i2v")
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)", re.DOTALL)
 
 
 # Modules whose Linear layers quantization leaves at base precision by default: the embeddings
@@ -83,7 +85,12 @@ class WanConfig:
             problems.append("audio (InfiniteTalk) modules need model_type 'i2v'")
         if self.audio and self.audio_window % 2 == 0:
             problems.append(f"audio_window must be odd (centred), got {self.audio_window}")
-        for name in ("text_len", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_layers"):
+        positive = ["text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_layers"]
+        if self.model_type == "i2v":
+            positive.append("clip_dim")
+        if self.audio:
+            positive += ["intermediate_dim", "output_dim", "context_tokens", "audio_layers", "audio_dim"]
+        for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.freq_dim % 2:
@@ -130,51 +137,111 @@ class WanConfig:
         defaults to 512.
         """
         shapes = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
-
-        def need(key: str) -> tuple[int, ...]:
-            if key not in shapes:
-                raise ConfigError(f"cannot infer the config: tensor {key!r} is missing")
-            return shapes[key]
-
-        pe = need("patch_embedding.weight")  # [D, in_dim, pt, ph, pw]
+        need = _shape_getter(shapes)
+        num_layers = _num_layers(shapes)  # first: a stray block id explains the other errors
+        pe = need("patch_embedding.weight", 5)  # [D, in_dim, pt, ph, pw]
         dim, in_dim, patch = pe[0], pe[1], tuple(pe[2:])
-        layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-        if not layer_ids:
-            raise ConfigError("cannot infer the config: no 'blocks.N.' tensors found")
-        num_layers = max(layer_ids) + 1
-        out_dim = need("head.head.weight")[0] // math.prod(patch)
+        head = need("head.head.weight", 2)  # [out_dim * pt * ph * pw, D]
+        if head[0] % math.prod(patch):
+            raise ConfigError(
+                f"cannot infer the config: head.head.weight has {head[0]} rows, not a multiple "
+                f"of the patch volume {math.prod(patch)} (patch_embedding.weight {list(pe)})"
+            )
         i2v = "blocks.0.cross_attn.k_img.weight" in shapes or "img_emb.proj.1.weight" in shapes
         fields: dict = dict(
             model_type="i2v" if i2v else "t2v",
             patch_size=patch,
             in_dim=in_dim,
             dim=dim,
-            ffn_dim=need("blocks.0.ffn.0.weight")[0],
-            freq_dim=need("time_embedding.0.weight")[1],
-            text_dim=need("text_embedding.0.weight")[1],
-            out_dim=out_dim,
+            ffn_dim=need("blocks.0.ffn.0.weight", 2)[0],
+            freq_dim=need("time_embedding.0.weight", 2)[1],
+            text_dim=need("text_embedding.0.weight", 2)[1],
+            out_dim=head[0] // math.prod(patch),
             num_heads=max(1, dim // 128),
             num_layers=num_layers,
             qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
             cross_attn_norm="blocks.0.norm3.weight" in shapes,
         )
         if i2v:
-            fields["clip_dim"] = need("img_emb.proj.1.weight")[1]
+            fields["clip_dim"] = need("img_emb.proj.1.weight", 2)[1]
         if "audio_proj.proj1.weight" in shapes:
-            fields.update(_infer_audio_fields(shapes))
+            fields.update(_infer_audio_fields(shapes, need))
             fields["norm_input_visual"] = "blocks.0.norm_x.weight" in shapes
         fields.update(overrides)
         return cls(**fields)
 
 
-def _infer_audio_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict:
-    p1 = shapes["audio_proj.proj1.weight"]  # [intermediate, window * layers * dim]
-    p1_vf = shapes["audio_proj.proj1_vf.weight"]  # [intermediate, (window + vae - 1) * layers * dim]
-    output_dim = (
-        shapes["audio_proj.norm.weight"][0]
-        if "audio_proj.norm.weight" in shapes
-        else (shapes["blocks.0.audio_cross_attn.kv_linear.weight"][1])
-    )
+def _shape_getter(shapes: Mapping[str, tuple[int, ...]]) -> Callable[..., tuple[int, ...]]:
+    """``need(key, ndim)``: the shape of a tensor the inference reads, with every dim >= 1."""
+
+    def need(key: str, ndim: int, optional: bool = False) -> tuple[int, ...] | None:
+        if key not in shapes:
+            if optional:
+                return None
+            raise ConfigError(f"cannot infer the config: tensor {key!r} is missing")
+        shape = shapes[key]
+        if len(shape) != ndim or min(shape, default=0) < 1:
+            raise ConfigError(
+                f"cannot infer the config: {key} has shape {list(shape)}, expected {ndim} "
+                f"dimensions of size >= 1 (a corrupt or foreign tensor?)"
+            )
+        return shape
+
+    return need
+
+
+# Quantization side tensors (scales, markers): a block may carry them for some layers only.
+_QUANT_SIDE_LEAVES = ("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")
+_MAX_BLOCK_ID_DIGITS = 6
+
+
+def _num_layers(names: Iterable[str]) -> int:
+    """How many blocks the keys describe: ids must run 0..N-1, each block holding the same
+    tensors. A stray id (one renamed key, a foreign file's key) would otherwise make the
+    model as deep as that id."""
+    blocks: dict[int, dict[str, str]] = {}  # block id -> tensor name after 'blocks.N.' -> key
+    for key in names:
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            continue
+        digits, suffix = m.groups()
+        if len(digits) > _MAX_BLOCK_ID_DIGITS or digits != str(int(digits)):
+            raise ConfigError(
+                f"{key[:80]}: block id {digits[:12]!r} is out of range or has a leading zero; a "
+                f"renamed or foreign key?"
+            )
+        blocks.setdefault(int(digits), {})[suffix] = key
+    if not blocks:
+        raise ConfigError("cannot infer the config: no 'blocks.N.' tensors found")
+    ids = sorted(blocks)
+    for i, n in enumerate(ids):
+        if n != i:
+            run = f"run 0..{i - 1} then jump to {n}" if i else f"start at {n}, not 0"
+            raise ConfigError(f"{min(blocks[n].values())}: block ids {run}; a renamed or foreign key?")
+
+    def core(n: int) -> frozenset[str]:
+        return frozenset(s for s in blocks[n] if s.rsplit(".", 1)[-1] not in _QUANT_SIDE_LEAVES)
+
+    usual = Counter(core(n) for n in ids).most_common(1)[0][0]  # ties: block 0's set
+    for n in ids:
+        if extra := sorted(core(n) - usual):
+            raise ConfigError(
+                f"{blocks[n][extra[0]]}: block {n} holds {len(extra)} tensor(s) the other blocks "
+                f"lack; a renamed or foreign key?"
+            )
+        if missing := sorted(usual - core(n)):
+            raise ConfigError(
+                f"blocks.{n}.{missing[0]} is missing ({len(missing)} tensor(s) of the other "
+                f"blocks are absent from block {n}); a renamed key or a partial file?"
+            )
+    return len(ids)
+
+
+def _infer_audio_fields(shapes: Mapping[str, tuple[int, ...]], need: Callable[..., tuple[int, ...]]) -> dict:
+    p1 = need("audio_proj.proj1.weight", 2)  # [intermediate, window * layers * dim]
+    p1_vf = need("audio_proj.proj1_vf.weight", 2)  # [intermediate, (window + vae - 1) * layers * dim]
+    norm = need("audio_proj.norm.weight", 1, optional=True)
+    output_dim = norm[0] if norm else need("blocks.0.audio_cross_attn.kv_linear.weight", 2)[1]
     vae_scale = 4
     frame_dim = (p1_vf[1] - p1[1]) // (vae_scale - 1)  # layers * dim
     if frame_dim <= 0 or p1[1] % frame_dim:
@@ -187,7 +254,7 @@ def _infer_audio_fields(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         audio_window=p1[1] // frame_dim,
         intermediate_dim=p1[0],
         output_dim=output_dim,
-        context_tokens=shapes["audio_proj.proj3.weight"][0] // output_dim,
+        context_tokens=need("audio_proj.proj3.weight", 2)[0] // output_dim,
         vae_scale=vae_scale,
         norm_output_audio="audio_proj.norm.weight" in shapes,
         audio_layers=layers,

@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import CheckpointError, LoraError
 from .model.keys import diffusers_to_official
-from .safetensors_file import SafetensorsFile, TensorEntry, read_tensor
+from .weights import SafetensorsFile, TensorEntry, read_tensor
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "pipe.dit.")

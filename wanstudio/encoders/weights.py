@@ -16,19 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..weights import (
+    FP8_DTYPES,
+    PICKLE_SUFFIXES,
+    SCALE_LEAVES,
+    dequantize_fp8,
+    load_safetensors,
+    resolve_files,
+    scale_key,
+)
 from .convert import find_component, to_hf_layout
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# Per-layer scales of scaled-fp8 files: ComfyUI's legacy name and its current one.
-_SCALE_NAMES = ("scale_weight", "weight_scale")
 # Side tensors of quantized files that carry no weight: activation scales and format markers.
 _MARKER_NAMES = ("scale_input", "input_scale", "comfy_quant", "scaled_fp8")
 # Checkpoints sometimes wrap the state dict in one of these keys.
@@ -54,7 +57,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"weights not found: {path} does not exist. Check the path.")
-    files = _weight_files(path) if path.is_dir() else [path]
+    files = resolve_files(path, pickles=True)
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(_read_file(file))
@@ -63,29 +66,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        shards = json.loads(indexes[0].read_text())["weight_map"].values()
-        return [folder / name for name in sorted(set(shards))]
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise CheckpointError(
-            f"{folder} holds no weight files: expected *.safetensors (optionally with an "
-            f"index.json) or pytorch_model*.bin. Point at the model's folder or at one file."
-        )
-    return files
-
-
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
     suffix = file.suffix.lower()
     if suffix == ".safetensors":
-        try:
-            return load_file(file)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{file} is not a readable safetensors file ({err}). It may be truncated: download it again."
-            ) from err
+        return load_safetensors(file)  # validated as strictly as the safetensors library
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{file}: unknown weight format {suffix!r}; expected .safetensors or one of "
@@ -131,30 +115,13 @@ def to_compute_dtype(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> d
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         leaf = key.rsplit(".", 1)[-1]
-        if leaf in _SCALE_NAMES or leaf in _MARKER_NAMES:
+        if leaf in SCALE_LEAVES or leaf in _MARKER_NAMES:
             continue
-        if tensor.dtype in _FP8_DTYPES:
-            tensor = _dequantize(key, tensor, state)
+        if tensor.dtype in FP8_DTYPES:
+            scale = scale_key(key, state)
+            tensor = dequantize_fp8(key, tensor, state[scale] if scale is not None else None)
         out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return out
-
-
-def _dequantize(key: str, weight: torch.Tensor, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    stem = key[: -len("weight")] if key.endswith("weight") else key + "."
-    scale = next((state[stem + n] for n in _SCALE_NAMES if stem + n in state), None)
-    w = weight.float()
-    if scale is None:
-        return w
-    scale = scale.float()
-    if scale.numel() == 1:
-        return w * scale.reshape(())
-    if scale.numel() == w.shape[0]:
-        return w * scale.reshape(w.shape[0], *([1] * (w.ndim - 1)))  # one scale per output row
-    raise CheckpointError(
-        f"{key}: fp8 scale of shape {tuple(scale.shape)} fits neither a per-tensor nor a "
-        f"per-row scale of the weight {tuple(w.shape)}; the file is not a scaled-fp8 layout "
-        f"wanstudio knows."
-    )
 
 
 def read_config(
