@@ -22,6 +22,7 @@ from torch import nn
 from .config import WanConfig
 from .errors import CheckpointError, ConfigError
 from .layout import assign_layout_names
+from .lora import LoraSet, record_merged_loras
 from .model.keys import diffusers_to_official
 from .modes import RuntimeModes, apply_modes
 from .options import AttentionMode, BasePrecision, QuantMode
@@ -33,6 +34,7 @@ from .weights import (
     read_tensor,
     resolve_files,
     scale_key,
+    trim_host_heap,
 )
 
 log = logging.getLogger(__name__)
@@ -198,7 +200,9 @@ def check_keys(
         (k, model_shapes[k], entries[k].shape) for k in model_shapes if model_shapes[k] != entries[k].shape
     ]
     if bad:
-        rows = "\n".join(f"  {k}: expected {tuple(e)}, found {tuple(f)}" for k, e, f in bad[:8])
+        rows = "\n".join(
+            f"  {k}: expected {tuple(e)}, found {tuple(f)} in {entries[k].path.name}" for k, e, f in bad[:8]
+        )
         raise CheckpointError(
             f"{len(bad)} tensors have the wrong shape for this config:\n{rows}\n"
             f"Pass config=None to infer the config from the file, or the matching preset."
@@ -236,6 +240,7 @@ def load_model(
     prefetch: int | None = None,
     strict_layout: bool | None = None,
     compile_blocks: bool | None = None,
+    loras=None,
 ):
     """Build a WanModel from checkpoint files, streaming tensors to ``device`` in their dtype.
 
@@ -247,9 +252,11 @@ def load_model(
         dtype, quantization, attention, blocks_to_swap, prefetch, strict_layout, compile_blocks:
             the same choices as keywords (``dtype`` is ``RuntimeModes.precision``,
             ``compile_blocks`` is ``compile``); one given wins over ``modes``.
+        loras: LoRA files (:class:`~wanstudio.LoRA`, paths, or ``(path, strength)`` pairs),
+            merged into each weight as it streams, before quantization (``RuntimeModes.loras``).
 
-    Layers are quantized tensor by tensor while they stream, so the base-precision model never
-    exists; :func:`~wanstudio.modes.apply_modes` then sets attention, block swap, strict layout
+    Layers are quantized tensor by tensor while they stream (LoRAs merged into each weight
+    first, in fp32), so the base-precision model never exists; :func:`~wanstudio.modes.apply_modes` then sets attention, block swap, strict layout
     and compilation.
     """
     from .model import WanModel
@@ -263,6 +270,7 @@ def load_model(
         prefetch=prefetch,
         strict_layout=strict_layout,
         compile=compile_blocks,
+        loras=loras,
     )
     device = torch.device(device)
     modes.check_device(device)  # bad names and unsupported modes fail before any file is read
@@ -284,6 +292,7 @@ def load_model(
     check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
     mode = _storage_mode(modes.quantization, entries, info)
     placement = _placement(model, device, modes.blocks_to_swap)
+    loras = LoraSet(modes.loras, model_shapes) if modes.loras else None  # checked before reading
     quantized = _swap_in_quantized_layers(model, mode, dtype)
     for name in model_shapes:
         layer, _, leaf = name.rpartition(".")
@@ -297,11 +306,17 @@ def load_model(
                     device,
                     host=placement.get(name) == "cpu_pinned",
                     dtype=dtype,
+                    loras=loras,
                 )
             continue
         target = torch.device("cpu") if placement.get(name) == "cpu_pinned" else device
         tensor = _real_tensor(entries, name)
+        if loras is not None and name in loras:
+            tensor = loras.merge(name, tensor, dtype=dtype)
+            trim_host_heap()
         assign_tensor(model, name, tensor.to(device=target, dtype=dtype))
+    if modes.loras:
+        record_merged_loras(model, modes.loras)
     model.checkpoint_info = info
     model.quantization = mode
     log.info("loaded %s; quantization %s", info.summary(), mode.value)
@@ -369,19 +384,30 @@ def _load_quantized(
     *,
     host: bool,
     dtype: torch.dtype,
+    loras: LoraSet | None = None,
 ) -> None:
-    """Quantize one layer's weight on ``device`` (fast there) while streaming; park it on the
-    host when block swap will keep it there. Never holds more than this layer twice."""
+    """Quantize one layer's weight on ``device`` (fast there) while streaming, LoRAs merged
+    first; park it on the host when block swap will keep it there. Never holds more than this
+    layer twice."""
     from .quant import quantize_weight
 
-    scale_entry = _scale_entry(entries, name + ".weight")
-    weight = read_tensor(entries[name + ".weight"]).to(device)
-    scale = read_tensor(scale_entry).to(device) if scale_entry is not None else None
+    if loras is not None and name + ".weight" in loras:
+        # merged in fp32 on the weight as the file means it (an fp8 weight dequantized with its
+        # scale), then quantized in ``mode`` like a float checkpoint: rounded once, not twice
+        real = _real_tensor(entries, name + ".weight").to(device)
+        weight, scale = loras.merge_dequantized(name + ".weight", real), None
+        trim_host_heap()
+    else:
+        scale_entry = _scale_entry(entries, name + ".weight")
+        weight = read_tensor(entries[name + ".weight"]).to(device)
+        scale = read_tensor(scale_entry).to(device) if scale_entry is not None else None
     try:
         tensors = quantize_weight(weight, mode, scale=scale)
     except CheckpointError as e:
-        raise CheckpointError(f"{name}: {e}") from None
+        raise CheckpointError(f"{entries[name + '.weight'].path}: {name}: {e}") from None
     bias = read_tensor(entries[name + ".bias"]).to(device, dtype) if name + ".bias" in entries else None
+    if loras is not None and bias is not None:
+        bias = loras.merge(name + ".bias", bias, dtype=dtype)
     if host:
         tensors = {k: v.cpu() for k, v in tensors.items()}
         bias = bias.cpu() if bias is not None else None

@@ -515,6 +515,27 @@ def apply_lora(
     return model
 
 
+def record_merged_loras(model: nn.Module, loras: Sequence[LoRA]) -> None:
+    """Note LoRAs the loader merged while streaming: :func:`applied_loras` lists them, and
+    :func:`remove_lora` refuses them (the weights without them were never held)."""
+    _stack(model).extend(_Applied(lora, None) for lora in loras)
+
+
+def sync_loras(model: nn.Module, loras: Sequence[LoRA]) -> nn.Module:
+    """Make ``model`` carry exactly ``loras`` (in order): remove the applied ones that are not
+    wanted (or whose strength changed), apply the missing ones. ``apply_modes`` calls it."""
+    wanted = tuple(loras)
+    have = applied_loras(model)
+    keep = 0
+    while keep < min(len(have), len(wanted)) and have[keep] == wanted[keep]:
+        keep += 1
+    for lora in reversed(have[keep:]):
+        remove_lora(model, lora)
+    for lora in wanted[keep:]:
+        apply_lora(model, lora)
+    return model
+
+
 def remove_lora(model: nn.Module, lora: LoRA | str | os.PathLike) -> nn.Module:
     """Undo :func:`apply_lora` of ``lora`` (matched by path; the latest if applied twice) exactly.
 
@@ -530,8 +551,9 @@ def remove_lora(model: nn.Module, lora: LoRA | str | os.PathLike) -> nn.Module:
     undo = stack[idx:]
     if any(a.originals is None for a in undo):
         raise LoraError(
-            f"cannot remove LoRA {path.name}: it (or a LoRA applied after it) was applied with "
-            f"keep_originals=False, so the original weights are gone; reload the model"
+            f"cannot remove LoRA {path.name}: it (or a LoRA applied after it) was merged while "
+            f"loading or applied with keep_originals=False, so the weights without it were never "
+            f"kept; reload the model without it"
         )
     with torch.no_grad():
         for applied in reversed(undo):

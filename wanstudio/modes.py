@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModeError
+from .lora import LoRA, sync_loras
 from .offload import check_blocks_to_swap
 from .options import AttentionMode, BasePrecision, QuantMode, parse_option
 
@@ -47,6 +48,7 @@ class RuntimeModes:
     prefetch: int = 1  # blocks copied ahead while others compute (0: copy when reached)
     compile: bool = False  # torch.compile each block's forward (fuses elementwise work)
     strict_layout: bool = False  # every forward checks kernel layout contracts strictly
+    loras: tuple[LoRA, ...] = ()  # merged into the weights (at load: before quantization)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
@@ -55,6 +57,9 @@ class RuntimeModes:
         set_(self, "precision", BasePrecision.of(self.precision))
         set_(self, "blocks_to_swap", check_blocks_to_swap(self.blocks_to_swap))
         set_(self, "prefetch", _count(self.prefetch, "prefetch"))
+        if isinstance(self.loras, (str, LoRA)) or not isinstance(self.loras, (list, tuple)):
+            raise ConfigError(f"loras must be a list of LoRA files, got {self.loras!r}")
+        set_(self, "loras", tuple(LoRA.of(x) for x in self.loras))
         for name in ("compile", "strict_layout"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -110,6 +115,7 @@ class RuntimeModes:
             parts.append("compiled blocks")
         if self.strict_layout:
             parts.append("strict layout")
+        parts += [f"LoRA {lora.path.name} x{lora.strength:g}" for lora in self.loras]
         return ", ".join(parts)
 
 
@@ -125,7 +131,8 @@ def apply_modes(
 ) -> nn.Module:
     """Configure a loaded model as ``modes`` says (in place; returns it).
 
-    Order matters: quantize first (block swap packs the quantized buffers), then attention,
+    Order matters: LoRAs first (they change float weights), then quantize (block swap packs the
+    quantized buffers), then attention,
     block swap, strict layout, compilation. Layers the loader already quantized while
     streaming are left as they are (``quantize`` skips them). Fields that
     are off undo an earlier setting (swap, strict layout, compilation), so applying other
@@ -143,6 +150,7 @@ def apply_modes(
     from .quant import quantize
 
     enable_precision(modes)
+    sync_loras(model, modes.loras)  # before quantization: LoRAs merge into float weights
     if modes.quantization is not QuantMode.DISABLED:  # idempotent; another mode is refused
         quantize(model, modes.quantization)
         model.quantization = modes.quantization
