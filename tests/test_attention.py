@@ -224,6 +224,7 @@ def test_every_gpu_mode_is_unavailable_on_the_cpu_with_the_reason():
         if mode is not M.SDPA:
             assert not found.available
             assert "needs a CUDA GPU" in found.reason, (mode, found.reason)
+            assert found.short == "needs a CUDA GPU", (mode, found.short)
 
 
 def test_a_gpu_mode_reached_on_the_cpu_raises_backend_unavailable():
@@ -307,6 +308,27 @@ def test_a_too_old_gpu_is_named(machine, mode, capability, expected):
     assert not found.available
     assert found.reason.startswith(expected)
     assert f"Old Card is compute capability {capability[0]}.{capability[1]}" in found.reason
+
+
+def test_every_refusal_carries_a_label_sized_short_reason(machine):
+    """Availability.short is set where the decision is made (never parsed out of the reason)."""
+    found = A.available_attention_modes(GPU0)
+    assert found[M.FLASH_ATTN_2].short == "not installed"
+    assert found[M.FLASH_ATTN].short == "not installed"  # every candidate: not installed
+    assert found[M.SAGEATTN_3].short == "needs a Blackwell GPU"
+    machine.modules["flash_attn_interface"] = ImportError("_C.abi3.so: undefined symbol: x")
+    machine.modules["sageattention"] = ModuleNotFoundError("No module named 'triton'", name="triton")
+    machine.install("xformers", (0, 0, 35))
+    machine.install("xformers.ops", memory_efficient_attention=lambda q, k, v: torch.zeros_like(q))
+    A.clear_attention_cache()
+    found = A.available_attention_modes(GPU0)
+    assert found[M.FLASH_ATTN_3].short == "built for another torch"
+    assert found[M.SAGEATTN].short == "needs triton"
+    assert found[M.XFORMERS].short == "wrong results"
+    assert found[M.FLASH_ATTN].short == "no FlashAttention works"  # candidates differ
+    machine.capability = (8, 6)
+    A.clear_attention_cache()
+    assert A.available_attention_modes(GPU0)[M.SAGEATTN_3_FP8].short == "GPU too old (needs sm89+)"
 
 
 def test_xformers_without_kernels_is_found_by_the_tiny_call(machine):

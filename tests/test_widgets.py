@@ -4,9 +4,13 @@ helpers in ``wanstudio.studio``."""
 
 from __future__ import annotations
 
+import ast
 import datetime
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +19,9 @@ import torch
 
 import wanstudio as ws
 from wanstudio import studio
+from wanstudio.availability import Availability
 from wanstudio.errors import ConfigError, LayoutError, PipelineError
+from wanstudio.modes import RuntimeModes
 from wanstudio.options import (
     AttentionMode,
     BasePrecision,
@@ -25,8 +31,16 @@ from wanstudio.options import (
     SpeakerMix,
     options_table,
 )
-from wanstudio.studio import LoadResult, LoadSettings, ModeStatus, WeightPaths
-from wanstudio.widgets import GeneratePanel, GenerationCancelled, LayoutPanel, LoadPanel, choices
+from wanstudio.quant import quantized_layers
+from wanstudio.studio import LoadResult, LoadSettings, WeightPaths
+from wanstudio.widgets import (
+    GeneratePanel,
+    GenerationCancelled,
+    LayoutPanel,
+    LoadPanel,
+    choices,
+    quant_comparison_plot,
+)
 from wanstudio.widgets.common import error_html
 from wanstudio.widgets.generate_panel import parse_bboxes
 from wanstudio.widgets.load_panel import check_path
@@ -152,11 +166,15 @@ def test_every_dropdown_offers_exactly_the_registry(tiny_model):
 
 def test_unavailable_modes_are_labelled_with_the_reason(monkeypatch):
     def fake_attention(device):
-        out = {m: ModeStatus(False, "needs a CUDA GPU (cpu is not one)") for m in AttentionMode}
-        out[AttentionMode.SDPA] = ModeStatus(True, "", "torch SDPA")
-        out[AttentionMode.SAGEATTN] = ModeStatus(
-            False, "package 'sageattention' is not installed (pip install sageattention)"
+        out = {
+            m: Availability.refused("needs a CUDA GPU", "needs a CUDA GPU (cpu is not one)")
+            for m in AttentionMode
+        }
+        out[AttentionMode.SDPA] = Availability.runs("torch SDPA")
+        out[AttentionMode.SAGEATTN] = Availability.refused(
+            "not installed", "package 'sageattention' is not installed (pip install sageattention)"
         )
+        out[AttentionMode.XFORMERS] = Availability(False, "a reason nobody shortened")
         return out
 
     monkeypatch.setattr(choices, "attention_availability", fake_attention)
@@ -164,6 +182,7 @@ def test_unavailable_modes_are_labelled_with_the_reason(monkeypatch):
     assert labels["sdpa"] == "sdpa"
     assert labels["sageattn"] == "sageattn — not installed"
     assert labels["flash_attn"] == "flash_attn — needs a CUDA GPU"
+    assert labels["xformers"] == "xformers — not available here"  # no short: never the reason
 
 
 def test_cpu_labels_come_from_the_real_probes():
@@ -176,12 +195,31 @@ def test_cpu_labels_come_from_the_real_probes():
     assert precision["fp16_fast"].startswith("fp16_fast — needs a CUDA GPU")
 
 
-def test_short_reason():
-    assert (
-        choices.short_reason("package 'xformers' is not installed (pip install xformers)") == "not installed"
-    )
-    assert choices.short_reason("GPU too old: needs compute capability >= 8.9 (Ada)") == "GPU too old"
-    assert len(choices.short_reason("x" * 200)) <= choices.MAX_REASON
+def test_labels_show_the_short_reason_their_checker_gave(monkeypatch):
+    """The short label comes from whoever decided (backends, quant, precision), not from
+    parsing the full reason: here an old GPU, simulated for quantization and bf16."""
+    from wanstudio.quant import spec
+
+    monkeypatch.setattr(spec, "cuda_capability", lambda device: (7, 5))
+    monkeypatch.setattr(spec, "cuda_name", lambda device: "Old Card")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    quant = studio.quant_availability("cuda:0")
+    fast = quant[QuantMode.FP8_E4M3FN_FAST]
+    assert not fast.available and fast.short == "GPU too old (needs sm89+)"
+    assert "Old Card" in fast.reason and "compute capability 7.5" in fast.reason  # the full story
+    assert quant[QuantMode.FP8_E4M3FN_SCALED].available
+    precision = studio.precision_availability("cuda:0")
+    assert precision[BasePrecision.BF16].short == "GPU too old (needs sm80+)"
+    labels = dict((v, label) for label, v in choices.choices(QuantMode, quant))
+    assert labels["fp8_e4m3fn_fast"] == "fp8_e4m3fn_fast — GPU too old (needs sm89+)"
+    everything = [
+        *studio.attention_availability("cpu").values(),
+        *studio.precision_availability("cpu").values(),
+        *quant.values(),
+        studio.swap_availability("cpu"),
+    ]
+    for status in everything:
+        assert status.available or 0 < len(status.short) <= choices.MAX_REASON, status
 
 
 def test_options_markdown_is_the_registry_tables():
@@ -568,19 +606,6 @@ def test_layout_panel_without_a_model_says_so():
 
 
 # --- the real parts, tiny -----------------------------------------------------------------------------
-needs_quant = pytest.mark.skipif(
-    not studio._has_part("quant", "quant_report"), reason="wanstudio.quant not built"
-)
-needs_inspector = pytest.mark.skipif(
-    not studio._has_part("inspector", "inspect_layout"), reason="no inspector"
-)
-needs_offload = pytest.mark.skipif(
-    not studio._has_part("offload", "FakeTransferBackend"), reason="no offload"
-)
-
-
-@needs_inspector
-@needs_offload
 def test_layout_panel_on_the_real_inspector_with_a_simulated_block_swap():
     torch.manual_seed(0)
     model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
@@ -595,8 +620,6 @@ def test_layout_panel_on_the_real_inspector_with_a_simulated_block_swap():
     assert len(studio.report_rows(report.filter(only_non_contiguous=True))) < len(report.rows)
 
 
-@needs_quant
-@needs_inspector
 def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_counted():
     torch.manual_seed(0)
     model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
@@ -616,7 +639,6 @@ def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_count
     assert "hidden cop" in str(cost)
 
 
-@needs_quant
 def test_compare_quant_modes(tiny_model):
     modes = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
     cmp = studio.compare_quant_modes(tiny_model, modes)
@@ -629,11 +651,10 @@ def test_compare_quant_modes(tiny_model):
     assert fp4.ratio < fp8.ratio and 12 < fp4.sqnr_db < fp8.sqnr_db
     assert fp8.worst_layer.startswith("blocks.") and "dequantize" in fp8.paths
     assert "| fp4_scaled |" in cmp.to_markdown() and "<table" in cmp._repr_html_()
-    assert cmp.plot().data[:4] == b"\x89PNG"
-    assert not studio._quantized_layers(tiny_model)  # measured, not changed
+    assert quant_comparison_plot(cmp).data[:4] == b"\x89PNG"  # drawn by the widgets layer
+    assert not quantized_layers(tiny_model)  # measured, not changed
 
 
-@needs_quant
 def test_load_pipeline_tiny_measures_then_quantizes(monkeypatch, tiny_model):
     import copy
 
@@ -644,28 +665,24 @@ def test_load_pipeline_tiny_measures_then_quantizes(monkeypatch, tiny_model):
             pipe.tiny_args = (seed, device, dtype)
             return pipe
 
-    monkeypatch.setattr(studio, "_pipeline_class", lambda: Tiny)
+    monkeypatch.setattr(studio.session, "InfiniteTalkPipeline", Tiny)
     result = studio.load_pipeline(LoadSettings(quantization="fp8_e4m3fn_fast", seed=3))
     assert result.pipeline.tiny_args == (3, "cpu", torch.float32)
     assert result.report.mode is QuantMode.FP8_E4M3FN_FAST and result.report.model_sqnr_db > 20
-    assert set(studio._quant_paths_in(result.model)) == {"scaled_mm"}
+    assert set(studio.quant_paths(result.model)) == {"scaled_mm"}
+    assert result.model.modes == result.settings.modes  # configured by wanstudio.modes.apply_modes
     assert result.pipeline.settings["quantization"] == "fp8_e4m3fn_fast"
     summary = studio.summarize(result.pipeline, result.settings, result.seconds)
     assert "float8_e4m3fn" in summary.to_text() and "scaled_mm x" in summary.to_text()
 
 
 needs_pipeline = pytest.mark.skipif(
-    not (
-        studio._has_part("pipeline", "InfiniteTalkPipeline")
-        and studio._has_part("encoders", "VAE")
-        and studio._has_part("media", "asset_path")
-    ),
-    reason="pipeline / encoders / media not built",
+    not (importlib.util.find_spec("transformers") and importlib.util.find_spec("diffusers")),
+    reason="the tiny pipeline's encoders need transformers and diffusers",
 )
 
 
 @needs_pipeline
-@needs_quant
 def test_load_panel_with_the_real_loader_on_the_tiny_preset():
     panel = LoadPanel(find=False, device="cpu")
     panel.quantization.value = "fp8_e4m3fn_scaled"
@@ -712,8 +729,50 @@ def test_load_settings_validation():
         LoadSettings(blocks_to_swap=3)  # tiny has 2 blocks
     with pytest.raises(ws.UnknownOptionError, match="Did you mean"):
         LoadSettings(quantization="fp8_e4m3_scaled")
+    with pytest.raises(ConfigError, match="blocks_to_swap must be an integer >= 0"):
+        LoadSettings(blocks_to_swap=True)  # checked once, by RuntimeModes
     assert LoadSettings(precision="bf16").dtype == torch.bfloat16
     assert LoadSettings(attention="sageattn").problems()[0].startswith("attention 'sageattn'")
+
+
+def test_load_settings_hold_runtime_modes():
+    s = LoadSettings(quantization="fp8_e4m3fn", blocks_to_swap=2, prefetch=0)
+    assert s.modes == RuntimeModes(quantization="fp8_e4m3fn", precision="fp32", blocks_to_swap=2, prefetch=0)
+    assert (s.quantization, s.blocks_to_swap, s.prefetch) == (QuantMode.FP8_E4M3FN, 2, 0)
+    assert s.precision is BasePrecision.FP32 and s.attention is AttentionMode.SDPA  # defaults
+    given = RuntimeModes(precision="bf16", attention="sageattn")
+    s = LoadSettings(modes=given, quantization="fp4_scaled")  # a keyword wins over modes
+    assert s.modes == given.replace(quantization="fp4_scaled") and s.dtype == torch.bfloat16
+    with pytest.raises(AttributeError):
+        s.quantization = "disabled"  # read-only: change modes, make new settings
+    assert (
+        studio.default_settings(device="cpu", attention="sageattn").modes.attention is AttentionMode.SAGEATTN
+    )
+
+
+def test_load_pipeline_real_weights_go_through_from_files_and_apply_modes(monkeypatch, tiny_model, tmp_path):
+    import copy
+
+    calls = []
+
+    class Real:
+        @classmethod
+        def from_files(cls, **kw):
+            calls.append(kw)
+            return FakePipeline(copy.deepcopy(tiny_model))
+
+    monkeypatch.setattr(studio.session, "InfiniteTalkPipeline", Real)
+    weights = WeightPaths(dit="d", vae="v", text_encoder="t", clip="c", wav2vec="w")
+    settings = LoadSettings(
+        preset="infinitetalk-14b", weights=weights, quantization="fp8_e4m3fn_scaled", attention="sdpa"
+    )
+    result = studio.load_pipeline(settings)
+    (kw,) = calls
+    assert kw["dit"] == ["d"] and kw["config"] == "infinitetalk-14b" and kw["dtype"] == torch.float32
+    assert kw["quantization"] is QuantMode.FP8_E4M3FN_SCALED and kw["blocks_to_swap"] == 0
+    assert result.model.modes == settings.modes  # what from_files cannot take (prefetch) is applied
+    assert set(studio.quant_paths(result.model)) == {"dequantize"}
+    assert result.report is None and "quantized while they load" in result.report_note
 
 
 def _write(path: Path) -> Path:
@@ -783,6 +842,50 @@ def test_weight_folder_without_the_files_says_what_is_missing(tmp_path):
 def test_no_weights_means_tiny(tmp_path):
     assert studio.find_weights({}, search=[tmp_path / "none.toml"]) is None
     assert "tiny-infinitetalk" in studio.describe_weights(None)
+
+
+def test_required_weights_say_where_they_were_looked_for(tmp_path, monkeypatch):
+    searched = [tmp_path / "a" / "wanstudio.toml", tmp_path / "b" / "wanstudio.json"]
+    with pytest.raises(ConfigError) as info:
+        studio.find_weights({}, search=searched, required=True)
+    message = str(info.value)
+    assert "$WANSTUDIO_WEIGHTS is not set" in message
+    assert str(searched[0]) in message and str(searched[1]) in message
+    assert "export WANSTUDIO_WEIGHTS=" in message and "README.md, section 'Real weights'" in message
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="config" + "/wanstudio/wanstudio.toml"):
+        studio.find_weights({}, required=True)  # the default search path is named too
+    cfg = tmp_path / "b" / "wanstudio.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"weights": dict(dit="d", vae="v", text_encoder="t", clip="c", wav2vec="w")}))
+    assert studio.find_weights({}, search=searched, required=True).vae == str(tmp_path / "b" / "v")
+
+
+def test_readme_real_weights_snippet_asks_for_required_weights():
+    readme = (ROOT / "README.md").read_text()
+    assert "studio.find_weights(required=True).as_kwargs()" in readme
+    assert "studio.find_weights().as_kwargs()" not in readme  # None.as_kwargs() without weights
+
+
+def test_studio_imports_nothing_above_it_nor_optional_packages():
+    code = (
+        "import sys, wanstudio.studio; "
+        "print(sorted(m for m in sys.modules if m.startswith('wanstudio.widgets') "
+        "or m.split('.')[0] in ('ipywidgets', 'matplotlib', 'IPython')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    for path in (ROOT / "wanstudio" / "studio").glob("*.py"):  # plain imports, none upward
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert "widgets" not in name and name != "importlib", (path.name, name)
 
 
 @pytest.mark.parametrize("preset", ["tiny-infinitetalk", "tiny-t2v"])

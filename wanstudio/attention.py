@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .attention_backends import registry, sdpa
-from .attention_backends.base import Availability, normalize_device
+from .attention_backends.base import normalize_device
+from .availability import Availability
 from .errors import BackendUnavailableError, ConfigError
 from .layout import layout_name
 from .options import AttentionMode, parse_option

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..availability import NEEDS_CUDA, Availability, sm, too_old  # Availability: re-exported
 from ..layout import LayoutContract, Operand, StrideRule
 
 HALF = (torch.float16, torch.bfloat16)
@@ -28,22 +29,12 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Unavailable(Exception):
-    """Raised by a backend's loader; the message is the user-facing reason."""
+    """Raised by a backend's loader: the message is the user-facing reason, ``short`` the same
+    at label size (``Availability.short``)."""
 
-
-@dataclass(frozen=True)
-class Availability:
-    """Whether an attention mode can run on a device, and if not, why.
-
-    ``kernel`` names what runs when it is available (e.g. ``"FA3 (flash_attn_interface)"``).
-    """
-
-    available: bool
-    reason: str = ""
-    kernel: str = ""
-
-    def __str__(self) -> str:
-        return f"available: {self.kernel}" if self.available else f"unavailable: {self.reason}"
+    def __init__(self, reason: str, short: str = "not available here"):
+        super().__init__(reason)
+        self.short = short
 
 
 # --- device ----------------------------------------------------------------------------------
@@ -99,20 +90,24 @@ def load_module(name: str, install: str):
     except ModuleNotFoundError as e:
         missing = e.name or ""
         if missing and (name == missing or name.startswith(missing + ".")):
-            raise Unavailable(f"package {name!r} is not installed ({install})") from None
+            raise Unavailable(f"package {name!r} is not installed ({install})", "not installed") from None
         if missing.startswith(name.split(".")[0]):  # its own compiled extension
             raise Unavailable(
                 f"package {name!r} is installed but its compiled extension {missing!r} is "
-                f"missing (reinstall a build for this torch, {torch.__version__})"
+                f"missing (reinstall a build for this torch, {torch.__version__})",
+                "compiled extension missing",
             ) from None
         if missing and "." not in missing:  # a dependency, e.g. triton
-            raise Unavailable(f"package {name!r} is installed but needs {missing!r}, which is not") from None
+            raise Unavailable(
+                f"package {name!r} is installed but needs {missing!r}, which is not", f"needs {missing}"
+            ) from None
         error = e
     except Exception as e:  # an extension built for another torch: ImportError / OSError
         error = e
     raise Unavailable(
         f"package {name!r} is installed but fails to import ({_first_line(error)}); "
-        f"it is probably built for another torch (this is torch {torch.__version__})"
+        f"it is probably built for another torch (this is torch {torch.__version__})",
+        "built for another torch",
     )
 
 
@@ -138,20 +133,31 @@ class Needs:
     head_dims: tuple[int, ...] | None = None  # allowed head dims (None: any up to max_head_dim)
     max_head_dim: int | None = None
 
-    def device_problem(self, info: DeviceInfo) -> str | None:
+    def unavailable_on(self, info: DeviceInfo) -> Unavailable | None:
+        """Why this device cannot run the backend (None: it can), before anything is imported."""
         if not self.cuda:
             return None
         if info.capability is None and info.device.type == "cuda":
-            return f"needs a CUDA GPU; this torch ({torch.__version__}) sees none"
+            return Unavailable(f"needs a CUDA GPU; this torch ({torch.__version__}) sees none", NEEDS_CUDA)
         if info.capability is None:
-            return f"needs a CUDA GPU ({info.device} is not one)"
+            return Unavailable(f"needs a CUDA GPU ({info.device} is not one)", NEEDS_CUDA)
         cc, label = info.capability, f" ({self.arch_label})" if self.arch_label else ""
         gpu = f"{info.name or info.device} is compute capability {_cc(cc)}"
         if self.capabilities is not None and cc not in self.capabilities:
             want = ", ".join(_cc(c) for c in self.capabilities)
-            return f"wrong GPU architecture: needs compute capability {want}{label}; {gpu}"
+            short = (
+                f"needs a {self.arch_label} GPU"
+                if self.arch_label
+                else "needs " + "/".join(sm(c) for c in self.capabilities)
+            )
+            return Unavailable(
+                f"wrong GPU architecture: needs compute capability {want}{label}; {gpu}", short
+            )
         if self.min_capability is not None and cc < self.min_capability:
-            return f"GPU too old: needs compute capability >= {_cc(self.min_capability)}{label}; {gpu}"
+            return Unavailable(
+                f"GPU too old: needs compute capability >= {_cc(self.min_capability)}{label}; {gpu}",
+                too_old(self.min_capability),
+            )
         return None
 
     def dtype_problem(self, dtype: torch.dtype) -> str | None:
@@ -249,8 +255,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def probe(backend: AttentionBackend, kernel: Kernel, info: DeviceInfo) -> str | None:
-    """Run one tiny real call; None if it works, else the reason."""
+def probe(backend: AttentionBackend, kernel: Kernel, info: DeviceInfo) -> Unavailable | None:
+    """Run one tiny real call; None if it works, else why not."""
     dtype = torch.bfloat16 if torch.bfloat16 in backend.needs.dtypes else backend.needs.dtypes[0]
     q, k, v = probe_inputs(info.device, dtype)
     try:
@@ -259,11 +265,57 @@ def probe(backend: AttentionBackend, kernel: Kernel, info: DeviceInfo) -> str | 
             torch.cuda.synchronize(out.device)  # a failed launch surfaces here, not later
     except Exception as e:  # any failure of the foreign kernel is the answer we want
         extra = backend.diagnose() if backend.diagnose else ""
-        return f"it imports, but a tiny test call failed ({_first_line(e)})" + (f"; {extra}" if extra else "")
+        reason = f"it imports, but a tiny test call failed ({_first_line(e)})" + (
+            f"; {extra}" if extra else ""
+        )
+        return Unavailable(reason, "test call failed")
     if tuple(out.shape) != tuple(q.shape):
-        return f"a tiny test call returned shape {tuple(out.shape)}, expected {tuple(q.shape)}"
+        return Unavailable(
+            f"a tiny test call returned shape {tuple(out.shape)}, expected {tuple(q.shape)}",
+            "test call failed",
+        )
     err = relative_error(out, reference_attention(q, k, v))
     limit = max(0.1, 3 * backend.rel_tol)  # a smoke test: accuracy is the GPU tests' job
     if not err <= limit:  # also catches NaN
-        return f"a tiny test call gave wrong results (relative error {err:.1%}, allowed {limit:.0%})"
+        return Unavailable(
+            f"a tiny test call gave wrong results (relative error {err:.1%}, allowed {limit:.0%})",
+            "wrong results",
+        )
     return None
+
+
+# --- availability, decided once per (backend, device) -------------------------------------------
+# Here rather than in ``registry`` because ``flash_attn`` checks its candidates through it, and
+# the registry imports the backends: keeping it below both avoids an import cycle.
+_CHECKED: dict[tuple[str, torch.device], tuple[Availability, Kernel | None]] = {}
+
+
+def check(backend: AttentionBackend, device: torch.device) -> tuple[Availability, Kernel | None]:
+    """Availability of a backend on a (normalized) device, and its kernel if available. Cached.
+
+    Needs -> import -> tiny real call: the first that fails gives the reason.
+    """
+    key = (backend.name, device)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    info = device_info(device)
+    problem, kernel = backend.needs.unavailable_on(info), None
+    if problem is None:
+        try:
+            kernel = backend.load(info)
+        except Unavailable as e:
+            problem = e
+    if problem is None and backend.probe:
+        problem = probe(backend, kernel, info)
+    result = (
+        (Availability.runs(kernel.label), kernel)
+        if problem is None
+        else (Availability.refused(problem.short, str(problem)), None)
+    )
+    _CHECKED[key] = result
+    return result
+
+
+def clear_checks() -> None:
+    """Forget every availability result (the loaded kernels stay on their backends)."""
+    _CHECKED.clear()

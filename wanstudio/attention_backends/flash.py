@@ -17,7 +17,10 @@ def _load_fa2(info: DeviceInfo) -> Kernel:
     fa = base.load_module("flash_attn", "pip install flash-attn --no-build-isolation")
     version = str(getattr(fa, "__version__", "?"))
     if not version.startswith("2.") or not hasattr(fa, "flash_attn_func"):
-        raise Unavailable(f"flash_attn {version} is installed; flash_attn_2 needs FlashAttention 2.x")
+        raise Unavailable(
+            f"flash_attn {version} is installed; flash_attn_2 needs FlashAttention 2.x",
+            "needs FlashAttention 2.x",
+        )
     fn = fa.flash_attn_func
 
     def run(q, k, v):
@@ -83,15 +86,15 @@ def _order(info: DeviceInfo) -> tuple[AttentionBackend, ...]:
 
 
 def _load_best(info: DeviceInfo) -> Kernel:
-    from . import registry  # the registry imports this module
-
-    reasons = []
+    reasons, shorts = [], set()
     for candidate in _order(info):
-        found, kernel = registry.check(candidate, info.device)
+        found, kernel = base.check(candidate, info.device)
         if kernel is not None:
             return kernel
         reasons.append(f"{candidate.name}: {found.reason}")
-    raise Unavailable("no FlashAttention works here (" + "; ".join(reasons) + ")")
+        shorts.add(found.short)
+    short = shorts.pop() if len(shorts) == 1 else "no FlashAttention works"  # all alike: say it
+    raise Unavailable("no FlashAttention works here (" + "; ".join(reasons) + ")", short)
 
 
 FLASH_ATTN = AttentionBackend(

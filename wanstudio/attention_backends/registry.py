@@ -1,7 +1,8 @@
-"""The backend registry keyed by AttentionMode, and the per-device availability cache.
+"""The backend registry keyed by AttentionMode.
 
-Availability is decided once per (backend, device): needs -> import -> tiny real call. The
-result and the loaded :class:`~.base.Kernel` are cached, so dispatch never probes.
+Availability is decided once per (backend, device) by :func:`.base.check` (needs -> import ->
+tiny real call). The result and the loaded :class:`~.base.Kernel` are cached, so dispatch never
+probes.
 """
 
 from __future__ import annotations
@@ -25,31 +26,7 @@ BACKENDS: dict[AttentionMode, AttentionBackend] = {
     AttentionMode.XFORMERS: memory_efficient.XFORMERS,
 }
 
-_CHECKED: dict[tuple[str, torch.device], tuple[Availability, Kernel | None]] = {}
-
-
-def check(backend: AttentionBackend, device: torch.device) -> tuple[Availability, Kernel | None]:
-    """Availability of a backend on a (normalized) device, and its kernel if available. Cached."""
-    key = (backend.name, device)
-    if key in _CHECKED:
-        return _CHECKED[key]
-    info = base.device_info(device)
-    problem = backend.needs.device_problem(info)
-    kernel = None
-    if problem is None:
-        try:
-            kernel = backend.load(info)
-        except base.Unavailable as e:
-            problem = str(e)
-    if problem is None and backend.probe:
-        problem = base.probe(backend, kernel, info)
-    result = (
-        (Availability(True, "", kernel.label), kernel)
-        if problem is None
-        else (Availability(False, problem), None)
-    )
-    _CHECKED[key] = result
-    return result
+check = base.check  # where it lives: below the backends (flash_attn checks its candidates)
 
 
 def availability(mode: AttentionMode, device: torch.device) -> Availability:
@@ -69,7 +46,7 @@ def kernel_for(backend: AttentionBackend, device: torch.device, where: str = "at
 
 def clear() -> None:
     """Forget every availability result and loaded kernel (after installing a package)."""
-    _CHECKED.clear()
+    base.clear_checks()
     for backend in (*BACKENDS.values(), *flash.CANDIDATES):
         backend.kernels.clear()
     sdpa.clear_cache()

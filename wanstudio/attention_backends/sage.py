@@ -86,7 +86,8 @@ def _load_sage_fp8(info: DeviceInfo) -> Kernel:
     if version < (2,):
         raise Unavailable(
             f"sageattention {base.version_text(version)} is installed (Triton only); "
-            "sageattn_3_fp8 needs sageattention >= 2, whose CUDA kernels are built from source"
+            "sageattn_3_fp8 needs sageattention >= 2, whose CUDA kernels are built from source",
+            "needs sageattention >= 2",
         )
     name = "sageattn_qk_int8_pv_fp8_cuda"
     kwargs = dict(tensor_layout="NHD", is_causal=False, pv_accum_dtype="fp32+fp32")
@@ -101,7 +102,9 @@ def _load_sage_fp8(info: DeviceInfo) -> Kernel:
         except ImportError:
             fn = None
     if fn is None:
-        raise Unavailable(f"sageattention {base.version_text(version)} has no {name}")
+        raise Unavailable(
+            f"sageattention {base.version_text(version)} has no {name}", "kernel missing in this build"
+        )
 
     def run(q, k, v):
         return fn(q, k, v, **kwargs)  # (B, Lq, H, D)

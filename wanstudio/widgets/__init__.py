@@ -11,6 +11,7 @@ from .choices import options_markdown
 from .generate_panel import GeneratePanel, GenerateRequest, GenerationCancelled, video_widget
 from .layout_panel import LayoutPanel
 from .load_panel import LoadPanel
+from .plots import quant_comparison_plot
 
 __all__ = [
     "GeneratePanel",
@@ -19,5 +20,6 @@ __all__ = [
     "LayoutPanel",
     "LoadPanel",
     "options_markdown",
+    "quant_comparison_plot",
     "video_widget",
 ]

@@ -8,17 +8,17 @@ registry's strings; labels are for people.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
 from .. import options
+from ..availability import Availability
 from ..options import AttentionMode, BasePrecision, Option, QuantMode, Scheduler, SizeClass, SpeakerMix
-from ..studio import ModeStatus, attention_availability, precision_availability, quant_availability
+from ..studio import attention_availability, precision_availability, quant_availability
 
 SEP = " — "  # between a mode name and the reason it cannot run
-MAX_REASON = 48  # characters of the reason shown in a label (the full text sits below the control)
+MAX_REASON = 48  # the longest ``Availability.short`` a label should carry (the full reason sits below)
 
 # The registries that become dropdowns, in the order the docs list them.
 REGISTRIES: dict[str, type[Option]] = {
@@ -31,26 +31,16 @@ REGISTRIES: dict[str, type[Option]] = {
 }
 
 
-def short_reason(reason: str) -> str:
-    """A label-sized version of an availability reason.
-
-    "package 'sageattention' is not installed (pip install ...)" -> "not installed";
-    "needs a CUDA GPU (cpu is not one)" -> "needs a CUDA GPU".
-    """
-    text = reason.strip()
-    if re.match(r"^package \S+ is not installed", text):
-        return "not installed"
-    text = re.split(r" \(|; |: ", text, maxsplit=1)[0].strip().rstrip(".")
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1].rstrip() + "…"
-
-
-def label(member: Option, status: ModeStatus | None = None) -> str:
+def label(member: Option, status: Availability | None = None) -> str:
+    """The mode's name, and when it cannot run here, the short reason its checker gave."""
     if status is None or status.available:
         return member.value
-    return f"{member.value}{SEP}{short_reason(status.reason) or 'not available here'}"
+    return f"{member.value}{SEP}{status.short or 'not available here'}"
 
 
-def choices(kind: type[Option], statuses: Mapping[Option, ModeStatus] | None = None) -> list[tuple[str, str]]:
+def choices(
+    kind: type[Option], statuses: Mapping[Option, Availability] | None = None
+) -> list[tuple[str, str]]:
     """(label, value) pairs for an ipywidgets Dropdown, in registry order."""
     statuses = statuses or {}
     return [(label(m, statuses.get(m)), m.value) for m in kind]

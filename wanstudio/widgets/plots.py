@@ -11,18 +11,33 @@ import io
 import math
 from collections.abc import Sequence
 
+from ..studio import QuantComparison
+
 COPY, COMPUTE, EXPOSED = "#e8a33d", "#3d7be8", "#d0453b"
 
 
 def png_bytes(fig, dpi: int = 100) -> bytes:
+    """A matplotlib Figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 
-def quant_comparison_figure(comparison):
+def _figure_class():
+    """matplotlib's Figure, imported on first draw: matplotlib is optional (the studio extra)."""
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"drawing the studio's figures needs matplotlib ({e}): pip install 'wanstudio[studio]'",
+            name=e.name,
+        ) from None
+    return Figure
+
+
+def quant_comparison_figure(comparison: QuantComparison):
     """Block memory (x base precision) against whole-model SQNR, one point per runnable mode."""
-    from matplotlib.figure import Figure
+    Figure = _figure_class()
 
     rows = [r for r in comparison.rows if r.available]
     fig = Figure(figsize=(7.5, 4.2))
@@ -48,10 +63,17 @@ def quant_comparison_figure(comparison):
     return fig
 
 
+def quant_comparison_plot(comparison: QuantComparison):
+    """:func:`quant_comparison_figure` as a PNG image, which every notebook front end displays."""
+    from IPython.display import Image  # comes with ipykernel / Jupyter (the studio extra)
+
+    return Image(data=png_bytes(quant_comparison_figure(comparison)))
+
+
 def swap_timeline_figure(spans: Sequence, title: str = "Block swap: copy vs compute per block"):
     """One lane per swapped block: its host-to-device copy (side stream), the time compute
-    waited for that copy (exposed), and its compute. Spans are :class:`studio.Span`."""
-    from matplotlib.figure import Figure
+    waited for that copy (exposed), and its compute. Spans are :class:`wanstudio.studio.Span`."""
+    Figure = _figure_class()
     from matplotlib.patches import Patch
 
     units = list(dict.fromkeys(s.unit for s in spans))
