@@ -13,7 +13,7 @@ MAX_LINES = 600
 
 # docs/ARCHITECTURE.md, "Layers": the first dotted part of a module's name decides its layer.
 LAYERS = {
-    0: {"errors", "options", "config", "layout", "atomic"},
+    0: {"errors", "options", "config", "layout", "atomic", "availability"},
     1: {"weights", "attention", "attention_backends", "quant"},
     2: {"model"},
     3: {"offload", "lora", "fusion", "inspector", "modes", "cache", "parallel"},
