@@ -725,12 +725,12 @@ def test_generate_panel_cancel_and_resume_with_the_real_tiny_pipeline(tmp_path):
 def test_load_settings_validation():
     with pytest.raises(ConfigError, match="needs|loads real weights"):
         LoadSettings(preset="infinitetalk-14b")
-    with pytest.raises(ConfigError, match="blocks_to_swap"):
+    with pytest.raises(ws.BlockSwapError, match="blocks_to_swap=3 is more than the model has"):
         LoadSettings(blocks_to_swap=3)  # tiny has 2 blocks
     with pytest.raises(ws.UnknownOptionError, match="Did you mean"):
         LoadSettings(quantization="fp8_e4m3_scaled")
-    with pytest.raises(ConfigError, match="blocks_to_swap must be an integer >= 0"):
-        LoadSettings(blocks_to_swap=True)  # checked once, by RuntimeModes
+    with pytest.raises(ws.BlockSwapError, match="blocks_to_swap must be an integer >= 0"):
+        LoadSettings(blocks_to_swap=True)  # checked once, by offload.check_blocks_to_swap
     assert LoadSettings(precision="bf16").dtype == torch.bfloat16
     assert LoadSettings(attention="sageattn").problems()[0].startswith("attention 'sageattn'")
 

@@ -28,6 +28,7 @@ from ..media import asset_path
 from ..model import WanModel
 from ..modes import RuntimeModes
 from ..modes import apply_modes as apply_runtime_modes
+from ..offload import check_blocks_to_swap
 from ..options import AttentionMode, BasePrecision, QuantMode, parse_option
 from ..pipeline import InfiniteTalkPipeline
 from ..quant import quant_report as measure_quant_report
@@ -122,13 +123,7 @@ class LoadSettings:
             raise ConfigError(
                 f"preset {preset!r} loads real weights: give their paths (or pick {TINY_PRESET!r})"
             )
-        layers = PRESETS[preset].num_layers
-        # TODO(merge): offload.check_blocks_to_swap(modes.blocks_to_swap, layers)
-        if modes.blocks_to_swap > layers:
-            raise ConfigError(
-                f"blocks_to_swap must be an integer in [0, {layers}] ({preset!r} has {layers} "
-                f"blocks), got {modes.blocks_to_swap}"
-            )
+        check_blocks_to_swap(modes.blocks_to_swap, PRESETS[preset].num_layers)
 
     @property
     def precision(self) -> BasePrecision:
