@@ -14,8 +14,8 @@ from ..attention import available_attention_modes
 from ..availability import NEEDS_CUDA, Availability, too_old
 from ..errors import UnsupportedModeError
 from ..options import AttentionMode, BasePrecision, QuantMode
+from ..quant import kernel_path
 from ..quant import spec as quant_spec
-from ..quant.kernels import HAS_TRITON
 from ._format import dtype_name
 
 BF16_MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores: Ampere and newer
@@ -27,24 +27,9 @@ def attention_availability(device: torch.device | str = "cpu") -> dict[Attention
 
 
 def quant_kernel_path(mode: QuantMode | str, device: torch.device | str = "cpu") -> str:
-    """What runs the matmul of a quantization mode on ``device`` (MODES.md, as one line)."""
-    spec = quant_spec.spec_for(mode)
-    device = torch.device(device)
-    if spec.storage is None:
-        return "F.linear at base precision"
-    cuda = device.type == "cuda"
-    triton = cuda and HAS_TRITON
-    if spec.matmul == quant_spec.SCALED_MM:
-        where = "fp8 tensor cores" if cuda else "torch's CPU implementation"
-        quant = "fused Triton" if triton else "eager"
-        return f"torch._scaled_mm on {where}; per-token e4m3 activations ({quant} quantize)"
-    if spec.matmul == quant_spec.FP4_NATIVE:
-        if cuda and quant_spec.fp4_native_available(device):
-            return "native FP4 torch._scaled_mm (Blackwell tensor cores)"
-        how = "fused Triton dequantize" if triton else "dequantize per layer"
-        return f"{how}, then base-precision F.linear ({'no FP4 tensor cores' if cuda else 'emulated'})"
-    how = "fused Triton dequantize" if triton and spec.storage != quant_spec.FP8 else "dequantize"
-    return f"{spec.storage.upper()} weights: {how}, then base-precision F.linear"
+    """What runs the matmul of a quantization mode on ``device``, as one line: the detail of
+    :func:`wanstudio.quant.kernel_path`, the one description of the paths."""
+    return kernel_path(mode, device)[1]
 
 
 def _quant_short(mode: QuantMode) -> str:
