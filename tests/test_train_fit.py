@@ -59,7 +59,7 @@ def test_dit_batch_is_what_the_pipeline_samples():
 def test_sigmas_cover_the_pipelines_high_noise_steps():
     s = sample_sigmas(20000, "cpu", torch.Generator().manual_seed(0))
     assert s.min() > 0 and s.max() < 1
-    assert (s > 0.9).float().mean() > 0.3  # the shift-7 schedule spends most steps up there
+    assert (s > 0.9).float().mean() > 0.2  # the shift-7 schedule spends most steps up there
     assert (s < 0.3).float().mean() > 0.1
 
 

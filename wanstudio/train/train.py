@@ -231,8 +231,9 @@ def train_dit(model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Lo
     return step
 
 
-# (steps, seconds, batch, lr) per stage; the pool size; frames of the VAE's training clips (its
-# causal 1 + 4k structure learns the same from 5, 9 or 17: fewer are cheaper on a CPU)
+# (steps, seconds, batch, lr) per stage; the pool size; frames of the VAE's training clips: the
+# pipeline's 17 (a VAE trained on 5-frame clips decodes latent frames 3..5 of a clip as grey
+# mush: its causal caches differ there); the smoke run alone uses 5
 PLANS = {
     "gpu": dict(
         vae=(100000, 140.0, 32, 2e-3),
@@ -242,7 +243,7 @@ PLANS = {
         vae_frames=17,
     ),
     "cpu": dict(
-        vae=(2000, 900.0, 4, 2e-3), dit=(4000, 900.0, 16, 5e-4), pool=1024, pool_batch=32, vae_frames=5
+        vae=(2000, 900.0, 2, 2e-3), dit=(4000, 900.0, 16, 5e-4), pool=1024, pool_batch=32, vae_frames=17
     ),
     "quick": dict(vae=(6, 60.0, 2, 2e-3), dit=(40, 40.0, 4, 5e-4), pool=16, pool_batch=8, vae_frames=5),
 }
