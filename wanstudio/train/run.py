@@ -91,7 +91,8 @@ def fit(args) -> int:
 
     vae_budget = Budget(*plan["vae"])
     vae_sampler = dataset.ClipSampler(data, frame_num=plan["vae_frames"], device=device)
-    vae_steps = train_vae(vae, vae_sampler, rng, vae_budget, log)
+    warm = dataset.ClipSampler(data, frame_num=5, device=device) if plan["vae_frames"] > 5 else None
+    vae_steps = train_vae(vae, vae_sampler, rng, vae_budget, log, warm=warm)
     mean, std = latent_stats(vae, sampler, rng, batches=4, batch=max(2, plan["pool_batch"] // 4))
     set_latent_stats(vae, mean, std)
     t_pool = time.perf_counter()
