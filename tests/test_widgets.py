@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("ipywidgets")  # a studio / test extra: collection works without it
+
 import wanstudio as ws
 from wanstudio import studio
 from wanstudio.availability import Availability
