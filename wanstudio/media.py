@@ -14,6 +14,7 @@ import re
 import subprocess
 import tempfile
 import uuid
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .options import SizeClass, SpeakerMix, parse_option
 VIDEO_FPS = 25  # InfiniteTalk's output rate; audio features are computed per video frame
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SILENCE_PEAK = 1e-4  # peak amplitude (-80 dBFS) below which a track counts as silent
+MAX_IMAGE_PIXELS = 64_000_000  # 48 Mpx photos pass; 100 Mpx took 23 s + 1.1 GiB to decode
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 # InfiniteTalk's size buckets: (H / W aspect ratio, H, W). 480 class ~640^2 px, 720 ~960^2 px.
@@ -80,12 +82,22 @@ _BUCKETS: dict[SizeClass, tuple[tuple[float, int, int], ...]] = {
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An image file -> RGB PIL image, EXIF orientation applied, transparency over white."""
-    path = _existing_file(path, "image")
+    """An image file -> RGB PIL image, EXIF orientation applied, transparency over white.
+
+    The size is read from the header first: more than :data:`MAX_IMAGE_PIXELS` is refused
+    before anything is decoded. An animated image gives its first frame, with a warning.
+    """
+    path = check_input_file(path, "image")
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # PIL warns at 89 Mpx; ours refuses lower, just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)  # lazy: reads the header only
+        with opened:
+            _check_image_header(opened, path)
             image = ImageOps.exif_transpose(opened)
             image.load()
+    except Image.DecompressionBombError as err:  # PIL's own limit, above ours: same advice
+        raise MediaError(_too_large(path, err)) from err
     except UnidentifiedImageError as err:
         raise MediaError(
             f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...). Pass a picture file."
@@ -96,6 +108,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     return image.convert("RGB")
+
+
+def _check_image_header(opened: Image.Image, path: Path) -> None:
+    """Refuse an image too large to decode cheaply; warn about frames after the first."""
+    width, height = opened.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise MediaError(_too_large(path, f"{width}x{height} = {width * height / 1e6:.1f} Mpx"))
+    if getattr(opened, "n_frames", 1) > 1:
+        warnings.warn(
+            f"{path} is an animated image: using its first frame of {opened.n_frames}.", stacklevel=3
+        )
+
+
+def _too_large(path: Path, found) -> str:
+    return (
+        f"{path} is too large for a reference image ({found}; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} "
+        f"Mpx, videos are at most 2048 pixels on a side): downscale it first, e.g. to 4096 on its longer side."
+    )
 
 
 def choose_bucket(width: int, height: int, size_class: str | int | SizeClass) -> tuple[int, int]:
@@ -134,7 +164,7 @@ def load_audio(
     Channels are averaged. Refused: no audio stream, no samples, non-finite samples, silence
     (peak below -80 dBFS), or shorter than ``min_seconds`` (default one video frame, 1/25 s).
     """
-    path = _existing_file(path, "audio")
+    path = check_input_file(path, "audio")
     result = _ffmpeg(
         ["-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
     )
@@ -148,6 +178,26 @@ def load_audio(
         )
     wave = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
     _check_wave(wave, sample_rate, min_seconds, str(path))
+    return wave
+
+
+def check_speech(
+    wave: np.ndarray | torch.Tensor,
+    sample_rate: int = SAMPLE_RATE,
+    *,
+    min_seconds: float = 1 / VIDEO_FPS,
+    name: str = "the audio array",
+) -> np.ndarray:
+    """A speech array (not a file) -> float32 mono [N], refused as :func:`load_audio` refuses files.
+
+    Empty, NaN / Inf, shorter than ``min_seconds`` or silent: MediaError; not [N]: ShapeError.
+    """
+    if isinstance(wave, torch.Tensor):
+        wave = wave.detach().cpu().float().numpy()
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ShapeError(f"{name} must be mono [samples] at {sample_rate} Hz, got shape {wave.shape}.")
+    _check_wave(wave, sample_rate, min_seconds, name)
     return wave
 
 
@@ -447,7 +497,7 @@ def probe_media(path: str | os.PathLike) -> dict:
     ``pix_fmt``, ``width``, ``height``, ``fps``, ``frames`` (counted by demuxing); with audio:
     ``audio_codec``, ``sample_rate``.
     """
-    path = _existing_file(path, "media")
+    path = check_input_file(path, "media")
     # With no output file ffmpeg prints the input's header and stops.
     header = _ffmpeg(["-i", str(path)], loglevel="info").stderr.decode(errors="replace")
     if "Input #0" not in header:
@@ -512,12 +562,14 @@ def asset_path(name: str) -> Path:
     return path
 
 
-def _existing_file(path: str | os.PathLike, kind: str) -> Path:
-    path = Path(path)
+def check_input_file(path: str | os.PathLike, kind: str) -> Path:
+    """``path`` when it is a readable file; else a MediaError: "x is a folder, expected an image file"."""
+    path, article = Path(path), "an" if kind[:1] in "aeiou" else "a"
     if not path.exists():
         raise MediaError(f"{kind} file not found: {path}. Check the path.")
     if not path.is_file():
-        raise MediaError(f"{path} is a folder, not an {kind} file.")
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise MediaError(f"{path} is {what}, expected {article} {kind} file. Pass the file itself.")
     if not os.access(path, os.R_OK):
         raise MediaError(f"{path} is not readable (permission denied). Check its permissions.")
     return path
