@@ -310,6 +310,24 @@ def test_text_encoder_without_tokenizer_says_where_to_get_one(text, tmp_path):
         TextEncoder.from_files(path, config=text.model.config)
 
 
+def test_a_tokenizer_that_needs_custom_code_is_refused_before_transformers_sees_it(text, tmp_path):
+    import json
+
+    folder = tmp_path / "tokenizer"
+    text.tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (folder / "tokenization_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(CheckpointError) as caught:
+        TextEncoder.from_files(tmp_path / "never-read.pth", folder)
+    message = str(caught.value)
+    assert "auto_map" in message and "tokenization_custom.CustomTokenizer" in message
+    assert "never runs code" in message and "google/umt5-xxl" in message
+    assert "trust_remote_code" not in message and not marker.exists()
+
+
 def test_another_model_size_lists_what_differs(text, tmp_path):
     path = _save(official_t5(text.model.state_dict()), tmp_path / "umt5.pth")
     with pytest.raises(CheckpointError, match=r"with other shapes .*config="):
@@ -521,6 +539,23 @@ def test_a_pickle_carrying_code_is_refused(text, tmp_path):
     with pytest.raises(CheckpointError, match=r"refused: .*pickled objects"):
         TextEncoder.from_files(path, text.tokenizer)
     assert not marker.exists()
+
+
+def test_a_legacy_pth_is_named_as_such_not_truncated(text, tmp_path):
+    legacy = tmp_path / "umt5_legacy.pth"
+    torch.save(official_t5(text.model.state_dict()), legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:2] == b"\x80\x02"
+    with pytest.raises(CheckpointError, match=r"legacy \(non-zip\) torch.save format") as caught:
+        TextEncoder.from_files(legacy, text.tokenizer)
+    assert "truncated" not in str(caught.value) and "safetensors" in str(caught.value)
+    cut = tmp_path / "umt5_cut.pth"
+    cut.write_bytes(_save(official_t5(text.model.state_dict()), tmp_path / "umt5.pth").read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="may be truncated"):
+        TextEncoder.from_files(cut, text.tokenizer)
+    other = tmp_path / "notes.pth"
+    other.write_text("hello, not weights")
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: it starts with bytes b'hell'"):
+        TextEncoder.from_files(other, text.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_support import WEIGHTS_HELP, Parser, add_option, block_count
 from .errors import WanstudioError
 from .options import (
     AttentionMode,
@@ -51,11 +52,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str)
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=prompt, help="text prompt")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's)")
-    g.add_argument(
+    add_option(
+        g,
         "--size-class",
-        choices=SizeClass.names(),
-        default=None,
-        help="bucket family for the output size (default 480; the tiny preset: 64x64)",
+        SizeClass,
+        None,
+        "bucket family for the output size (default 480; the tiny preset: 64x64)",
+        metavar="CLASS",
     )
     g.add_argument(
         "--size",
@@ -74,13 +77,13 @@ def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str)
     g.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480, 11 at 720)")
     g.add_argument("--text-scale", type=float, default=5.0, help="text guidance scale (1 = 2 calls/step)")
     g.add_argument("--audio-scale", type=float, default=4.0, help="audio guidance scale")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="noise seed")
     g.add_argument(
         "--motion-frame", type=int, default=None, help="frames carried from clip to clip (4k + 1; default 9)"
     )
     g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
     g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
-    g.add_argument("--scheduler", choices=Scheduler.names(), default=Scheduler.EULER.value)
+    add_option(g, "--scheduler", Scheduler, Scheduler.EULER.value, "sampler", metavar="NAME")
     g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
     g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
     g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
@@ -94,9 +97,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation."
-    )
+    parser = Parser(prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -106,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole InfiniteTalk pipeline at toy size with random "
         "weights on the shipped portrait and speech clip (the picture is noise).",
     )
-    demo.add_argument("--out", default="demo.mp4", help="output mp4 (default demo.mp4)")
+    demo.add_argument("--out", default="demo.mp4", help="output mp4")
     demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
     demo.add_argument("--audio", default=None, help="speech (default: the shipped clip)")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--device", default="cpu", help="torch device")
     _add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
 
     it = sub.add_parser(
@@ -117,17 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image + speech -> talking video (real weights)",
         description="Generate a talking video from one image and one or two speech "
         "tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.",
+        epilog=WEIGHTS_HELP,
     )
     io = it.add_argument_group("inputs and output")
     io.add_argument("--image", required=True, help="reference image")
     io.add_argument("--audio", required=True, help="speech of speaker 1 (any format ffmpeg reads)")
     io.add_argument("--audio2", default=None, help="speech of speaker 2")
-    io.add_argument(
-        "--speaker-mix",
-        choices=SpeakerMix.names(),
-        default=SpeakerMix.PARA.value,
-        help="two speakers: talk together (para) or in turn (add)",
-    )
+    add_option(io, "--speaker-mix", SpeakerMix, SpeakerMix.PARA.value, "two speakers", metavar="MIX")
     io.add_argument(
         "--bbox",
         type=_bbox,
@@ -144,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a speaker's mask image, the size of --image (twice)",
     )
     io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
-    w = it.add_argument_group("weights")
+    w = it.add_argument_group("weights", "each flag wins over $WANSTUDIO_WEIGHTS / wanstudio.toml (below)")
     w.add_argument("--dit", nargs="+", default=None, help="Wan2.1-I2V-14B DiT file(s) / index / folder")
     w.add_argument("--infinitetalk", default=None, help="InfiniteTalk audio weights, merged on top")
     w.add_argument("--vae", default=None, help="Wan2.1 VAE")
@@ -157,17 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the tiny random-weight preset instead of files (a wiring check)",
     )
-    r = it.add_argument_group("runtime")
-    r.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
-    r.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
-    r.add_argument("--blocks-to-swap", type=int, default=0, help="DiT blocks kept in host memory")
+    r = it.add_argument_group(
+        "runtime", "README 'Options' explains each mode; `wanstudio doctor` says which run here"
+    )
+    _add_runtime_args(r)
+    r.add_argument(
+        "--blocks-to-swap",
+        type=block_count,
+        default=0,
+        metavar="N",
+        help="DiT blocks kept in host memory and streamed to the GPU (0 to the block count: 40 for 14B)",
+    )
     r.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the DiT blocks (faster on a GPU after a one-off compile)",
     )
-    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    r.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.BF16.value)
+    r.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
+    add_option(
+        r, "--dtype", BasePrecision, None, "base precision (default bf16; with --tiny fp32)", metavar="DTYPE"
+    )
     _add_generation_args(it, steps=40, prompt="")
 
     ins = sub.add_parser(
@@ -180,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default="tiny-infinitetalk", help="config of a random-weight model (ignored with --dit)"
     )
     ins.add_argument("--dit", nargs="+", default=None, help="checkpoint file(s) instead of random weights")
-    ins.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
-    ins.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
+    _add_runtime_args(ins)
     ins.add_argument(
         "--latent",
         type=int,
@@ -190,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("F", "H", "W"),
         help="latent frames, height, width of the random input (default 3 8 8)",
     )
-    ins.add_argument("--speakers", type=int, choices=(1, 2), default=1)
+    ins.add_argument("--speakers", type=int, choices=(1, 2), default=1, help="audio streams")
     ins.add_argument("--strict", action="store_true", help="raise at the first violated contract")
     ins.add_argument("--csv", default=None, help="also write every row here")
-    ins.add_argument("--device", default="cpu")
-    ins.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.FP32.value)
+    ins.add_argument("--device", default="cpu", help="torch device")
+    add_option(ins, "--dtype", BasePrecision, BasePrecision.FP32.value, "base precision", metavar="DTYPE")
 
     bench = sub.add_parser(
         "bench", help="GPU benchmark of one DiT forward (wanstudio bench --help)", add_help=False
@@ -204,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="what works on this machine and why not")
     doctor.add_argument("--device", default=None, help="device to check (default: cuda if any)")
     return parser
+
+
+def _add_runtime_args(group) -> None:
+    add_option(
+        group, "--quantization", QuantMode, QuantMode.DISABLED.value, "DiT Linear layers", metavar="MODE"
+    )
+    add_option(
+        group, "--attention", AttentionMode, AttentionMode.SDPA.value, "attention kernel", metavar="MODE"
+    )
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -282,6 +296,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_infinitetalk(args) -> int:
+    from .cli_support import resolve_weights, tiny_cpu_note
+    from .media import check_input_file
     from .pipeline import InfiniteTalkPipeline
 
     speakers = 2 if args.audio2 else 1
@@ -290,6 +306,19 @@ def cmd_infinitetalk(args) -> int:
     for flag, given in (("--bbox", args.bbox), ("--mask", args.mask)):
         if given is not None and len(given) != 2:
             raise WanstudioError(f"{flag} must be given exactly twice (speaker 1, speaker 2)")
+    if not args.tiny:
+        weights, said = resolve_weights(args)
+        for name, value in weights.items():
+            for path in value if isinstance(value, list) else [value]:
+                if path and not Path(path).exists():
+                    flag = "--" + name.replace("_", "-")
+                    raise WanstudioError(f"{flag}: no such file or folder {path!r} ({said})")
+    # the inputs before any weights load: a wrong path should not cost minutes
+    for kind, path in [("image", args.image), ("audio", args.audio), ("audio", args.audio2)] + [
+        ("mask image", p) for p in args.mask or ()
+    ]:
+        if path is not None:
+            check_input_file(path, kind)
     masks = None
     if args.mask:
         import numpy as np
@@ -299,49 +328,32 @@ def cmd_infinitetalk(args) -> int:
     _check_output(args)
 
     if args.tiny:
-        pipe = InfiniteTalkPipeline.tiny(seed=0, device=args.device or "cpu")
-        if args.compile:
-            from .fusion import compile_blocks
+        from .modes import RuntimeModes, apply_modes
 
-            compile_blocks(pipe.model)
+        device = args.device or "cpu"
+        modes = RuntimeModes(
+            quantization=args.quantization,
+            attention=args.attention,
+            precision=args.dtype or BasePrecision.FP32.value,
+            blocks_to_swap=args.blocks_to_swap,
+            compile=args.compile,
+        )
+        modes.check_device(device)
+        note = tiny_cpu_note(args) if device == "cpu" else None
+        if note:
+            print(f"wanstudio infinitetalk: {note}", flush=True)
+        pipe = InfiniteTalkPipeline.tiny(seed=0, device=device, dtype=modes.dtype)
+        apply_modes(pipe.model, modes, device=device)
+        pipe.settings.update(modes=modes.describe())
     else:
-        needed = {
-            "--dit": args.dit,
-            "--vae": args.vae,
-            "--text-encoder": args.text_encoder,
-            "--clip": args.clip,
-            "--wav2vec": args.wav2vec,
-        }
-        missing = [flag for flag, value in needed.items() if not value]
-        if missing:
-            raise WanstudioError(f"missing weights: {', '.join(missing)} (or --tiny for a wiring check)")
-        for label, path in [("--dit", p) for p in args.dit] + [
-            (f, v)
-            for f, v in (
-                ("--infinitetalk", args.infinitetalk),
-                ("--vae", args.vae),
-                ("--text-encoder", args.text_encoder),
-                ("--tokenizer", args.tokenizer),
-                ("--clip", args.clip),
-                ("--wav2vec", args.wav2vec),
-            )
-            if v
-        ]:
-            if not Path(path).exists():
-                raise WanstudioError(f"{label}: no such file or folder {path!r}")
+        print(f"wanstudio infinitetalk: {said}", flush=True)
         pipe = InfiniteTalkPipeline.from_files(
-            dit=args.dit,
-            infinitetalk=args.infinitetalk,
-            vae=args.vae,
-            text_encoder=args.text_encoder,
-            tokenizer=args.tokenizer,
-            clip=args.clip,
-            wav2vec=args.wav2vec,
+            **weights,
             quantization=args.quantization,
             attention=args.attention,
             blocks_to_swap=args.blocks_to_swap,
             device=args.device,
-            dtype=args.dtype,
+            dtype=args.dtype or BasePrecision.BF16.value,
             compile_blocks=args.compile,
         )
     kw = _generation_kwargs(args)
@@ -362,6 +374,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     from . import __version__
+    from .cli_support import weights_report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lines = [
@@ -385,6 +398,8 @@ def cmd_doctor(args) -> int:
     lines += [f"  {line}" for line in _attention_report(device)]
     swap = "available" if device.type == "cuda" else "not available: it streams blocks to a CUDA GPU"
     lines.append(f"block swap (--blocks-to-swap): {swap}")
+    lines.append("weights (what `wanstudio infinitetalk` uses for parts given no flag):")
+    lines += [f"  {line}" for line in weights_report()]
     print("\n".join(lines))
     return 0
 
@@ -457,10 +472,13 @@ def cmd_inspect(args) -> int:
         )
     else:
         from .attention import set_attention
+        from .cli_support import check_model_memory
         from .quant import quantize
 
+        cfg, dtype = WanConfig.preset(args.preset), parse_dtype(args.dtype)
+        check_model_memory(cfg, dtype, args.device, f"the {args.preset} preset in {args.dtype}")
         torch.manual_seed(0)
-        model = WanModel(WanConfig.preset(args.preset), device=args.device, dtype=parse_dtype(args.dtype))
+        model = WanModel(cfg, device=args.device, dtype=dtype)
         quantize(model, args.quantization)
         set_attention(model, args.attention)
     inputs = _random_inputs(model.config, *args.latent, speakers=args.speakers, device=args.device)

@@ -401,6 +401,7 @@ _strict_depth = 0
 
 
 def strict_enabled() -> bool:
+    """Whether process-wide strict mode is on (a strict block or a strict forward is running)."""
     return _strict_depth > 0
 
 
@@ -473,9 +474,17 @@ def set_strict_layout(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def is_strict_layout(model: nn.Module) -> bool:
-    """Whether :func:`set_strict_layout` is on for ``model``."""
-    return getattr(model, _STRICT_HANDLES, None) is not None
+def is_strict_layout(model: nn.Module | None = None) -> bool:
+    """Whether layout contracts are checked strictly.
+
+    With ``model``: True when its forwards run strictly, because :func:`set_strict_layout` is
+    on for it or because process-wide strict mode is on (a :func:`strict_layout` block, or a
+    strict model's forward, possibly in another thread). Without: whether process-wide strict
+    mode is on now.
+    """
+    if model is not None and getattr(model, _STRICT_HANDLES, None) is not None:
+        return True
+    return strict_enabled()
 
 
 # --- events for the inspector ------------------------------------------------------------------

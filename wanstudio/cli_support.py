@@ -1,0 +1,240 @@
+"""What the ``wanstudio`` command needs besides its parser: short errors, option types, and the
+checks a newcomer's first run hits (where the weights come from, how long ``--tiny`` takes on a
+CPU, whether a random-weight model fits in memory).
+
+Nothing here spells a mode name: choices come from ``wanstudio.options``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .errors import UnknownOptionError, WanstudioError
+from .options import Option, parse_option
+
+# --tiny on a CPU: 181 s for its defaults on the shipped 3.8 s clip (11 clips x 40 steps x 3 calls)
+TINY_CPU_SECONDS_PER_CALL = 181 / (11 * 40 * 3)
+DEMO_SECONDS = 18  # `wanstudio demo` on the same CPU
+WEIGHTS_HELP = """\
+weights: the flags above win; a part not given comes from $WANSTUDIO_WEIGHTS (a download
+folder laid out as in the README, or a wanstudio.toml / .json file), else from wanstudio.toml
+or wanstudio.json in the current folder or in ~/.config/wanstudio/ (the first that is set
+wins). What to download, and the `hf download` commands: README.md, section "Real weights".
+`wanstudio doctor` shows what it finds.
+"""
+# CLI flag of each WeightPaths field; the optional parts follow the part they belong to
+WEIGHT_FLAGS = {
+    "dit": "--dit",
+    "infinitetalk": "--infinitetalk",
+    "vae": "--vae",
+    "text_encoder": "--text-encoder",
+    "tokenizer": "--tokenizer",
+    "clip": "--clip",
+    "wav2vec": "--wav2vec",
+}
+_FOLLOWS = {"infinitetalk": "dit", "tokenizer": "text_encoder"}
+
+
+# --- argparse --------------------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless its help already says it); keeps the epilog's lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        if "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a short error: one usage line and the message (``--help`` has the rest)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        usage = self.format_usage()
+        if usage.count("\n") > 1:  # a long usage would bury the message
+            usage = f"usage: {self.prog} [options]  (`{self.prog} --help` lists them)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+
+def option_type(kind: type[Option]):
+    """An argparse ``type`` that parses a registry name; a typo gets parse_option's hint."""
+
+    def parse(text: str) -> str:
+        try:
+            return parse_option(kind, text).value
+        except UnknownOptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def add_option(group, flag: str, kind: type[Option], default, what: str, *, metavar: str) -> None:
+    """A choice from the options registry; its help lists the names (short lists: and meanings)."""
+    if len(kind) <= 4:
+        names = "; ".join(f"{m.value} = {m.description}" for m in kind)
+    else:
+        names = ", ".join(kind.names())
+    group.add_argument(
+        flag,
+        type=option_type(kind),
+        choices=kind.names(),
+        default=default,
+        metavar=metavar,
+        help=f"{what}. One of: {names}",
+    )
+
+
+def block_count(text: str) -> int:
+    """``--blocks-to-swap``: a count >= 0 (the upper bound is the model's, checked when it loads)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of DiT blocks from 0 (none swapped) to the model's block count "
+            f"(40 for Wan2.1-14B, 2 for --tiny), got {text!r}"
+        )
+    return n
+
+
+# --- weights ---------------------------------------------------------------------------------------
+def resolve_weights(args) -> tuple[dict, str]:
+    """``from_files`` keyword arguments for the weight flags, and a line saying where each came from.
+
+    Flags win. When a required part has no flag, ``wanstudio.studio.find_weights()`` fills
+    every part without one ($WANSTUDIO_WEIGHTS, else a wanstudio.toml); the InfiniteTalk
+    weights follow the DiT's source and the tokenizer the text encoder's, so a flag's file is
+    never merged with a configured one.
+    """
+    from .studio import WEIGHTS_ENV, WeightPaths, config_search_path, find_weights
+
+    given = {name: getattr(args, name) for name in WEIGHT_FLAGS}
+    from_flag = {name for name, value in given.items() if value}
+    missing = [n for n in WeightPaths.REQUIRED if n not in from_flag]
+    found, source = None, ""
+    if missing:
+        found = find_weights()
+        named = os.environ.get(WEIGHTS_ENV, "").strip()
+        if found is not None:
+            source = f"${WEIGHTS_ENV}={named}" if named else str(found.source)
+    if missing and found is None:
+        flags = ", ".join(WEIGHT_FLAGS[n] for n in missing)
+        looked = ", ".join(str(p) for p in config_search_path())
+        raise WanstudioError(
+            f"missing weights: {flags}. Pass them as flags, set ${WEIGHTS_ENV} to your download "
+            f"folder (or to a wanstudio.toml), or write a wanstudio.toml (looked for: {looked}). "
+            f"README.md, section 'Real weights', lists the files and how to download them; "
+            f"--tiny runs a wiring check without weights."
+        )
+    kwargs, origin = {}, {}
+    for name in WEIGHT_FLAGS:
+        leader = _FOLLOWS.get(name, name)
+        if leader in from_flag or found is None:
+            kwargs[name], origin[name] = given[name], WEIGHT_FLAGS[name]
+        else:
+            kwargs[name], origin[name] = getattr(found, name), source
+    kwargs["dit"] = list(kwargs["dit"]) if not isinstance(kwargs["dit"], str) else [kwargs["dit"]]
+    by_source: dict[str, list[str]] = {}
+    for name, where in origin.items():
+        if kwargs[name]:
+            by_source.setdefault(where, []).append(name)
+    said = "; ".join(f"{', '.join(names)} from {where}" for where, names in by_source.items())
+    return kwargs, f"weights: {said}"
+
+
+def weights_report() -> list[str]:
+    """``doctor``: the weights ``infinitetalk`` would use without flags, or where it looked."""
+    from .studio import WEIGHTS_ENV, config_search_path, describe_weights, find_weights
+
+    named = os.environ.get(WEIGHTS_ENV, "").strip()
+    try:
+        found = find_weights()
+    except WanstudioError as e:
+        return [f"error: {e}"]
+    if found is not None:
+        via = f"${WEIGHTS_ENV}={named}" if named else "a config file"
+        return [f"found through {via}", *describe_weights(found).splitlines()]
+    return [
+        f"none configured: ${WEIGHTS_ENV} is not set, and none of these exists: "
+        + ", ".join(str(p) for p in config_search_path()),
+        f"set {WEIGHTS_ENV}=<your download folder> or write a wanstudio.toml; README.md, section "
+        f"'Real weights', lists the files and the `hf download` commands",
+    ]
+
+
+# --- first-run checks ------------------------------------------------------------------------------
+def tiny_cpu_note(args, *, frame_num: int = 17) -> str | None:
+    """A note before a long ``--tiny`` run on the CPU: its estimated time and how to shorten it.
+
+    None when the estimate is under 30 s or cannot be made (unreadable audio: the pipeline's
+    own checks say why).
+    """
+    from .media import VIDEO_FPS, probe_media
+    from .pipeline import ClipPlan
+
+    try:
+        durations = [probe_media(a).get("duration") or 0.0 for a in (args.audio, args.audio2) if a]
+    except WanstudioError:
+        return None
+    seconds = sum(durations) if args.speaker_mix == "add" else max(durations, default=0.0)
+    frame_num = args.frame_num or frame_num
+    motion = args.motion_frame or 9
+    if not durations or motion >= frame_num or args.max_frames < 1:
+        return None
+    plan = ClipPlan.make(int(seconds * VIDEO_FPS), frame_num, motion, args.max_frames)
+    per_step = 2 if args.text_scale == 1 else 3
+    estimate = plan.clips * args.steps * per_step * TINY_CPU_SECONDS_PER_CALL
+    if estimate < 30:
+        return None
+    return (
+        f"note: --tiny on the CPU runs {plan.clips} clips x {args.steps} steps x {per_step} model "
+        f"calls here: about {estimate / 60:.0f} min (181 s measured for the defaults on the shipped "
+        f"3.8 s clip; `wanstudio demo` takes about {DEMO_SECONDS} s). Shorter: --max-frames 41 "
+        f"--steps 8 --text-scale 1."
+    )
+
+
+def check_model_memory(cfg, dtype, device, what: str) -> None:
+    """Refuse to build a random-weight model that cannot fit, before allocating anything.
+
+    The weights' bytes are counted on the meta device (parameter count x dtype size) and a
+    margin is added for the forward and the quantization copies (15% + 1 GiB).
+    """
+    import torch
+
+    from .model import WanModel
+
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return
+    tensors = WanModel(cfg, device="meta", dtype=dtype).state_dict().values()
+    params = sum(t.numel() for t in tensors)
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    need = int(weights * 1.15) + 2**30
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"is free on {device}"
+    else:
+        import psutil
+
+        available, where = psutil.virtual_memory().available, "of host memory is available"
+    if need <= available:
+        return
+    gib = 2**30
+    half = ""
+    if torch.tensor([], dtype=dtype).element_size() > 2:
+        half = f", --dtype bf16 (about {(params * 2 * 1.15 + gib) / gib:.1f} GiB)"
+    raise WanstudioError(
+        f"{what} needs about {need / gib:.1f} GiB ({params / 1e9:.2f} B parameters x "
+        f"{weights // max(params, 1)} bytes + margin) but only {available / gib:.1f} GiB {where}. "
+        f"Use a smaller preset (--preset t2v-1.3b or tiny-i2v){half}, or inspect real weights "
+        f"with --dit (they stream in, quantized as they load)."
+    )
