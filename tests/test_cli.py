@@ -142,9 +142,10 @@ def _help(subcommand: str, capsys) -> str:
 
 def test_infinitetalk_help_shows_defaults_modes_and_where_weights_come_from(capsys):
     text = _help("infinitetalk", capsys)
-    for default in ("(default: 40)", "(default: 5.0)", "(default: disabled)", "(default: sdpa)"):
+    for default in ("(default: standard)", "(default: disabled)", "(default: sdpa)"):
         assert default in text
-    assert "(default: euler)" in text and "(default: infinitetalk.mp4)" in text
+    assert "(default: infinitetalk.mp4)" in text and "One of: standard = " in text
+    assert "sampling steps per clip (default: the preset's)" in text
     assert "One of: " + ", ".join(ws.QUANT_MODES) in text
     assert "One of: " + ", ".join(ws.ATTENTION_MODES) in text
     assert f"bf16 = {BasePrecision.BF16.description}" in text
@@ -400,7 +401,8 @@ def test_infinitetalk_uses_the_weights_env_var_and_says_so(tmp_path, monkeypatch
     assert main(["infinitetalk", *_media_args(), "--quantization", "fp8_e4m3fn"]) == 2
     assert seen["dit"] == [str(folder / "dit.safetensors")] and seen["vae"] == str(folder / "vae.pth")
     assert seen["infinitetalk"] == str(folder / "it.safetensors")
-    assert seen["tokenizer"] == str(folder / "tokenizer") and seen["quantization"] == "fp8_e4m3fn"
+    assert seen["tokenizer"] == str(folder / "tokenizer")
+    assert seen["modes"].quantization is ws.QuantMode.FP8_E4M3FN
     out = capsys.readouterr()
     assert f"from $WANSTUDIO_WEIGHTS={folder}" in out.out and "stopped before loading" in out.err
 
@@ -545,3 +547,35 @@ def test_inspect_refuses_a_model_larger_than_memory_before_allocating(monkeypatc
     assert main(["inspect", "--preset", "tiny-t2v"]) == 2  # the tiny preset needs ~1 GiB of margin
     monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=64 * 2**30))
     assert main(["inspect", "--preset", "tiny-t2v"]) == 0
+
+
+# --- presets and LoRAs ---------------------------------------------------------------------------------
+def _parsed(*argv):
+    from wanstudio.cli import build_parser
+
+    return build_parser().parse_args(["infinitetalk", "--image", "i.png", "--audio", "a.wav", *argv])
+
+
+def test_preset_sets_the_sampling_and_flags_override_single_values():
+    from wanstudio.cli_support import sampling_settings
+    from wanstudio.options import GenerationPreset
+
+    assert sampling_settings(_parsed()) == dict(steps=40, text_scale=5.0, audio_scale=4.0, scheduler="euler")
+    distill = GenerationPreset.DISTILL_4STEP.settings
+    assert sampling_settings(_parsed("--preset", "distill_4step")) == dict(
+        steps=4, shift=distill.shift, text_scale=1.0, audio_scale=2.0, scheduler="euler_distill"
+    )
+    got = sampling_settings(_parsed("--preset", "distill_4step", "--audio-scale", "1", "--steps", "6"))
+    assert got["audio_scale"] == 1.0 and got["steps"] == 6 and got["text_scale"] == 1.0
+
+
+def test_lora_flag_takes_a_path_and_an_optional_strength(tmp_path, capsys):
+    from wanstudio.lora import LoRA
+
+    lora = tmp_path / "distill.safetensors"
+    lora.write_bytes(b"")
+    args = _parsed("--lora", str(lora), "--lora", f"{lora}:0.8")
+    assert args.lora == [LoRA(lora, 1.0), LoRA(lora, 0.8)]
+    with pytest.raises(SystemExit):
+        _parsed("--lora", str(tmp_path / "missing.safetensors"))
+    assert "no such file" in capsys.readouterr().err

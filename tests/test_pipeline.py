@@ -515,7 +515,7 @@ def test_out_of_memory_is_reraised_with_advice(tmp_path):
         (dict(speaker_mix="both"), "para"),
         (dict(max_frames=0), "max_frames"),
         (dict(bboxes=((0, 0, 4, 4), (4, 0, 8, 4))), "audio2"),
-        (dict(audio="/no/such/file.wav"), "no such file"),
+        (dict(audio="/no/such/file.wav"), "audio file not found"),
         (dict(size=(60, 64)), "multiples of 16"),
         (dict(resume=True), "resume=True needs"),
         (dict(text_scale=math.inf), "text_scale"),

@@ -939,3 +939,29 @@ def test_output_path_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(studio.OUTPUT_ENV, str(tmp_path / "videos"))
     assert studio.output_path("x.mp4") == tmp_path / "videos" / "x.mp4"
     assert (tmp_path / "videos").is_dir()
+
+
+def test_generate_panel_preset_sets_the_sampling_controls(tiny_model):
+    from wanstudio.options import GenerationPreset
+
+    gen = GeneratePanel(FakePipeline(tiny_model), image="i.png", audio="a.wav")
+    gen.preset.value = GenerationPreset.DISTILL_4STEP.value
+    want = GenerationPreset.DISTILL_4STEP.settings
+    assert (gen.scheduler.value, gen.steps.value, gen.shift.value) == (want.scheduler.value, 4, want.shift)
+    assert (gen.text_scale.value, gen.audio_scale.value) == (1.0, 2.0)
+    gen.steps.value = 6  # still editable; the request carries what the controls show
+    assert gen.read_request().steps == 6 and gen.read_request().scheduler == "euler_distill"
+    gen.preset.value = GenerationPreset.STANDARD.value
+    assert (gen.steps.value, gen.text_scale.value, gen.audio_scale.value) == (40, 5.0, 4.0)
+
+
+def test_load_panel_lora_box_becomes_the_settings_loras(tmp_path):
+    from wanstudio.lora import LoRA
+    from wanstudio.widgets.load_panel import parse_loras
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b""), b.write_bytes(b"")
+    assert parse_loras(f"{a}\n\n  {b}:0.5 \n") == (LoRA(a), LoRA(b, 0.5))
+    assert LoadSettings(loras=parse_loras(f"{a}:0.8")).modes.loras == (LoRA(a, 0.8),)
+    with pytest.raises(ws.LoraError, match="no such file"):
+        parse_loras(str(tmp_path / "missing.safetensors"))

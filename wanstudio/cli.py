@@ -15,14 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_support import WEIGHTS_HELP, Parser, add_option, block_count
+from .cli_support import (
+    WEIGHTS_HELP,
+    Parser,
+    add_generation_args,
+    add_option,
+    block_count,
+    lora_arg,
+    sampling_settings,
+)
 from .errors import WanstudioError
 from .options import (
     AttentionMode,
     BasePrecision,
     QuantMode,
-    Scheduler,
-    SizeClass,
     SpeakerMix,
 )
 
@@ -30,14 +36,6 @@ DEMO_PROMPT = "a person talking to the camera"
 
 
 # --- argument parsing ----------------------------------------------------------------------------
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 832x480, got {text!r}") from None
-    return w, h
-
-
 def _bbox(text: str) -> tuple[float, float, float, float]:
     try:
         box = tuple(float(v) for v in text.split(","))
@@ -46,54 +44,6 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
     if len(box) != 4:
         raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 in image pixels, got {text!r}")
     return box
-
-
-def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default=prompt, help="text prompt")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's)")
-    add_option(
-        g,
-        "--size-class",
-        SizeClass,
-        None,
-        "bucket family for the output size (default 480; the tiny preset: 64x64)",
-        metavar="CLASS",
-    )
-    g.add_argument(
-        "--size",
-        type=_size,
-        default=None,
-        metavar="WxH",
-        help="exact output size instead of a bucket (multiples of 16)",
-    )
-    g.add_argument(
-        "--frame-num",
-        type=int,
-        default=None,
-        help="frames per clip, 4k + 1 (default 81; the tiny preset: 17)",
-    )
-    g.add_argument("--steps", type=int, default=steps, help="sampling steps per clip")
-    g.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480, 11 at 720)")
-    g.add_argument("--text-scale", type=float, default=5.0, help="text guidance scale (1 = 2 calls/step)")
-    g.add_argument("--audio-scale", type=float, default=4.0, help="audio guidance scale")
-    g.add_argument("--seed", type=int, default=42, help="noise seed")
-    g.add_argument(
-        "--motion-frame", type=int, default=None, help="frames carried from clip to clip (4k + 1; default 9)"
-    )
-    g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
-    g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
-    add_option(g, "--scheduler", Scheduler, Scheduler.EULER.value, "sampler", metavar="NAME")
-    g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
-    g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
-    g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete the finished clips of an earlier run in the work folder and start again",
-    )
-    g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
     demo.add_argument("--audio", default=None, help="speech (default: the shipped clip)")
     demo.add_argument("--device", default="cpu", help="torch device")
-    _add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
+    add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
 
     it = sub.add_parser(
         "infinitetalk",
@@ -170,11 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the DiT blocks (faster on a GPU after a one-off compile)",
     )
+    r.add_argument(
+        "--lora",
+        type=lora_arg,
+        action="append",
+        default=None,
+        metavar="PATH[:STRENGTH]",
+        help="a LoRA merged into the DiT before quantization (repeatable; strength default 1). "
+        "With --preset distill_4step: lightx2v's cfg_step_distill LoRA (README 'LoRAs')",
+    )
     r.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     add_option(
         r, "--dtype", BasePrecision, None, "base precision (default bf16; with --tiny fp32)", metavar="DTYPE"
     )
-    _add_generation_args(it, steps=40, prompt="")
+    add_generation_args(it, steps=None, prompt="")
 
     ins = sub.add_parser(
         "inspect",
@@ -226,20 +185,16 @@ def _progress(args):
 
 
 def _generation_kwargs(args) -> dict:
+    sampling = sampling_settings(args)
     kw = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         size_class=args.size_class,
         size=args.size,
         frame_num=args.frame_num,
-        steps=args.steps,
-        shift=args.shift,
-        text_scale=args.text_scale,
-        audio_scale=args.audio_scale,
         seed=args.seed,
         max_frames=args.max_frames,
         color_correction=args.color_correction,
-        scheduler=args.scheduler,
         apg=args.apg,
         out=args.out,
         work_dir=args.work_dir,
@@ -247,6 +202,7 @@ def _generation_kwargs(args) -> dict:
         overwrite=args.overwrite,
         progress=_progress(args),
         tiled_vae=args.tiled_vae,
+        **sampling,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
     )
     if args.motion_frame is not None:
@@ -327,35 +283,26 @@ def cmd_infinitetalk(args) -> int:
         masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in args.mask]
     _check_output(args)
 
-    if args.tiny:
-        from .modes import RuntimeModes, apply_modes
+    from .modes import RuntimeModes
 
+    modes = RuntimeModes(
+        quantization=args.quantization,
+        attention=args.attention,
+        precision=args.dtype or (BasePrecision.FP32 if args.tiny else BasePrecision.BF16).value,
+        blocks_to_swap=args.blocks_to_swap,
+        compile=args.compile,
+        loras=args.lora or (),
+    )
+    if args.tiny:
         device = args.device or "cpu"
-        modes = RuntimeModes(
-            quantization=args.quantization,
-            attention=args.attention,
-            precision=args.dtype or BasePrecision.FP32.value,
-            blocks_to_swap=args.blocks_to_swap,
-            compile=args.compile,
-        )
         modes.check_device(device)
         note = tiny_cpu_note(args) if device == "cpu" else None
         if note:
             print(f"wanstudio infinitetalk: {note}", flush=True)
-        pipe = InfiniteTalkPipeline.tiny(seed=0, device=device, dtype=modes.dtype)
-        apply_modes(pipe.model, modes, device=device)
-        pipe.settings.update(modes=modes.describe())
+        pipe = InfiniteTalkPipeline.tiny(seed=0, device=device, modes=modes)
     else:
         print(f"wanstudio infinitetalk: {said}", flush=True)
-        pipe = InfiniteTalkPipeline.from_files(
-            **weights,
-            quantization=args.quantization,
-            attention=args.attention,
-            blocks_to_swap=args.blocks_to_swap,
-            device=args.device,
-            dtype=args.dtype or BasePrecision.BF16.value,
-            compile_blocks=args.compile,
-        )
+        pipe = InfiniteTalkPipeline.from_files(**weights, device=args.device, modes=modes)
     kw = _generation_kwargs(args)
     result = pipe(
         args.image,

@@ -191,12 +191,14 @@ def tiny_cpu_note(args, *, frame_num: int = 17) -> str | None:
     if not durations or motion >= frame_num or args.max_frames < 1:
         return None
     plan = ClipPlan.make(int(seconds * VIDEO_FPS), frame_num, motion, args.max_frames)
-    per_step = 2 if args.text_scale == 1 else 3
-    estimate = plan.clips * args.steps * per_step * TINY_CPU_SECONDS_PER_CALL
+    sampling = sampling_settings(args)
+    steps, scales = sampling["steps"], (sampling["text_scale"], sampling["audio_scale"])
+    per_step = 1 if scales == (1, 1) else 2 if scales[0] == 1 else 3
+    estimate = plan.clips * steps * per_step * TINY_CPU_SECONDS_PER_CALL
     if estimate < 30:
         return None
     return (
-        f"note: --tiny on the CPU runs {plan.clips} clips x {args.steps} steps x {per_step} model "
+        f"note: --tiny on the CPU runs {plan.clips} clips x {steps} steps x {per_step} model "
         f"calls here: about {estimate / 60:.0f} min (181 s measured for the defaults on the shipped "
         f"3.8 s clip; `wanstudio demo` takes about {DEMO_SECONDS} s). Shorter: --max-frames 41 "
         f"--steps 8 --text-scale 1."
@@ -238,3 +240,116 @@ def check_model_memory(cfg, dtype, device, what: str) -> None:
         f"Use a smaller preset (--preset t2v-1.3b or tiny-i2v){half}, or inspect real weights "
         f"with --dit (they stream in, quantized as they load)."
     )
+
+
+def lora_arg(text: str):
+    """``--lora PATH[:STRENGTH]`` -> a :class:`~wanstudio.LoRA` (the file is checked now)."""
+    from .errors import WanstudioError
+    from .lora import LoRA
+
+    path, strength = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            path, strength = head, float(tail)
+        except ValueError:
+            path = text  # a ':' in the path itself (e.g. C:\...): no strength given
+    try:
+        return LoRA(path, strength)
+    except WanstudioError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def sampling_settings(args) -> dict:
+    """Steps, shift, guidance scales and sampler: ``--preset``'s, each overridden when given."""
+    from .options import GenerationPreset, parse_option
+
+    preset = parse_option(GenerationPreset, args.preset).settings.as_kwargs()
+    given = dict(
+        steps=args.steps,
+        shift=args.shift,
+        text_scale=args.text_scale,
+        audio_scale=args.audio_scale,
+        scheduler=args.scheduler,
+    )
+    return {**preset, **{k: v for k, v in given.items() if v is not None}}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 832x480, got {text!r}") from None
+    return w, h
+
+
+def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) -> None:
+    """The generation options shared by ``demo`` and ``infinitetalk``."""
+    from .options import GenerationPreset, Scheduler, SizeClass
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", default=prompt, help="text prompt")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's)")
+    add_option(
+        g,
+        "--size-class",
+        SizeClass,
+        None,
+        "bucket family for the output size (default 480; the tiny preset: 64x64)",
+        metavar="CLASS",
+    )
+    g.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="exact output size instead of a bucket (multiples of 16)",
+    )
+    g.add_argument(
+        "--frame-num",
+        type=int,
+        default=None,
+        help="frames per clip, 4k + 1 (default 81; the tiny preset: 17)",
+    )
+    add_option(
+        g,
+        "--preset",
+        GenerationPreset,
+        GenerationPreset.STANDARD.value,
+        "sampling settings by name; --steps, --shift, --text-scale, --audio-scale and --scheduler "
+        "override single values",
+        metavar="NAME",
+    )
+    g.add_argument("--steps", type=int, default=steps, help="sampling steps per clip (default: the preset's)")
+    g.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="timestep shift (default: the preset's, or 7 at 480, 11 at 720)",
+    )
+    g.add_argument(
+        "--text-scale",
+        type=float,
+        default=None,
+        help="text guidance scale (default: the preset's; 1 and --audio-scale 1: one DiT call per step)",
+    )
+    g.add_argument(
+        "--audio-scale", type=float, default=None, help="audio guidance scale (default: the preset's)"
+    )
+    g.add_argument("--seed", type=int, default=42, help="noise seed")
+    g.add_argument(
+        "--motion-frame", type=int, default=None, help="frames carried from clip to clip (4k + 1; default 9)"
+    )
+    g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
+    g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
+    add_option(g, "--scheduler", Scheduler, None, "sampler (default: the preset's)", metavar="NAME")
+    g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
+    g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
+    g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the finished clips of an earlier run in the work folder and start again",
+    )
+    g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -153,13 +153,10 @@ def speech_tracks(audio, audio2, mix, loudness) -> list[np.ndarray]:
             from ..media import load_audio
 
             wave = load_audio(value, SAMPLE_RATE)
-        else:
-            wave = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        wave = np.asarray(wave, dtype=np.float32)
-        if wave.ndim != 1:
-            raise ShapeError(f"audio arrays must be mono [samples] at 16 kHz, got shape {wave.shape}")
-        if wave.size == 0:
-            raise PipelineError("audio is empty")
+        else:  # an array is refused exactly as a file would be (silent, empty, NaN, not mono)
+            from ..media import check_speech
+
+            wave = check_speech(value, SAMPLE_RATE)
         if loudness is not None:
             from ..media import loudness_normalize
 

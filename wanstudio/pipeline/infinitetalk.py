@@ -315,8 +315,10 @@ class InfiniteTalkPipeline:
         if masks is not None and bboxes is not None:
             raise PipelineError("pass masks or bboxes, not both")
         for name, value in (("image", image), ("audio", audio), ("audio2", audio2)):
-            if isinstance(value, (str, os.PathLike)) and not Path(value).is_file():
-                raise PipelineError(f"{name}: no such file {str(value)!r}")
+            if isinstance(value, (str, os.PathLike)):  # a missing file or a folder: now, not later
+                from ..media import check_input_file
+
+                check_input_file(value, "image" if name == "image" else "audio")
         if out is not None:  # a folder, a read-only disk, a bad suffix: now, not after the run
             from ..media import check_output_path
 

@@ -14,7 +14,16 @@ import torch
 
 from .. import options
 from ..availability import Availability
-from ..options import AttentionMode, BasePrecision, Option, QuantMode, Scheduler, SizeClass, SpeakerMix
+from ..options import (
+    AttentionMode,
+    BasePrecision,
+    GenerationPreset,
+    Option,
+    QuantMode,
+    Scheduler,
+    SizeClass,
+    SpeakerMix,
+)
 from ..studio import attention_availability, precision_availability, quant_availability
 
 SEP = " — "  # between a mode name and the reason it cannot run
@@ -26,6 +35,7 @@ REGISTRIES: dict[str, type[Option]] = {
     "Attention (`attention=`)": AttentionMode,
     "Base precision (`dtype=`)": BasePrecision,
     "Sampler (`scheduler=`)": Scheduler,
+    "Generation preset (`--preset`, the generate panel)": GenerationPreset,
     "Size class (`size_class=`)": SizeClass,
     "Two speakers (`speaker_mix=`)": SpeakerMix,
 }

@@ -21,7 +21,7 @@ import ipywidgets as widgets
 
 from .. import studio
 from ..errors import PipelineError
-from ..options import Scheduler, SizeClass, SpeakerMix, parse_option
+from ..options import GenerationPreset, Scheduler, SizeClass, SpeakerMix, parse_option
 from ..pipeline.infinitetalk import DEFAULT_SHIFT  # the pipeline's own default shift per size
 from . import choices
 from .common import (
@@ -157,6 +157,13 @@ class GeneratePanel(widgets.VBox):
             style=STYLE,
             layout=fit_layout(display="none"),
         )
+        self.preset = widgets.Dropdown(
+            options=choices.choices(GenerationPreset),
+            value=GenerationPreset.STANDARD.value,
+            description="preset",
+            style=STYLE,
+            tooltip="sets sampler, steps, shift and guidance; each stays editable",
+        )
         self.scheduler = widgets.Dropdown(
             options=choices.scheduler_choices(),
             value=Scheduler.EULER.value,
@@ -236,6 +243,7 @@ class GeneratePanel(widgets.VBox):
         self.size_class.observe(
             lambda c: setattr(self.shift, "value", DEFAULT_SHIFT[parse_option(SizeClass, c.new)]), "value"
         )
+        self.preset.observe(lambda c: self.apply_preset(c.new), "value")
         self._speakers_changed()
         self._pipeline_changed()
         if callable(getattr(pipeline, "on_loaded", None)):  # a LoadPanel: its pipeline comes later
@@ -253,6 +261,7 @@ class GeneratePanel(widgets.VBox):
                 heading("Sampling"),
                 self.size_class,
                 self.own_size,
+                self.preset,
                 self.scheduler,
                 self.steps,
                 self.shift,
@@ -287,6 +296,16 @@ class GeneratePanel(widgets.VBox):
     def on_finished(self, callback: Callable) -> None:
         """``callback(panel)`` after every run (finished, cancelled or failed), in the worker thread."""
         self._listeners.append(callback)
+
+    def apply_preset(self, name: str) -> None:
+        """Set sampler, steps, shift and guidance scales to a :class:`GenerationPreset`'s."""
+        settings = parse_option(GenerationPreset, name).settings
+        self.scheduler.value = settings.scheduler.value
+        self.steps.value = settings.steps
+        self.text_scale.value = settings.text_scale
+        self.audio_scale.value = settings.audio_scale
+        size = parse_option(SizeClass, self.size_class.value or SizeClass.P480.value)
+        self.shift.value = settings.shift if settings.shift is not None else DEFAULT_SHIFT[size]
 
     def _speakers_changed(self) -> None:
         self.two_box.layout.display = None if self.speakers.value == 2 else "none"
