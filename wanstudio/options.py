@@ -191,6 +191,37 @@ class SpeakerMix(Option):
     ADD = ("add", "two speakers talk in turn (speaker 1, then speaker 2)")
 
 
+class ParallelMode(Option):
+    """How the processes of a ``torchrun`` launch share the work (``wanstudio.parallel``)."""
+
+    NONE = ("none", "one process computes everything")
+    ULYSSES = (
+        "ulysses",
+        "sequence parallel: tokens split across processes, all-to-all around self-attention",
+        "torchrun, 2+ processes; the attention heads (40 for 14B) divisible by their number",
+    )
+    CFG = (
+        "cfg",
+        "the 2 or 3 guidance calls of a step on different processes",
+        "torchrun with 2 or 3 processes",
+    )
+    ULYSSES_CFG = (
+        "ulysses+cfg",
+        "guidance calls on groups of processes, each group sequence parallel",
+        "torchrun, cfg_size (2 or 3) x a head-count divisor processes",
+    )
+
+    @property
+    def splits_tokens(self) -> bool:
+        """Ulysses sequence parallelism is on."""
+        return self in (ParallelMode.ULYSSES, ParallelMode.ULYSSES_CFG)
+
+    @property
+    def splits_guidance(self) -> bool:
+        """The guidance calls of a step run on different processes."""
+        return self in (ParallelMode.CFG, ParallelMode.ULYSSES_CFG)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a :class:`GenerationPreset` sets (the pipeline's keyword of the same name).
@@ -261,6 +292,7 @@ ATTENTION_MODES: tuple[str, ...] = AttentionMode.names()
 BASE_PRECISIONS: tuple[str, ...] = BasePrecision.names()
 SCHEDULERS: tuple[str, ...] = Scheduler.names()
 GENERATION_PRESETS: tuple[str, ...] = GenerationPreset.names()
+PARALLEL_MODES: tuple[str, ...] = ParallelMode.names()
 
 E = TypeVar("E", bound=Option)
 

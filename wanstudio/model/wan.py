@@ -28,10 +28,12 @@ so they wrap ``run_blocks`` on the instance, and ``forward`` calls the wrapper::
 * A step cache (TeaCache / MagCache) decides from block 0 (its modulated input or its output)
   or from the time embedding, compared with the previous step; it keeps one residual per
   guidance condition (the conditional and unconditional calls of a step differ).
-* Sequence parallelism shards ``tokens`` and ``state.rope`` along L (rank r holds a run of
-  whole latent frames), calls the wrapped ``run_blocks`` per rank and gathers the tokens; the
-  attention gathers what it needs. The InfiniteTalk audio attention groups tokens by latent
-  frame (``model/audio.py``), and two-speaker routing reads latent frame 0's keys.
+* Sequence parallelism (``wanstudio.parallel``) shards ``tokens`` and ``state.rope`` along L
+  (rank r holds tokens r*L/n .. (r+1)*L/n - 1, padded to a multiple of n, frames may straddle
+  ranks), calls the wrapped ``run_blocks`` per rank and gathers the tokens. Self-attention
+  exchanges tokens for heads through the hook in ``SelfAttention.sequence_parallel`` (which
+  also computes the two-speaker map over every token); the audio attention reads the rank's
+  token range from ``AudioCrossAttention.sequence_parallel`` and groups its tokens by frame.
 """
 
 from __future__ import annotations
