@@ -20,7 +20,7 @@ LAYERS = {
     4: {"checkpoints", "encoders", "media"},
     5: {"pipeline"},
     6: {"studio"},
-    7: {"widgets", "cli", "bench", "__init__", "__main__", "train", "eval"},
+    7: {"widgets", "cli", "cli_support", "bench", "__init__", "__main__", "train", "eval"},
 }
 LAYER_OF = {unit: layer for layer, units in LAYERS.items() for unit in units}
 
