@@ -633,3 +633,19 @@ def test_sageattn_3_fp8_uses_hoppers_own_kernel(machine, capability, kernel):
     q, k, v = qkv(1, 20, 30, dtype=torch.float16)
     A.attention(q, k, v, mode=M.SAGEATTN_3_FP8)
     assert used[-1] == (kernel, "NHD", "fp32+fp32")
+
+
+def test_the_registry_collects_every_backend_module():
+    """Adding a backend is an option plus one module declaring ``MODES`` (docs/ARCHITECTURE.md)."""
+    import importlib
+    import pathlib
+    import pkgutil
+
+    from wanstudio.attention_backends import registry
+
+    declared = {}
+    folder = str(pathlib.Path(registry.__file__).parent)
+    for info in pkgutil.iter_modules([folder]):
+        module = importlib.import_module(f"wanstudio.attention_backends.{info.name}")
+        declared.update(getattr(module, "MODES", {}))
+    assert declared == registry.BACKENDS and set(declared) == set(M)

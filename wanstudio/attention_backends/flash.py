@@ -9,6 +9,7 @@ FA2 elsewhere, then the others in turn.
 from __future__ import annotations
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from . import base
 from .base import HALF, AttentionBackend, DeviceInfo, Kernel, Needs, Unavailable, qkv_contract
 
@@ -104,3 +105,10 @@ FLASH_ATTN = AttentionBackend(
     load=_load_best,
     probe=False,  # the candidate it returns was probed
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {
+    AttentionMode.FLASH_ATTN: FLASH_ATTN,
+    AttentionMode.FLASH_ATTN_2: FLASH_ATTN_2,
+    AttentionMode.FLASH_ATTN_3: FLASH_ATTN_3,
+}
