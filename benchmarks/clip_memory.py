@@ -8,7 +8,7 @@ audio encoding, the VAE encode of the conditioning video, one DiT forward (a sam
 
 * ``resident``: every part on the GPU, VAE untiled (the pipeline as it is);
 * ``offload+tiles``: encoders on the GPU only while they run (``EncoderPlacement``, pinned
-  host copies), VAE tiled (``VAETiling()``), no block swap;
+  host copies), VAE tiled (``VAETiling()``), no block swap; ``+text on CPU``: and umT5 on the CPU;
 * ``16 GB`` / ``12 GB`` card: ``torch.cuda.set_per_process_memory_fraction`` caps the allocator
   at the card minus 0.6 GiB for the CUDA context, and the plan of ``offload.plan_memory`` (from
   the measured part sizes) is applied: block swap, encoder placement, text encoder on the CPU,
@@ -20,6 +20,8 @@ the phase ran out of memory.
 
     python benchmarks/clip_memory.py           # ~5 min on an H200
     python benchmarks/clip_memory.py --quick   # ~1 min: 10 DiT blocks, 6 umT5 layers, 33 frames
+    python benchmarks/clip_memory.py --tiny    # tiny presets, 9 frames of 64 x 96: a rehearsal
+                                               # of every path (on the CPU: no peaks, no swap)
 """
 
 from __future__ import annotations
@@ -53,6 +55,21 @@ PHASES = ("text", "image", "audio", "vae_encode", "dit", "vae_decode")
 PLAN_PHASE = dict(
     text="text", image="image", audio="audio", vae_encode="vae", dit="denoise", vae_decode="vae"
 )
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_tiny() -> dict:
+    torch.manual_seed(0)
+    cfg = ws.WanConfig.preset("tiny-infinitetalk")
+    dit = ws.WanModel(cfg, device=DEVICE).eval().requires_grad_(False)
+    parts = dict(
+        dit=dit, vae=VAE.tiny(), text=TextEncoder.tiny(), image=ImageEncoder.tiny(), audio=AudioEncoder.tiny()
+    )
+    for n in ("vae", "text", "image", "audio"):
+        parts[n].model.to(DEVICE)
+    return parts
 
 
 def build(quick: bool) -> dict:
@@ -108,7 +125,7 @@ def inputs(cfg, frames: int, height: int, width: int) -> dict:
     wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     lat = (1 + (frames - 1) // 4, height // 8, width // 8)
     model_inputs = ws.ModelInputs.example(
-        cfg, frames=lat[0], height=lat[1], width=lat[2], text_tokens=12, clip_tokens=257, device="cuda"
+        cfg, frames=lat[0], height=lat[1], width=lat[2], text_tokens=12, clip_tokens=257, device=DEVICE
     )
     return dict(
         image=torch.rand(1, 3, height, width, generator=g) * 2 - 1,
@@ -120,8 +137,12 @@ def inputs(cfg, frames: int, height: int, width: int) -> dict:
 
 
 def timed(fn: Callable[[], object]) -> tuple[float | None, float]:
-    """(peak GiB or None on OOM, seconds) of fn, every earlier allocation still counted."""
+    """(peak GiB, or None on OOM / off CUDA, seconds) of fn, earlier allocations counted."""
     gc.collect()
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        fn()
+        return None, time.perf_counter() - start
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -150,12 +171,12 @@ def run_clip(parts: dict, data: dict, placement: EncoderPlacement | None, tiled:
     frames, (_, _, H, W) = data["frames"], data["image"].shape
     results = {
         "text": timed(enc("text", ["a person talking to the camera", "blurry, static"])),
-        "image": timed(enc("image", data["image"].cuda())),
+        "image": timed(enc("image", data["image"].to(DEVICE))),
         "audio": timed(enc("audio", data["wave"], sample_rate=16000, num_frames=frames)),
     }
 
     def vae_encode():
-        video = torch.zeros(1, 3, frames, H, W, device="cpu" if tiled else "cuda")  # tiles: host
+        video = torch.zeros(1, 3, frames, H, W, device="cpu" if tiled else DEVICE)  # tiles: host
         video[:, :, 0] = data["image"]
         return vae.encode(video, tiled=tiled)
 
@@ -168,23 +189,24 @@ def run_clip(parts: dict, data: dict, placement: EncoderPlacement | None, tiled:
 
     results["dit"] = timed(dit_forward)
     decode_kw = dict(tiled=True, out_device="cpu") if tiled else {}
-    results["vae_decode"] = timed(lambda: vae.decode(data["latents"].cuda(), **decode_kw))
+    results["vae_decode"] = timed(lambda: vae.decode(data["latents"].to(DEVICE), **decode_kw))
     return results
 
 
 def to_gpu(parts: dict, names) -> None:
     for n in names:
-        parts[n].model.to("cuda")
+        parts[n].model.to(DEVICE)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="10 DiT blocks, 6 umT5 layers, 33 frames (~1 min)")
+    p.add_argument("--tiny", action="store_true", help="tiny presets, 9 frames of 64 x 96 (rehearsal)")
     p.add_argument("--cards", type=float, nargs="+", default=[16, 12], help="card sizes to emulate, GB")
     args = p.parse_args(argv)
-    frames, height, width = (33 if args.quick else 81), 480, 832
+    frames, height, width = (9, 64, 96) if args.tiny else ((33 if args.quick else 81), 480, 832)
     t0 = time.perf_counter()
-    parts = build(args.quick)
+    parts = build_tiny() if args.tiny else build(args.quick)
     dit, vae = parts["dit"], parts["vae"]
     cfg = dit.config
     data = inputs(cfg, frames, height, width)
@@ -202,14 +224,14 @@ def main(argv=None) -> int:
         ),
     )
     print(f"built in {time.perf_counter() - t0:.0f} s; {sizes.describe()}", flush=True)
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda" else 0
     rows = []
 
-    scenarios = [("resident", None), ("offload+tiles", None)] + [(f"{c:g} GB card", c) for c in args.cards]
+    scenarios = [("resident", None), ("offload+tiles", None), ("+text on CPU", None)]
+    scenarios += [(f"{c:g} GB card", c) for c in args.cards]
     for name, card in scenarios:
         start = time.perf_counter()
         disable_block_swap(dit)
-        torch.cuda.set_per_process_memory_fraction(1.0)
         placement = None
         if name == "resident":
             to_gpu(parts, ("text", "image", "audio"))
@@ -229,7 +251,7 @@ def main(argv=None) -> int:
                 **plan_kw,
                 blocks_to_swap=0,
                 offload_encoders=True,
-                text_on_cpu=False,
+                text_on_cpu=name == "+text on CPU",
                 tile_vae=True,
             )
         else:
@@ -241,23 +263,25 @@ def main(argv=None) -> int:
                 continue
         if name != "resident":
             placement = EncoderPlacement(
-                "cuda", park="cpu", pin=True, text_device="cpu" if plan.text_on_cpu else None
+                DEVICE, park="cpu", pin=True, text_device="cpu" if plan.text_on_cpu else None
             )
             for n in ("text", "image", "audio"):
                 if plan.offload_encoders or (n == "text" and plan.text_on_cpu):
                     placement.park(parts[n], name=n)
                 else:
-                    parts[n].model.to("cuda")
+                    parts[n].model.to(DEVICE)
             if plan.text_on_cpu:
                 parts["text"].model.to("cpu")
-            if plan.blocks_to_swap:
+            if plan.blocks_to_swap and DEVICE == "cuda":
                 enable_block_swap(dit, plan.blocks_to_swap, prefetch=plan.prefetch, device="cuda")
         gc.collect()
-        torch.cuda.empty_cache()
-        if card is not None:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, (card - CONTEXT_GIB) * GiB / total))
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            fraction = (card - CONTEXT_GIB) * GiB / total if card is not None else 1.0
+            torch.cuda.set_per_process_memory_fraction(min(1.0, fraction))
         results = run_clip(parts, data, placement, plan.tile_vae)
-        torch.cuda.set_per_process_memory_fraction(1.0)
+        if DEVICE == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
         desc = (
             f"swap {plan.blocks_to_swap}/{plan.num_blocks} p{plan.prefetch}"
             + (", enc offload" if plan.offload_encoders else "")
@@ -269,10 +293,15 @@ def main(argv=None) -> int:
         if plan is not None and card is not None:
             print(plan.summary(), flush=True)
 
+    card_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (no peaks)"
+    models = (
+        "tiny presets"
+        if args.tiny
+        else f"infinitetalk-14b{' (10 blocks)' if args.quick else ''} fp8_e4m3fn_scaled + umT5-XXL"
+        f"{' (6 layers)' if args.quick else ''} bf16 + CLIP ViT-H fp16 + wav2vec2-base + Wan VAE bf16"
+    )
     print(
-        f"\nCard: {torch.cuda.get_device_name()}, torch {torch.__version__}; infinitetalk-14b"
-        f"{' (10 blocks)' if args.quick else ''} fp8_e4m3fn_scaled + umT5-XXL{' (6 layers)' if args.quick else ''}"
-        f" bf16 + CLIP ViT-H fp16 + wav2vec2-base + Wan VAE bf16, random weights; {width}x{height}, "
+        f"\nCard: {card_name}, torch {torch.__version__}; {models}, random weights; {width}x{height}, "
         f"{frames} frames. Peak GiB per phase (max_memory_allocated), planner's prediction without "
         f"its reserve in brackets. Card scenarios cap the allocator at the card minus {CONTEXT_GIB} GiB.\n"
     )
@@ -288,7 +317,10 @@ def main(argv=None) -> int:
             peak, secs = results[phase]
             guess = predicted.get(PLAN_PHASE[phase])
             guess_s = f" ({guess:.1f})" if guess is not None else ""
-            cells.append(f"OOM{guess_s}" if peak is None else f"{peak:.1f}{guess_s} {secs:.1f}s")
+            if peak is None:
+                cells.append(f"{'OOM' if DEVICE == 'cuda' else '-'}{guess_s} {secs:.1f}s")
+            else:
+                cells.append(f"{peak:.1f}{guess_s} {secs:.1f}s")
             if peak is not None:
                 peaks.append(peak)
         worst = f"{max(peaks):.1f}" if peaks else "-"
