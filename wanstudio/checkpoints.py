@@ -291,7 +291,10 @@ def load_model(
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
     mode = _storage_mode(modes.quantization, entries, info)
-    placement = _placement(model, device, modes.blocks_to_swap)
+    swap_at_load = modes.blocks_to_swap
+    if swap_at_load == "auto":  # every block to the host while loading; apply_modes plans the rest
+        swap_at_load = cfg.num_layers if device.type == "cuda" else 0
+    placement = _placement(model, device, swap_at_load)
     loras = LoraSet(modes.loras, model_shapes) if modes.loras else None  # checked before reading
     quantized = _swap_in_quantized_layers(model, mode, dtype)
     for name in model_shapes:
