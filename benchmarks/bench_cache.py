@@ -6,13 +6,15 @@ with text 5 / audio 4 guidance: 3 DiT calls per step (cond, drop-text, uncond). 
 the same loop from the same noise; the table gives its wall time, the DiT calls it computed and
 skipped, and the PSNR of its final latents against the uncached run's.
 
-Random weights, no trained model: TeaCache's e0 signal comes from a random time embedding, so
-its skip pattern here says nothing about the trained model's (MagCache's depends on the step
-count only, so it is the real one). The PSNR measures how far reuse moves *this* random model's
+Random weights, no trained model: TeaCache's e0 signal comes from a random time embedding, which
+is not smooth in t (e0 changes ~50-70% between steps, rescaled to ~5e4), so e0-TeaCache skips
+nothing here; that says nothing about the trained model. MagCache's pattern depends on the step
+count only, so it is the real one. The PSNR measures how far reuse moves *this* random model's
 trajectory, not video quality.
 
-    python benchmarks/bench_cache.py            # all 40 blocks: ~15-20 min eager on an H200
-    python benchmarks/bench_cache.py --quick    # 6 of the 40 blocks, same shapes: under 5 min
+    python benchmarks/bench_cache.py            # all 40 blocks: ~15 min eager on an H200
+    python benchmarks/bench_cache.py --quick    # 6 of the 40 blocks, same shapes: ~3.5 min
+    python benchmarks/bench_cache.py --quick --modes none teacache magcache teacache:modulated
     python benchmarks/bench_cache.py --compile --quant fp8_e4m3fn_scaled_fast --teacache-threshold 0.3
 """
 
@@ -107,7 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--quant", default="disabled")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--modes", nargs="+", default=["none", "teacache", "magcache"])
+    p.add_argument(
+        "--modes", nargs="+", default=["none", "teacache", "magcache"], help="also e.g. teacache:modulated"
+    )
     p.add_argument("--teacache-threshold", type=float, default=None)
     p.add_argument("--teacache-indicator", default="e0")
     p.add_argument("--magcache-threshold", type=float, default=None)
@@ -135,7 +139,9 @@ def main(argv=None) -> int:
     }
     rows, reference = [], None
     for mode in ["none", *[m for m in args.modes if m != "none"]]:
-        cache = make_cache(mode, **options[mode])
+        name, _, indicator = mode.partition(":")  # "teacache:modulated": another indicator
+        kw = {**options[name], **({"indicator": indicator} if indicator else {})}
+        cache = make_cache(name, **kw)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         latents, seconds = run(model, cache, parts, args.steps, args.shift)
@@ -147,6 +153,11 @@ def main(argv=None) -> int:
         print(summary, flush=True)
         for key in (Condition.COND, Condition.UNCOND):
             print(f"  {key.name.lower()} skipped steps: {list(summary.skipped_steps(key))}", flush=True)
+        values = [
+            round(d.value, 4) for d in summary.decisions if d.key is Condition.COND and d.value is not None
+        ]
+        if values:  # what was compared with the threshold, first steps that were considered
+            print(f"  cond accumulated values: {values[:10]}", flush=True)
         gc.collect()
 
     n = model.config.num_layers
