@@ -222,6 +222,44 @@ class ParallelMode(Option):
         return self in (ParallelMode.CFG, ParallelMode.ULYSSES_CFG)
 
 
+class CacheMode(Option):
+    """Step caching: reuse a condition's last block residual instead of running the blocks."""
+
+    NONE = ("none", "every DiT call runs every block")
+    TEACACHE = (
+        "teacache",
+        "TeaCache: skip a condition's blocks while the accumulated, polynomial-rescaled change of "
+        "its time signal stays under the threshold (first steps and the last step always run)",
+    )
+    MAGCACHE = (
+        "magcache",
+        "MagCache: skip while the accumulated error of the published residual magnitude ratios "
+        "stays under the threshold, at most K steps in a row (first 20% and the last step run)",
+    )
+
+    @property
+    def default_threshold(self) -> float:
+        """TeaCache 0.2 (InfiniteTalk's --teacache_thresh default), MagCache 0.12
+        (MagCache4Wan2.1's --magcache_thresh default), 0 for none."""
+        return {"none": 0.0, "teacache": 0.2, "magcache": 0.12}[self.value]
+
+
+class TeaCacheIndicator(Option):
+    """What TeaCache compares between a condition's consecutive calls."""
+
+    E0 = (
+        "e0",
+        "the block modulation e0 = time_projection(e): the published Wan2.1 i2v coefficients "
+        "with use_ret_steps (InfiniteTalk's default); 5 retained steps",
+    )
+    E = ("e", "the time embedding e: the published Wan2.1 i2v coefficients without retention steps")
+    MODULATED = (
+        "modulated",
+        "block 0's modulated input LN(x) (1 + scale) + shift (the TeaCache paper's signal); no "
+        "published Wan polynomial: the raw relative L1 accumulates, so use a smaller threshold",
+    )
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a :class:`GenerationPreset` sets (the pipeline's keyword of the same name).
@@ -293,6 +331,7 @@ BASE_PRECISIONS: tuple[str, ...] = BasePrecision.names()
 SCHEDULERS: tuple[str, ...] = Scheduler.names()
 GENERATION_PRESETS: tuple[str, ...] = GenerationPreset.names()
 PARALLEL_MODES: tuple[str, ...] = ParallelMode.names()
+CACHE_MODES: tuple[str, ...] = CacheMode.names()
 
 E = TypeVar("E", bound=Option)
 
