@@ -171,6 +171,60 @@ def scan_checkpoint(paths) -> tuple[dict[str, TensorEntry], CheckpointInfo]:
     return entries, info
 
 
+# --- what a file is ------------------------------------------------------------------------------
+def _group(name: str) -> str:
+    """The tensor group a name belongs to: 'blocks.*.self_attn', 'audio_proj', 'head', ..."""
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 3:
+        return f"blocks.*.{parts[2]}"
+    return parts[0]
+
+
+def describe_checkpoint(paths) -> str:
+    """What checkpoint file(s) hold, from their headers alone (``wanstudio doctor --file``):
+    the format of each file, how the weights of each tensor group are stored, the model they
+    belong to (the config inferred from the shapes) and the mode each quantizable layer runs
+    in with ``quantization="disabled"``. Raises :class:`CheckpointError` for unreadable files."""
+    from .config import PRESETS
+    from .model import WanModel
+    from .quant import QuantMix
+
+    entries, info = scan_checkpoint(paths)
+    lines = [f"{path}: {fmt}" for path, fmt in zip(info.files, info.formats)]
+    for path in info.files:
+        if is_gguf(path):
+            meta = GGUFFile(path).metadata
+            lines.append(
+                "  gguf metadata: "
+                + ", ".join(f"{k}={v}" for k, v in meta.items() if k.startswith("general."))
+            )
+    lines.append(f"{info.tensors} tensors, {info.bytes / 2**30:.2f} GiB")
+    groups: dict[str, dict[str, int]] = {}
+    file_format = dict(zip(info.files, info.formats))
+    for name, entry in entries.items():
+        if name.endswith(".weight") and len(entry.shape) >= 2:
+            label = stored_label(entries, name, info.scaled_fp8_files, file_format[entry.path])
+            counts = groups.setdefault(_group(name), {})
+            counts[label] = counts.get(label, 0) + 1
+    lines.append("weights stored as:")
+    for group, counts in groups.items():
+        lines.append(f"  {group}: " + ", ".join(f"{n} {label}" for label, n in counts.items()))
+    try:
+        cfg = WanConfig.from_state_dict({k: e.shape for k, e in entries.items()})
+    except ConfigError as e:
+        hint = _diagnose([], sorted(entries), WanConfig(), info).removeprefix("\nDiagnosis: ")
+        lines.append(f"model: not a whole DiT ({e}){'; ' + hint if hint else ''}")
+        return "\n".join(lines)
+    preset = next((name for name, p in PRESETS.items() if p == cfg), None)
+    kind = f"{cfg.model_type}{' + InfiniteTalk audio' if cfg.audio else ''}"
+    lines.append(
+        f"model: {preset or 'no preset'} ({kind}, {cfg.num_layers} blocks, dim {cfg.dim}, ffn {cfg.ffn_dim})"
+    )
+    modes = _layer_modes(WanModel(cfg, device="meta"), QuantMode.DISABLED, entries, info)
+    lines.append(f"quantization='disabled' runs its quantizable layers as: {QuantMix.of(modes)}")
+    return "\n".join(lines)
+
+
 # --- diagnosis -----------------------------------------------------------------------------------------
 def _diagnose(missing: list[str], unexpected: list[str], cfg: WanConfig, info: CheckpointInfo) -> str:
     hints = []

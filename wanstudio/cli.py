@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="what works on this machine and why not")
     doctor.add_argument("--device", default=None, help="device to check (default: cuda if any)")
+    doctor.add_argument("--file", default=None, help="describe a checkpoint file: format, storage, model")
     return parser
 
 
@@ -385,6 +386,10 @@ def cmd_doctor(args) -> int:
     lines += [f"  {line}" for line in _attention_report(device)]
     swap = "available" if device.type == "cuda" else "not available: it streams blocks to a CUDA GPU"
     lines.append(f"block swap (--blocks-to-swap): {swap}")
+    if args.file:
+        from .checkpoints import describe_checkpoint
+
+        lines += ["checkpoint:", *(f"  {line}" for line in describe_checkpoint(args.file).splitlines())]
     print("\n".join(lines))
     return 0
 
