@@ -249,3 +249,17 @@ def test_doctor_file_prints_what_a_file_is(tmp_path, talk, capsys):
     out = capsys.readouterr().out
     assert "checkpoint:" in out and "q.safetensors: quanto" in out
     assert "blocks.*.ffn: 4 quanto qint8" in out and "runs its quantizable layers as: gguf_q8_0" in out
+
+
+def test_a_damaged_file_of_a_mixed_set_is_named(tmp_path, talk):
+    paths, _ = kijai_pair(talk, tmp_path)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[:-64])  # the InfiniteTalk file, truncated
+    with pytest.raises(
+        CheckpointError, match=r"InfiniteTalk-Single_fp8_e4m3fn_scaled_KJ\.safetensors: .*truncated"
+    ):
+        ws.load_model(paths)
+    quanto_file(talk, tmp_path / "q.safetensors")
+    tmp_path.joinpath("q.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"q\.json: not a quanto quantization map"):
+        ws.load_model(tmp_path / "q.safetensors")

@@ -333,7 +333,8 @@ def load_model(
     """Build a WanModel from checkpoint files, streaming tensors to ``device`` in their dtype.
 
     Args:
-        paths: a .safetensors file, an index json, a folder, or a list of these merged in order.
+        paths: a .safetensors or .gguf file, an index json, a folder, or a list of these
+            merged in order.
         config: a WanConfig, a preset name, or None to infer it from the tensors' shapes.
         device: where the weights live (swapped blocks: pinned host memory).
         modes: a :class:`~wanstudio.modes.RuntimeModes` (default bf16, no quantization, sdpa).
@@ -346,6 +347,12 @@ def load_model(
     Layers are quantized tensor by tensor while they stream (LoRAs merged into each weight
     first, in fp32), so the base-precision model never exists; :func:`~wanstudio.modes.apply_modes` then sets attention, block swap, strict layout
     and compilation.
+
+    ``paths`` may mix formats (safetensors, GGUF, quanto; fp8 of either kind per tensor). With
+    ``quantization="disabled"`` each quantizable layer runs in its weight's storage mode
+    (``storage.storage_mode``); ``model.quantization`` is then one :class:`QuantMode`, or a
+    :class:`~wanstudio.quant.QuantMix` when the layers differ. ``model.checkpoint_info`` is the
+    :class:`CheckpointInfo` (its ``storage`` counts the weights per stored format).
     """
     from .model import WanModel
     from .quant import QuantMix
