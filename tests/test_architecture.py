@@ -14,7 +14,7 @@ MAX_LINES = 600
 # docs/ARCHITECTURE.md, "Layers": the first dotted part of a module's name decides its layer.
 LAYERS = {
     0: {"errors", "options", "config", "layout", "atomic", "availability"},
-    1: {"weights", "attention", "attention_backends", "quant"},
+    1: {"weights", "gguf_file", "storage", "attention", "attention_backends", "quant"},
     2: {"model"},
     3: {"offload", "lora", "fusion", "inspector", "modes", "cache", "parallel"},
     4: {"checkpoints", "encoders", "media"},

@@ -41,7 +41,7 @@ class Option(str, Enum):
 class QuantMode(Option):
     DISABLED = (
         "disabled",
-        "base precision; fp8 / scaled-fp8 checkpoints run in their matching storage mode",
+        "base precision; layers stored as fp8 / GGUF Q8_0 / quanto run in the storage mode of their file",
     )
     FP8_E4M3FN = ("fp8_e4m3fn", "fp8 e4m3 weights (direct cast), upcast before the matmul")
     FP8_E4M3FN_FAST = (
@@ -86,6 +86,10 @@ class QuantMode(Option):
         "NVFP4 weights; native FP4 matmul on Blackwell, fused dequantize path elsewhere",
         "Blackwell (sm100 / sm120) for the native path; any device otherwise",
     )
+    GGUF_Q8_0 = (
+        "gguf_q8_0",
+        "GGUF Q8_0: int8 weights + fp16 scale per 32 along K (8.5 bits), dequantized per layer",
+    )
 
     @property
     def is_fp8(self) -> bool:
@@ -102,6 +106,10 @@ class QuantMode(Option):
     @property
     def is_fast(self) -> bool:
         return self.value.endswith("_fast")
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.value.startswith("gguf")
 
 
 class AttentionMode(Option):
