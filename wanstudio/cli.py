@@ -203,6 +203,8 @@ def _generation_kwargs(args) -> dict:
         overwrite=args.overwrite,
         progress=_progress(args),
         tiled_vae=args.tiled_vae,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
         **sampling,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
     )

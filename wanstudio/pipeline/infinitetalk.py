@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from ..atomic import remove_stale_parts
+from ..cache import check_cache_for_steps
 from ..errors import PipelineError
 from ..modes import RuntimeModes
-from ..options import BasePrecision, QuantMode, Scheduler, SizeClass, SpeakerMix, parse_option
+from ..options import BasePrecision, CacheMode, QuantMode, Scheduler, SizeClass, SpeakerMix, parse_option
 from . import loading
 from .clips import ClipPlan, ClipSampling, oom_error, overwrite_head, resume_hint, run_clips, to_uint8_frames
 from .conditioning import (
@@ -89,6 +90,7 @@ class GeneratedVideo:
     resumed_clips: int
     seconds: float  # wall time of the call
     fps: int = FPS
+    cache: object | None = None  # cache.CacheSummary of the step cache (None: no cache)
 
     @property
     def duration(self) -> float:
@@ -98,10 +100,11 @@ class GeneratedVideo:
         w, h = self.size
         resumed = f" ({self.resumed_clips} resumed)" if self.resumed_clips else ""
         where = f" -> {self.path}" if self.path else ""
-        return (
+        text = (
             f"{self.num_frames} frames ({self.duration:.2f} s at {self.fps} fps), {w}x{h}, "
             f"{self.clips} clip(s){resumed}, {self.seconds:.1f} s{where}"
         )
+        return text if self.cache is None else f"{text}; step cache {self.cache}"
 
     def __repr__(self) -> str:
         return f"GeneratedVideo({self.summary()})"
@@ -233,6 +236,8 @@ class InfiniteTalkPipeline:
         overwrite: bool = False,
         progress=None,
         keep_frames: bool = True,
+        cache: CacheMode | str = CacheMode.NONE,
+        cache_threshold: float | None = None,
         tiled_vae: bool = False,
         loudness: float | None = -23.0,
     ) -> GeneratedVideo:
@@ -264,6 +269,9 @@ class InfiniteTalkPipeline:
                 again (without it, and without ``resume``, they are an error, never deleted).
             progress: callback for :class:`ProgressEvent`; None = tqdm bar, False = silent.
             keep_frames: return the frames (uint8); False keeps memory flat for long videos.
+            cache / cache_threshold: a step cache (``none`` / ``teacache`` / ``magcache``, cache.py)
+                that reuses the blocks' residual on steps whose input barely changed; threshold
+                None takes the mode's default. Refused below 10 steps (the distilled setting).
             tiled_vae: decode with the VAE's tiling (less memory at high resolution).
             loudness: LUFS target for each speech track (None skips the normalisation).
 
@@ -284,7 +292,17 @@ class InfiniteTalkPipeline:
         shift = DEFAULT_SHIFT[size_class] if shift is None else shift
         check_schedule_args(steps, shift)
         guidance_cfg = GuidanceConfig(text_scale=text_scale, audio_scale=audio_scale, apg=bool(apg))
-        sampling = ClipSampling(steps, shift, scheduler, guidance_cfg, tiled_vae=tiled_vae)
+        cache = parse_option(CacheMode, cache)
+        check_cache_for_steps(cache, steps)  # the distilled 4-8 steps: nothing to skip, say so
+        sampling = ClipSampling(
+            steps,
+            shift,
+            scheduler,
+            guidance_cfg,
+            tiled_vae=tiled_vae,
+            cache=cache,
+            cache_threshold=cache_threshold,
+        )
         frame_num = self.default_frame_num if frame_num is None else frame_num
         stride_t = self.vae.temporal_stride
         _check_int("frame_num", frame_num, 1 + stride_t)
@@ -377,6 +395,8 @@ class InfiniteTalkPipeline:
             max_frames=max_frames,
             color_correction=float(color_correction),
             tiled_vae=bool(tiled_vae),
+            cache=cache.value,
+            cache_threshold=cache_threshold,
         )
         temporary = work_dir is None
         if work_dir is None:
@@ -432,6 +452,7 @@ class InfiniteTalkPipeline:
             clips=plan.clips,
             resumed_clips=resumed,
             seconds=time.perf_counter() - t_call,
+            cache=sampling.last_cache_summary,
         )
 
 
