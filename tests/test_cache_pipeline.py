@@ -35,6 +35,7 @@ def test_threshold_zero_is_bitwise_the_uncached_video(pipe, image):
     assert cached.cache.calls == 2 * ARGS["steps"]  # two conditions a step at text scale 1
 
 
+@pytest.mark.slow
 def test_a_skipping_cache_says_what_it_skipped_and_resets_each_clip(pipe, image):
     wave = speech(1.3)  # max_frames 29: two clips of 17 frames with 5 carried
     out = pipe(image, wave, cache="magcache", cache_threshold=1.0, **ARGS)

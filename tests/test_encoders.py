@@ -474,6 +474,7 @@ def test_audio_encoder_refuses_other_sample_rates_and_stereo(audio):
 # --- VAE -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_official_wan_vae_file_matches_the_diffusers_model(vae, tmp_path):
     path = _save(official_vae(vae.model.state_dict()), tmp_path / "Wan2.1_VAE.pth")
     loaded = VAE.from_files(path, dtype=torch.float32, config=vae.model.config)
@@ -505,6 +506,7 @@ def test_vae_latents_are_normalised_posterior_means(vae):
     assert decoded.min() >= -1 and decoded.max() <= 1
 
 
+@pytest.mark.slow
 def test_tiled_decode(vae):
     latents = torch.randn(1, 16, 1, 4, 6)  # 32 x 48 px: 1 x 2 tiles of 32 px every 16 px
     whole = vae.decode(latents)

@@ -622,6 +622,7 @@ def test_layout_panel_on_the_real_inspector_with_a_simulated_block_swap():
     assert len(studio.report_rows(report.filter(only_non_contiguous=True))) < len(report.rows)
 
 
+@pytest.mark.slow
 def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_counted():
     torch.manual_seed(0)
     model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
@@ -641,6 +642,7 @@ def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_count
     assert "hidden cop" in str(cost)
 
 
+@pytest.mark.slow
 def test_compare_quant_modes(tiny_model):
     modes = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
     cmp = studio.compare_quant_modes(tiny_model, modes)
