@@ -304,10 +304,6 @@ class LayoutContract:
             )
         return "\n".join(lines)
 
-    # the old private name, kept for callers that used it
-    def _message(self, where: str, op: Operand, t: torch.Tensor, found: list[Violation]) -> str:
-        return self.message(where, op, t, found, strict=strict_enabled())
-
 
 def _compile_check(op: Operand) -> Callable[[torch.Tensor], bool]:
     """The hot-path check of one operand: a straight-line function with only the rules it
@@ -356,11 +352,6 @@ def _compile_check(op: Operand) -> Callable[[torch.Tensor], bool]:
     check = namespace["check"]
     check.__doc__ = source
     return check
-
-
-def _operand_ok(op: Operand, t: torch.Tensor) -> bool:
-    """True when ``t`` meets ``op`` (see :func:`_compile_check`)."""
-    return op._ok(t)
 
 
 def _check_operand(op: Operand, t: torch.Tensor) -> list[Violation]:

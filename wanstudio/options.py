@@ -2,7 +2,7 @@
 
 Every mode name a user can type lives here, once. Widgets, the CLI and the docs table derive
 their choices from these enums; other modules refer to members (``QuantMode.FP8_E4M3FN_FAST``),
-never to the strings. Meanings are in ``shared/design/MODES.md``.
+never to the strings. Meanings are in ``docs/MODES.md``.
 """
 
 from __future__ import annotations

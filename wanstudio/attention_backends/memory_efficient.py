@@ -1,6 +1,6 @@
 """xformers ``memory_efficient_attention``.
 
-A wheel built for another torch imports fine but loads no kernels (MODES.md: xformers 0.0.35
+A wheel built for another torch imports fine but loads no kernels (docs/MODES.md: xformers 0.0.35
 under torch 2.11), and then fails at the first call with "No operator found": the probe's
 tiny call finds this, and the reason quotes xformers' own build metadata.
 """

@@ -121,7 +121,7 @@ SAGEATTN = AttentionBackend(
     needs=Needs(min_capability=(8, 0), arch_label="Ampere or newer", head_dims=(64, 96, 128)),
     contract=_NHD_CONTRACT,
     load=_load_sageattn,
-    rel_tol=0.03,  # MODES.md: 1.4 % at Wan-14B shapes (sageattention 1.0.6, H200)
+    rel_tol=0.03,  # docs/MODES.md: 1.4 % at Wan-14B shapes (sageattention 1.0.6, H200)
 )
 SAGEATTN_3 = AttentionBackend(
     name="sageattn_3",

@@ -1,5 +1,5 @@
 """InfiniteTalk's audio path: audio projection, per-frame audio cross-attention and the
-two-speaker routing (WAN_SPEC.md §4)."""
+two-speaker routing (docs/WAN_SPEC.md §4)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """WanModel: the Wan2.1 DiT (t2v / i2v) with optional InfiniteTalk audio modules.
 
-Parameter names are the official checkpoint keys (``WAN_SPEC.md`` §2); ``state_dict()`` holds
+Parameter names are the official checkpoint keys (``docs/WAN_SPEC.md`` §2); ``state_dict()`` holds
 nothing else (RoPE tables are computed, never stored).
 
 The seam. ``forward`` is three stages, each usable on its own::

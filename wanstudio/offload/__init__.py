@@ -1,6 +1,6 @@
 """Block swap: run a DiT whose last N blocks live in pinned host memory.
 
-Semantics are in ``shared/design/MODES.md`` (Block swap). How it is done here:
+Semantics are in ``docs/MODES.md`` (Block swap). How it is done here:
 
 * **Units.** The swapped units are the last N of ``model.blocks`` plus, when asked,
   ``text_embedding`` and ``img_emb``. Each one is packed once into its own pinned host buffer:

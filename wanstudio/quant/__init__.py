@@ -1,7 +1,7 @@
 """Quantization of the DiT's Linear layers: fp8 (plain / scaled / fast), real fp4, GGUF Q8_0.
 
 Every mode of :class:`wanstudio.options.QuantMode` is implemented with the meaning
-``shared/design/MODES.md`` gives it:
+``docs/MODES.md`` gives it:
 
 * :func:`quantize` swaps ``nn.Linear`` layers for :class:`QuantizedLinear` in place;
 * :func:`quantize_weight` quantizes one tensor (the checkpoint loader's entry point);

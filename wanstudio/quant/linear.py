@@ -234,7 +234,7 @@ def _fp4_native_blocker(device: torch.device, k: int | None, n: int | None) -> s
 
 
 class QuantizedLinear(nn.Module):
-    """A Linear whose weight is stored quantized per :class:`QuantMode` (see MODES.md).
+    """A Linear whose weight is stored quantized per :class:`QuantMode` (see docs/MODES.md).
 
     Args:
         in_features: K.

@@ -2,7 +2,7 @@
 
 Every member of ``QuantMode`` has a :class:`QuantSpec` here (or a refusal in ``REFUSED`` with
 its reason); ``tests/test_quant.py`` proves the registry is complete. Meanings follow
-``shared/design/MODES.md``.
+``docs/MODES.md``.
 """
 
 from __future__ import annotations
