@@ -228,7 +228,8 @@ class StepCache(Protocol):
     def reset(self) -> None:
         """Start a new clip: forget every residual and accumulator."""
 
-    def summary(self) -> CacheSummary: ...
+    def summary(self) -> CacheSummary:
+        """DiT calls computed / skipped so far, per condition."""
 
 
 # --- the shared machinery ----------------------------------------------------------------------
@@ -535,6 +536,7 @@ class MagCache(_Cache):
         )
 
     def first_skippable_step(self, steps: int) -> int:
+        """The first step that may be skipped, ``ceil(retention_ratio * steps)``; earlier ones compute."""
         return math.ceil(self.retention_ratio * steps - 1e-9)
 
     def ratios_for(self, steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -548,6 +550,7 @@ class MagCache(_Cache):
         return self._series[steps]
 
     def reset(self) -> None:
+        """As :meth:`_Cache.reset`; a conditional key not given explicitly is learnt again next clip."""
         super().reset()
         if not self._explicit_cond:
             self._cond_key = None

@@ -115,6 +115,7 @@ class CheckpointInfo:
         return self.fp8_weights > 0
 
     def summary(self) -> str:
+        """One line: tensors, GiB, files, dtypes, fp8 weights / scales and storage formats."""
         dt = ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items()))
         fp8 = f"; fp8 weights: {self.fp8_weights}, scales: {len(self.scale_keys)}" if self.has_fp8 else ""
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(self.storage.items(), key=lambda kv: -kv[1]))

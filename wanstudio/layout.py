@@ -34,6 +34,8 @@ ALIGN_BYTES = 16
 
 
 class StrideRule(Enum):
+    """What an operand's strides must satisfy (the value is how messages name the rule)."""
+
     ANY = "any"
     CONTIGUOUS = "contiguous"  # C-contiguous, any rank
     LAST_DIM_CONTIGUOUS = "stride(-1) == 1"
@@ -42,10 +44,12 @@ class StrideRule(Enum):
 
 
 def is_row_major(t: torch.Tensor) -> bool:
+    """2-D with stride(1) == 1 and stride(0) >= cols (padded rows allowed)."""
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= max(1, t.shape[1])
 
 
 def is_col_major(t: torch.Tensor) -> bool:
+    """2-D with stride(0) == 1 and stride(1) >= rows (padded columns allowed)."""
     return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) >= max(1, t.shape[0])
 
 
@@ -104,6 +108,7 @@ class Operand:
         return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
 
     def describe(self) -> str:
+        """The operand's requirements as one phrase ('anything' when there are none)."""
         parts = []
         if self.ndim is not None:
             parts.append(f"{self.ndim}-D")
@@ -120,6 +125,9 @@ class Operand:
 
 @dataclass(frozen=True)
 class Violation:
+    """One broken requirement of one operand: the rule, what was required and found, and
+    whether a copy fixes it."""
+
     operand: str
     rule: str  # 'dtype' | 'ndim' | 'divisible' | 'stride' | 'align'
     required: str
@@ -219,12 +227,14 @@ class LayoutContract:
         object.__setattr__(self, "_checks", {o.name: o._ok for o in self.operands})
 
     def operand(self, name: str) -> Operand:
+        """The declared operand ``name``; KeyError naming the kernel if there is none."""
         try:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"{self.kernel} has no operand {name!r}") from None
 
     def violations(self, **tensors: torch.Tensor | None) -> list[Violation]:
+        """Every requirement the tensors (by operand name) break; a missing required one counts."""
         out: list[Violation] = []
         for op in self.operands:
             t = tensors.get(op.name)
@@ -520,4 +530,5 @@ def assign_layout_names(model: nn.Module, prefix: str = "") -> None:
 
 
 def layout_name(module: nn.Module) -> str:
+    """The name :func:`assign_layout_names` gave ``module``, else its class name."""
     return getattr(module, "_layout_name", type(module).__name__)

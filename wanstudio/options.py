@@ -35,10 +35,13 @@ class Option(str, Enum):
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
+        """Every member's value (the strings a user may type), in registry order."""
         return tuple(m.value for m in cls)
 
 
 class QuantMode(Option):
+    """How the DiT's linear weights are stored and multiplied (``quantization=``)."""
+
     DISABLED = (
         "disabled",
         "base precision; layers stored as fp8 / GGUF Q8_0 / quanto run in the storage mode of their file",
@@ -113,6 +116,8 @@ class QuantMode(Option):
 
 
 class AttentionMode(Option):
+    """Which attention kernel the DiT runs (``attention=``)."""
+
     SDPA = (
         "sdpa",
         "torch scaled_dot_product_attention (cuDNN kernel on CUDA where fastest)",
@@ -152,6 +157,8 @@ class AttentionMode(Option):
 
 
 class BasePrecision(Option):
+    """The dtype of unquantized weights and of compute (``dtype=``)."""
+
     FP32 = ("fp32", "float32 weights and compute")
     BF16 = ("bf16", "bfloat16 weights and compute, fp32 islands as in the official code")
     FP16 = ("fp16", "float16 weights and compute, fp32 islands")
@@ -181,6 +188,8 @@ class BasePrecision(Option):
 
 
 class Scheduler(Option):
+    """The sampler of the denoising steps (``scheduler=``)."""
+
     EULER = ("euler", "InfiniteTalk's Euler flow-matching sampler with shift")
     UNIPC = ("unipc", "UniPC multistep (diffusers' flow-matching scheduler)")
     DISTILL = (
@@ -190,11 +199,15 @@ class Scheduler(Option):
 
 
 class SizeClass(Option):
+    """The resolution class whose bucket sizes a clip is generated at (``size_class=``)."""
+
     P480 = ("480", "480-class buckets (~640x640 pixels)")
     P720 = ("720", "720-class buckets (~960x960 pixels)")
 
 
 class SpeakerMix(Option):
+    """How two speakers' audio tracks are combined (``speaker_mix=``)."""
+
     PARA = ("para", "two speakers talk at the same time (tracks overlaid)")
     ADD = ("add", "two speakers talk in turn (speaker 1, then speaker 2)")
 

@@ -39,6 +39,7 @@ check = base.check  # where it lives: below the backends (flash_attn checks its 
 
 
 def availability(mode: AttentionMode, device: torch.device) -> Availability:
+    """Whether attention ``mode`` can run on ``device``, and if not, why (the checker's answer)."""
     return check(BACKENDS[mode], device)[0]
 
 

@@ -42,6 +42,7 @@ class SdpaRule:
     evidence: str
 
     def applies(self, capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether this rule covers a GPU of ``capability`` with this dtype and head dim."""
         return capability[0] in self.arch_majors and dtype in self.dtypes and head_dim <= self.max_head_dim
 
 
@@ -84,6 +85,7 @@ def kernel_order(q: torch.Tensor) -> tuple[SDPBackend, ...] | None:
 
 
 def clear_cache() -> None:
+    """Forget the per-(device, dtype, head dim) orders :func:`kernel_order` remembered."""
     _ORDERS.clear()
 
 

@@ -94,6 +94,8 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
+    """The block MLP: [B, L, D] -> Linear(D, ffn_dim), tanh GELU, Linear(ffn_dim, D) -> [B, L, D]."""
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         kw = dict(device=device, dtype=dtype)
         super().__init__(
@@ -104,6 +106,9 @@ class FeedForward(nn.Sequential):
 
 
 class WanBlock(nn.Module):
+    """One DiT block: adaLN-modulated self-attention, text (+ image) cross-attention, audio
+    cross-attention when the config has audio, and a modulated FFN, with gated fp32 residuals."""
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)

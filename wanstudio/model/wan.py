@@ -84,6 +84,8 @@ class StepState:
 
 
 class Head(nn.Module):
+    """The output head: adaLN-modulated LayerNorm, then Linear to each token's patch (fp32)."""
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -114,6 +116,7 @@ class ImageProjection(nn.Module):
         )
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        """clip_fea [B, 257, clip_dim] -> [B, 257, D]."""
         return self.proj(clip_fea)
 
 

@@ -587,6 +587,7 @@ class QuantizedLinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
+        """Sizes, bias, mode and the kernel path this layer takes (or why it cannot run)."""
         try:
             path, detail = self.path_for()
         except Exception as exc:  # e.g. UnsupportedModeError on an old GPU: show, don't fail

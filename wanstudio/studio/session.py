@@ -339,6 +339,7 @@ class ModelSummary:
     seconds: float | None = None
 
     def to_text(self) -> str:
+        """Lines of text: each component's elements and bytes per dtype, memory, and kernel paths."""
         lines = []
         for c in self.components:
             dt = ", ".join(f"{k} {gib(v)}" for k, v in sorted(c.bytes_by_dtype.items()))

@@ -59,26 +59,32 @@ def choices(
 
 
 def quant_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of QuantMode; labels say why a mode cannot run on ``device``."""
     return choices(QuantMode, quant_availability(device))
 
 
 def attention_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of AttentionMode; labels say why a mode cannot run on ``device``."""
     return choices(AttentionMode, attention_availability(device))
 
 
 def precision_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of BasePrecision; labels say why one cannot run on ``device``."""
     return choices(BasePrecision, precision_availability(device))
 
 
 def scheduler_choices() -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of Scheduler."""
     return choices(Scheduler)
 
 
 def size_class_choices() -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of SizeClass, labelled '480p' / '720p'."""
     return [(f"{m.value}p", m.value) for m in SizeClass]
 
 
 def speaker_mix_choices() -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of SpeakerMix, labelled with their descriptions."""
     return [(f"{m.value}: {m.description}", m.value) for m in SpeakerMix]
 
 

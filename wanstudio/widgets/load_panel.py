@@ -243,6 +243,7 @@ class LoadPanel(widgets.VBox):
         self._callbacks.append(callback)
 
     def set_weights(self, weights: WeightPaths) -> None:
+        """Fill the path fields from ``weights`` (a tuple one path per line, None empty)."""
         for name in PATH_FIELDS:
             value = getattr(weights, name)
             self.paths[name].value = "\n".join(value) if isinstance(value, tuple) else (value or "")
