@@ -166,6 +166,7 @@ def test_infinitetalk_help_shows_defaults_modes_and_where_weights_come_from(caps
     assert 'README.md, section "Real weights"' in text and "hf download" in text
 
 
+@pytest.mark.slow
 def test_infinitetalk_tiny_wiring(tmp_path, capsys):
     from wanstudio.media import asset_path, probe_media
 
@@ -194,6 +195,7 @@ def test_infinitetalk_tiny_wiring(tmp_path, capsys):
     assert "20 frames" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     result = subprocess.run(
         [sys.executable, "-m", "wanstudio.cli", "--help"], capture_output=True, text=True, timeout=120

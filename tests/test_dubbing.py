@@ -447,6 +447,7 @@ def test_official_json_more_boxes_than_speakers_and_paths_relative_to_the_json(s
 
 
 # --- the tiny preset end to end ----------------------------------------------------------------------------
+@pytest.mark.slow  # a whole tiny run
 def test_tiny_dubbing_follows_the_source_frames_and_the_audio(tmp_path):
     """~2.5 clips of speech on the real tiny model, encoders and VAE: the CLIP encoder sees the
     source frames 0, 12, 24; the mp4 has audio-duration x 25 frames and the speech."""
@@ -477,6 +478,7 @@ def test_tiny_dubbing_follows_the_source_frames_and_the_audio(tmp_path):
     assert np.corrcoef(heard[:n], wave[:n])[0, 1] > 0.9  # the same speech, through AAC
 
 
+@pytest.mark.slow  # a whole tiny run
 def test_cli_runs_an_official_json_with_a_video_and_two_speakers(scene, tmp_path, capsys):
     from wanstudio.cli import main
 

@@ -589,6 +589,7 @@ def speech_file(tmp_path_factory):
     return media.asset_path("speech.wav")
 
 
+@pytest.mark.slow
 def test_tiny_streaming_mp4_has_the_audio_duration(tiny_pipe, tmp_path):
     from wanstudio.media import asset_path, probe_media
 
@@ -606,6 +607,7 @@ def test_tiny_streaming_mp4_has_the_audio_duration(tiny_pipe, tmp_path):
     assert not (tmp_path / "talk.mp4.work").exists()  # the default work folder is cleaned up
 
 
+@pytest.mark.slow
 def test_tiny_resume_is_bit_identical_and_the_mp4_is_atomic(tiny_pipe, tmp_path):
     from wanstudio.media import asset_path
 
@@ -677,6 +679,7 @@ def fake_parts_from_files(monkeypatch) -> list[tuple[str, torch.dtype]]:
     return loads
 
 
+@pytest.mark.slow
 def test_from_files_takes_modes_or_the_old_keywords(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
@@ -753,6 +756,7 @@ def test_the_pipeline_reads_modes_applied_after_it_was_built(tmp_path):
     assert "(now 1)" in msg and "halves the DiT weights" not in msg  # already quantized
 
 
+@pytest.mark.slow
 def test_size_comes_from_size_then_size_class_then_the_pipelines_default():
     from PIL import Image
 

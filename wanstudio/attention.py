@@ -90,6 +90,8 @@ def attention(
     q, k, v = checked["q"], checked["k"], checked["v"]
     if kernel.key_block and -k.shape[1] % kernel.key_block > kernel.max_key_padding * k.shape[1]:
         return _reroute(backend.name, kernel.key_rule, q, k, v, where)
+    if k.shape[1] < kernel.sdpa_below_keys:  # a speed choice, not a correctness one: no warning
+        return attention(q, k, v, mode=AttentionMode.SDPA, where=where)
     return kernel.run(q, k, v)
 
 

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="what works on this machine and why not")
     doctor.add_argument("--device", default=None, help="device to check (default: cuda if any)")
+    doctor.add_argument("--file", default=None, help="describe a checkpoint file: format, storage, model")
     return parser
 
 
@@ -226,6 +227,8 @@ def _generation_kwargs(args) -> dict:
         overwrite=args.overwrite,
         progress=_progress(args),
         tiled_vae=args.tiled_vae,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
         **sampling,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
     )
@@ -351,6 +354,10 @@ def cmd_doctor(args) -> int:
     lines.append(f"block swap (--blocks-to-swap): {swap}")
     lines.append("weights (what `wanstudio infinitetalk` uses for parts given no flag):")
     lines += [f"  {line}" for line in weights_report()]
+    if args.file:
+        from .checkpoints import describe_checkpoint
+
+        lines += ["checkpoint:", *(f"  {line}" for line in describe_checkpoint(args.file).splitlines())]
     print("\n".join(lines))
     return 0
 

@@ -285,7 +285,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) -> None:
     """The generation options shared by ``demo`` and ``infinitetalk``."""
-    from .options import GenerationPreset, Scheduler, SizeClass
+    from .options import CacheMode, GenerationPreset, Scheduler, SizeClass
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=prompt, help="text prompt")
@@ -344,6 +344,13 @@ def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) 
     g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
     add_option(g, "--scheduler", Scheduler, None, "sampler (default: the preset's)", metavar="NAME")
     g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
+    add_option(g, "--cache", CacheMode, CacheMode.NONE.value, "step cache over the DiT calls", metavar="MODE")
+    g.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=None,
+        help="skip threshold of --cache (default: the mode's: teacache 0.2, magcache 0.12)",
+    )
     g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
     g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
     g.add_argument(

@@ -41,7 +41,7 @@ class Option(str, Enum):
 class QuantMode(Option):
     DISABLED = (
         "disabled",
-        "base precision; fp8 / scaled-fp8 checkpoints run in their matching storage mode",
+        "base precision; layers stored as fp8 / GGUF Q8_0 / quanto run in the storage mode of their file",
     )
     FP8_E4M3FN = ("fp8_e4m3fn", "fp8 e4m3 weights (direct cast), upcast before the matmul")
     FP8_E4M3FN_FAST = (
@@ -86,6 +86,10 @@ class QuantMode(Option):
         "NVFP4 weights; native FP4 matmul on Blackwell, fused dequantize path elsewhere",
         "Blackwell (sm100 / sm120) for the native path; any device otherwise",
     )
+    GGUF_Q8_0 = (
+        "gguf_q8_0",
+        "GGUF Q8_0: int8 weights + fp16 scale per 32 along K (8.5 bits), dequantized per layer",
+    )
 
     @property
     def is_fp8(self) -> bool:
@@ -102,6 +106,10 @@ class QuantMode(Option):
     @property
     def is_fast(self) -> bool:
         return self.value.endswith("_fast")
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.value.startswith("gguf")
 
 
 class AttentionMode(Option):
@@ -222,6 +230,44 @@ class ParallelMode(Option):
         return self in (ParallelMode.CFG, ParallelMode.ULYSSES_CFG)
 
 
+class CacheMode(Option):
+    """Step caching: reuse a condition's last block residual instead of running the blocks."""
+
+    NONE = ("none", "every DiT call runs every block")
+    TEACACHE = (
+        "teacache",
+        "TeaCache: skip a condition's blocks while the accumulated, polynomial-rescaled change of "
+        "its time signal stays under the threshold (first steps and the last step always run)",
+    )
+    MAGCACHE = (
+        "magcache",
+        "MagCache: skip while the accumulated error of the published residual magnitude ratios "
+        "stays under the threshold, at most K steps in a row (first 20% and the last step run)",
+    )
+
+    @property
+    def default_threshold(self) -> float:
+        """TeaCache 0.2 (InfiniteTalk's --teacache_thresh default), MagCache 0.12
+        (MagCache4Wan2.1's --magcache_thresh default), 0 for none."""
+        return {"none": 0.0, "teacache": 0.2, "magcache": 0.12}[self.value]
+
+
+class TeaCacheIndicator(Option):
+    """What TeaCache compares between a condition's consecutive calls."""
+
+    E0 = (
+        "e0",
+        "the block modulation e0 = time_projection(e): the published Wan2.1 i2v coefficients "
+        "with use_ret_steps (InfiniteTalk's default); 5 retained steps",
+    )
+    E = ("e", "the time embedding e: the published Wan2.1 i2v coefficients without retention steps")
+    MODULATED = (
+        "modulated",
+        "block 0's modulated input LN(x) (1 + scale) + shift (the TeaCache paper's signal); no "
+        "published Wan polynomial: the raw relative L1 accumulates, so use a smaller threshold",
+    )
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a :class:`GenerationPreset` sets (the pipeline's keyword of the same name).
@@ -293,6 +339,7 @@ BASE_PRECISIONS: tuple[str, ...] = BasePrecision.names()
 SCHEDULERS: tuple[str, ...] = Scheduler.names()
 GENERATION_PRESETS: tuple[str, ...] = GenerationPreset.names()
 PARALLEL_MODES: tuple[str, ...] = ParallelMode.names()
+CACHE_MODES: tuple[str, ...] = CacheMode.names()
 
 E = TypeVar("E", bound=Option)
 

@@ -183,7 +183,8 @@ class Kernel:
 
     A kernel that mishandles a partial last block of keys declares ``key_block``: calls whose
     missing keys (``-Lk % key_block``) exceed ``max_key_padding * Lk`` are outside its domain
-    (``key_rule`` says why) and run SDPA instead (see ``attention.py``).
+    (``key_rule`` says why) and run SDPA instead (see ``attention.py``). ``sdpa_below_keys``
+    routes short key sets (audio: 32 keys, text) to SDPA where it is the faster kernel.
     """
 
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -191,6 +192,7 @@ class Kernel:
     key_block: int = 0  # 0: any key count
     max_key_padding: float = 0.0
     key_rule: str = ""
+    sdpa_below_keys: int = 0  # calls with fewer keys run SDPA: faster there (measured), not wrong
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from . import base
 from .base import AttentionBackend, DeviceInfo, Kernel, Needs, qkv_contract
 
@@ -47,3 +48,6 @@ XFORMERS = AttentionBackend(
     load=_load,
     diagnose=_diagnose,
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {AttentionMode.XFORMERS: XFORMERS}

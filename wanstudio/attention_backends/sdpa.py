@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from .base import FLOATS, HALF, AttentionBackend, DeviceInfo, Kernel, Needs, qkv_contract
 
 # torch < 2.6 cannot order the kernels, only enable them: keep its default order there
@@ -136,3 +137,6 @@ SDPA = AttentionBackend(
     probe=False,  # part of torch
     rel_tol=0.01,
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {AttentionMode.SDPA: SDPA}

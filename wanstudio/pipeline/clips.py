@@ -10,19 +10,24 @@ to the work folder; finished clips of a broken run are read back instead of samp
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import make_cache
 from ..errors import PipelineError
-from ..options import QuantMode, Scheduler
+from ..model import ModelInputs
+from ..options import CacheMode, QuantMode, Scheduler
 from .color import match_colors
 from .conditioning import FPS, SAMPLE_RATE, Conditioning, device_of
 from .guidance import Condition, Guidance, GuidanceConfig
 from .progress import ProgressClock
 from .resume import ClipRecord, WorkFolder
 from .sampler import make_sampler
+
+log = logging.getLogger(__name__)
 
 
 # --- the clip plan ----------------------------------------------------------------------------------
@@ -76,6 +81,10 @@ class ClipSampling:
     scheduler: Scheduler
     guidance: GuidanceConfig
     tiled_vae: bool = False  # the VAE decodes in tiles
+    cache: CacheMode = CacheMode.NONE  # step cache over the DiT calls (cache.py)
+    cache_threshold: float | None = None  # None: the mode's default
+    # what the last call's cache did, for the result's summary (set by run_clips)
+    last_cache_summary: object = field(default=None, compare=False)
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -104,6 +113,9 @@ def run_clips(
         callback, plan.clips, sampling.steps, plan.total_frames, resumed_clips=work.finished
     )
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    step_cache = (
+        None if sampling.cache is CacheMode.NONE else make_cache(sampling.cache, sampling.cache_threshold)
+    )
     motion = None  # fp32 (3, m, H, W): the previous clip's tail
     kept: list[torch.Tensor] = []
     writer = None
@@ -121,7 +133,11 @@ def run_clips(
             motion = record.motion
             clock.clip(k + 1, record.frames_done)
         for k in range(work.finished, plan.clips):
-            video = sample_clip(pipe, k, plan, cond, motion, generator, clock, sampling, work)
+            if step_cache is not None:
+                step_cache.reset()  # a clip starts from noise: nothing carries over
+            video = sample_clip(pipe, k, plan, cond, motion, generator, clock, sampling, work, step_cache)
+            if step_cache is not None:
+                log.info("clip %d of %d: step cache %s", k + 1, plan.clips, step_cache.summary())
             video = match_colors(video, ref, color_correction)  # (3, F, H, W) fp32, CPU
             motion = video[:, -plan.motion_frame :].clone()
             first = plan.dropped(k)
@@ -138,6 +154,8 @@ def run_clips(
             )
             clock.clip(k + 1, plan.frames_after(k))
         clock.done()
+    if step_cache is not None:
+        object.__setattr__(sampling, "last_cache_summary", step_cache.summary())
     return kept
 
 
@@ -151,8 +169,11 @@ def sample_clip(
     clock: ProgressClock,
     sampling: ClipSampling,
     work: WorkFolder,
+    step_cache=None,
 ) -> torch.Tensor:
     """Sample and decode clip k; returns [3, frame_num, H, W] fp32 on the CPU.
+
+    ``step_cache`` (cache.py), when given, makes every DiT call, keyed by guidance condition.
 
     ``motion`` is the previous clip's colour-matched tail (3, m, H, W) (None for clip 0);
     the noise is drawn from ``generator`` in fp32 on the CPU.
@@ -176,18 +197,22 @@ def sample_clip(
         n_head = head.shape[2]
 
         def predict(c: Condition, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(
-                x,
-                t,
-                cond.context if c.text else cond.context_null,
+            inputs = ModelInputs(
+                x=x,
+                t=t,
+                context=cond.context if c.text else cond.context_null,
                 clip_fea=clip_fea,
                 y=y,
                 audio=audio if c.audio else null_audio,
                 ref_target_masks=cond.masks,
             )
+            if step_cache is not None:
+                return step_cache.forward(model, inputs, c, i_step, steps)
+            return model(**inputs.as_kwargs())
 
+        i_step = 0
         for i, t in enumerate(sampler.timesteps):
-            step = i + 1
+            step, i_step = i + 1, i
             latent = overwrite_head(latent, head)
             t_b = t.reshape(1).to(device)
             velocity = guidance(lambda c, x=latent, tb=t_b: predict(c, x, tb))

@@ -12,6 +12,7 @@ reference image's for every clip, or the source video's frame at the clip's star
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -260,6 +261,48 @@ def video_length_note(source: SourceFrames, output_frames: int) -> tuple[str, bo
         f"output (the audio's length): its frames after {output_frames / fps:.2f} s are not used",
         False,
     )
+
+
+def image_or_video(image, video):
+    """(image, video) with exactly one set: a path given as ``image`` whose suffix is a video's
+    is moved to ``video``."""
+    if image is not None and video is not None:
+        raise PipelineError("pass image= (a still reference) or video= (a source video to dub), not both")
+    if image is None and video is None:
+        raise PipelineError("no reference: pass image= (a portrait) or video= (a source video to dub)")
+    if isinstance(image, (str, os.PathLike)):
+        from ..media import is_video_file
+
+        if is_video_file(image):
+            return None, image
+    if video is not None and not isinstance(video, (str, os.PathLike)):
+        raise PipelineError(f"video= takes a video file path, got {type(video).__name__}")
+    return image, video
+
+
+def check_strengths(strengths, speakers: int) -> tuple[float, ...] | None:
+    """Per-speaker audio strengths as a tuple of finite numbers >= 0, or None when all are 1."""
+    if strengths is None:
+        return None
+    if isinstance(strengths, numbers.Real) and not isinstance(strengths, bool):
+        strengths = (strengths,) * speakers
+    try:
+        values = tuple(strengths)
+    except TypeError:
+        raise PipelineError(
+            f"speaker_strengths must be numbers, one per speaker, got {strengths!r}"
+        ) from None
+    if len(values) > speakers:
+        raise PipelineError(
+            f"more speakers than speech tracks: {len(values)} speaker_strengths for {speakers} "
+            f"speech track(s); give one strength per track (speaker 1 first)"
+        )
+    if len(values) < speakers:
+        raise PipelineError(f"speaker_strengths holds {len(values)} value(s) for {speakers} speakers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0.0 <= v < float("inf")):
+            raise PipelineError(f"speaker_strengths must be finite numbers >= 0, got {values!r}")
+    return None if all(v == 1.0 for v in values) else tuple(float(v) for v in values)
 
 
 def speech_tracks(audio, audio2, mix, loudness) -> list[np.ndarray]:

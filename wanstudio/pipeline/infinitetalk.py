@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import html
 import logging
-import numbers
 import os
 import tempfile
 import time
@@ -32,9 +31,10 @@ import numpy as np
 import torch
 
 from ..atomic import remove_stale_parts
+from ..cache import check_cache_for_steps
 from ..errors import PipelineError
 from ..modes import RuntimeModes
-from ..options import BasePrecision, QuantMode, Scheduler, SizeClass, SpeakerMix, parse_option
+from ..options import BasePrecision, CacheMode, QuantMode, Scheduler, SizeClass, SpeakerMix, parse_option
 from . import loading
 from .clips import ClipPlan, ClipSampling, oom_error, overwrite_head, resume_hint, run_clips, to_uint8_frames
 from .conditioning import (
@@ -43,7 +43,9 @@ from .conditioning import (
     Conditioning,
     audio_windows_for_clip,
     build_conditioning,
+    check_strengths,
     default_speaker_boxes,
+    image_or_video,
     mirror_pad,
     reference_frame,
     reference_video,
@@ -99,6 +101,7 @@ class GeneratedVideo:
     resumed_clips: int
     seconds: float  # wall time of the call
     fps: int = FPS
+    cache: object | None = None  # cache.CacheSummary of the step cache (None: no cache)
     notes: tuple[str, ...] = ()  # what the call decided for the user (a source video's length)
 
     @property
@@ -109,10 +112,11 @@ class GeneratedVideo:
         w, h = self.size
         resumed = f" ({self.resumed_clips} resumed)" if self.resumed_clips else ""
         where = f" -> {self.path}" if self.path else ""
-        return (
+        text = (
             f"{self.num_frames} frames ({self.duration:.2f} s at {self.fps} fps), {w}x{h}, "
             f"{self.clips} clip(s){resumed}, {self.seconds:.1f} s{where}"
         )
+        return text if self.cache is None else f"{text}; step cache {self.cache}"
 
     def __repr__(self) -> str:
         return f"GeneratedVideo({self.summary()})"
@@ -246,6 +250,8 @@ class InfiniteTalkPipeline:
         overwrite: bool = False,
         progress=None,
         keep_frames: bool = True,
+        cache: CacheMode | str = CacheMode.NONE,
+        cache_threshold: float | None = None,
         tiled_vae: bool = False,
         loudness: float | None = -23.0,
     ) -> GeneratedVideo:
@@ -289,6 +295,9 @@ class InfiniteTalkPipeline:
                 again (without it, and without ``resume``, they are an error, never deleted).
             progress: callback for :class:`ProgressEvent`; None = tqdm bar, False = silent.
             keep_frames: return the frames (uint8); False keeps memory flat for long videos.
+            cache / cache_threshold: a step cache (``none`` / ``teacache`` / ``magcache``, cache.py)
+                that reuses the blocks' residual on steps whose input barely changed; threshold
+                None takes the mode's default. Refused below 10 steps (the distilled setting).
             tiled_vae: decode with the VAE's tiling (less memory at high resolution).
             loudness: LUFS target for each speech track (None skips the normalisation).
 
@@ -309,7 +318,17 @@ class InfiniteTalkPipeline:
         shift = DEFAULT_SHIFT[size_class] if shift is None else shift
         check_schedule_args(steps, shift)
         guidance_cfg = GuidanceConfig(text_scale=text_scale, audio_scale=audio_scale, apg=bool(apg))
-        sampling = ClipSampling(steps, shift, scheduler, guidance_cfg, tiled_vae=tiled_vae)
+        cache = parse_option(CacheMode, cache)
+        check_cache_for_steps(cache, steps)  # the distilled 4-8 steps: nothing to skip, say so
+        sampling = ClipSampling(
+            steps,
+            shift,
+            scheduler,
+            guidance_cfg,
+            tiled_vae=tiled_vae,
+            cache=cache,
+            cache_threshold=cache_threshold,
+        )
         frame_num = self.default_frame_num if frame_num is None else frame_num
         stride_t = self.vae.temporal_stride
         _check_int("frame_num", frame_num, 1 + stride_t)
@@ -333,14 +352,14 @@ class InfiniteTalkPipeline:
         located = masks if masks is not None else bboxes
         if speakers == 1 and located is not None:
             raise PipelineError(
-                f"more speakers than speech tracks: {_count(located)} speaker "
+                f"more speakers than speech tracks: {len(located)} speaker "
                 f"{'masks' if masks is not None else 'boxes'} locate speakers, but only one speech "
                 f"track was given; pass audio2= as well, or drop masks / bboxes"
             )
         if masks is not None and bboxes is not None:
             raise PipelineError("pass masks or bboxes, not both")
-        strengths = _check_strengths(speaker_strengths, speakers)
-        image, video = _image_or_video(image, video)
+        strengths = check_strengths(speaker_strengths, speakers)
+        image, video = image_or_video(image, video)
         for name, value in (("image", image), ("video", video), ("audio", audio), ("audio2", audio2)):
             if isinstance(value, (str, os.PathLike)):  # a missing file or a folder: now, not later
                 from ..media import check_input_file
@@ -415,6 +434,8 @@ class InfiniteTalkPipeline:
             max_frames=max_frames,
             color_correction=float(color_correction),
             tiled_vae=bool(tiled_vae),
+            cache=cache.value,
+            cache_threshold=cache_threshold,
         )
         if source is not None:  # the whole file: frames after 0 condition later clips
             from ..media import file_digest
@@ -487,57 +508,9 @@ class InfiniteTalkPipeline:
             clips=plan.clips,
             resumed_clips=resumed,
             seconds=time.perf_counter() - t_call,
+            cache=sampling.last_cache_summary,
             notes=tuple(notes),
         )
-
-
-def _image_or_video(image, video):
-    """(image, video) with exactly one set: a path given as ``image`` whose suffix is a video's
-    is moved to ``video``."""
-    if image is not None and video is not None:
-        raise PipelineError("pass image= (a still reference) or video= (a source video to dub), not both")
-    if image is None and video is None:
-        raise PipelineError("no reference: pass image= (a portrait) or video= (a source video to dub)")
-    if isinstance(image, (str, os.PathLike)):
-        from ..media import is_video_file
-
-        if is_video_file(image):
-            return None, image
-    if video is not None and not isinstance(video, (str, os.PathLike)):
-        raise PipelineError(f"video= takes a video file path, got {type(video).__name__}")
-    return image, video
-
-
-def _check_strengths(strengths, speakers: int) -> tuple[float, ...] | None:
-    """Per-speaker audio strengths as a tuple of finite numbers >= 0, or None when all are 1."""
-    if strengths is None:
-        return None
-    if isinstance(strengths, numbers.Real) and not isinstance(strengths, bool):
-        strengths = (strengths,) * speakers
-    try:
-        values = tuple(strengths)
-    except TypeError:
-        raise PipelineError(
-            f"speaker_strengths must be numbers, one per speaker, got {strengths!r}"
-        ) from None
-    if len(values) > speakers:
-        raise PipelineError(
-            f"more speakers than speech tracks: {len(values)} speaker_strengths for {speakers} "
-            f"speech track(s); give one strength per track (speaker 1 first)"
-        )
-    if len(values) < speakers:
-        raise PipelineError(f"speaker_strengths holds {len(values)} value(s) for {speakers} speakers")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0.0 <= v < float("inf")):
-            raise PipelineError(f"speaker_strengths must be finite numbers >= 0, got {values!r}")
-    return None if all(v == 1.0 for v in values) else tuple(float(v) for v in values)
-
-
-def _count(located) -> int:
-    try:
-        return len(located)
-    except TypeError:
-        return 1
 
 
 def _check_int(name: str, value, minimum: int) -> None:

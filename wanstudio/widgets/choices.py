@@ -17,6 +17,7 @@ from ..availability import Availability
 from ..options import (
     AttentionMode,
     BasePrecision,
+    CacheMode,
     GenerationPreset,
     Option,
     QuantMode,
@@ -38,6 +39,7 @@ REGISTRIES: dict[str, type[Option]] = {
     "Generation preset (`--preset`, the generate panel)": GenerationPreset,
     "Size class (`size_class=`)": SizeClass,
     "Two speakers (`speaker_mix=`)": SpeakerMix,
+    "Step cache (`cache=`)": CacheMode,
 }
 
 

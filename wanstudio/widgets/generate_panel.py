@@ -22,7 +22,7 @@ import ipywidgets as widgets
 
 from .. import studio
 from ..errors import PipelineError
-from ..options import GenerationPreset, Scheduler, SizeClass, SpeakerMix, parse_option
+from ..options import CacheMode, GenerationPreset, Scheduler, SizeClass, SpeakerMix, parse_option
 from ..pipeline.infinitetalk import DEFAULT_SHIFT  # the pipeline's own default shift per size
 from . import choices
 from .common import (
@@ -214,6 +214,13 @@ class GeneratePanel(widgets.VBox):
             style=STYLE,
             layout=slider_layout(),
         )
+        self.cache = widgets.Dropdown(
+            options=choices.choices(CacheMode),
+            value=CacheMode.NONE.value,
+            description="step cache",
+            style=STYLE,
+            tooltip="reuse the blocks' output on steps whose input barely changed (40-step runs)",
+        )
         self.seed = widgets.BoundedIntText(value=42, min=0, max=2**31 - 1, description="seed", style=STYLE)
         self.max_frames = widgets.BoundedIntText(
             value=max_frames, min=1, max=10**7, description="max frames", style=STYLE
@@ -284,6 +291,7 @@ class GeneratePanel(widgets.VBox):
                 self.shift,
                 self.text_scale,
                 self.audio_scale,
+                self.cache,
                 self.seed,
                 self.max_frames,
                 heading("Output"),
@@ -400,6 +408,7 @@ class GeneratePanel(widgets.VBox):
             shift=float(self.shift.value),
             text_scale=float(self.text_scale.value),
             audio_scale=float(self.audio_scale.value),
+            cache=self.cache.value,
             seed=int(self.seed.value),
             max_frames=int(self.max_frames.value),
             out=out,

@@ -41,6 +41,7 @@ class GenerateRequest:
     shift: float = 7.0
     text_scale: float = 5.0
     audio_scale: float = 4.0
+    cache: str = "none"  # options.CacheMode
     seed: int = 42
     max_frames: int = 1000
     out: str = "infinitetalk.mp4"
