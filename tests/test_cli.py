@@ -77,7 +77,20 @@ def test_doctor_reports_every_mode(capsys):
             ],
             "--dit: no such file",
         ),
-        (["--image", "a.png", "--audio", "a.wav", "--audio2", "b.wav", "--tiny"], "--bbox twice"),
+        # two speakers without boxes use the default halves (tests/test_dubbing.py); one box is refused
+        (
+            ["--image", "a.png", "--audio", "a.wav", "--audio2", "b.wav", "--bbox", "0,0,4,4", "--tiny"],
+            "--bbox must be given exactly twice",
+        ),
+        (
+            ["--image", "a.png", "--audio", "a.wav", "--bbox", "0,0,4,4", "--tiny"],
+            "more speakers than speech",
+        ),
+        (["--image", "a.png", "--video", "v.mp4", "--audio", "a.wav", "--tiny"], "not both"),
+        (["--audio", "a.wav", "--tiny"], "pass --image or --video"),
+        (["--input-json", "x.json", "--audio", "a.wav", "--tiny"], "--input-json gives the inputs"),
+        (["--video", "v.mp4", "--audio", "a.wav", "--tiny"], "video file not found: v.mp4"),
+        (["--image", "v.mov", "--audio", "a.wav", "--tiny"], "video file not found: v.mov"),
         (["--image", "a.png", "--audio", "a.wav", "--tiny"], "image file not found: a.png"),
     ],
 )

@@ -502,7 +502,12 @@ def test_out_of_memory_is_reraised_with_advice(tmp_path):
     "kwargs, match",
     [
         (dict(audio=None), "no audio"),
-        (dict(audio2="two"), "two speakers need"),
+        # two speakers without boxes get the default halves (tests/test_dubbing.py); bad boxes fail
+        (dict(audio2="two", bboxes=((0, 0, 24, 32), (16, 0, 48, 32))), "overlap"),
+        (dict(audio2="two", bboxes=((0, 0, 24, 40), (24, 0, 48, 32))), "inside the 48x32 frame"),
+        (dict(audio2="two", bboxes=((0, 0, 8, 8), (8, 0, 16, 8), (16, 0, 24, 8))), "more speaker boxes"),
+        (dict(speaker_strengths=(1.0, 1.0)), "more speakers than speech tracks"),
+        (dict(video="clip.mp4"), "not both"),
         (dict(size_class="1080"), "1080"),
         (dict(steps=0), "steps"),
         (dict(steps=2.5), "steps"),

@@ -453,11 +453,63 @@ def test_two_speakers(tiny_model, media):
     assert panel.wait(JOIN)
     kw = pipe.calls[-1][1]
     assert kw["audio2"] == str(audio) and kw["speaker_mix"] == "add"
-    assert kw["bboxes"] == ((0, 0, 48, 64), (48, 0, 96, 64))  # left / right halves by default
+    # no boxes: the pipeline's default regions (the official left / right halves), drawn in the panel
+    assert "bboxes" not in kw and "speaker_strengths" not in kw
+    assert (
+        panel.regions.boxes == ws.pipeline.default_speaker_boxes(96, 64) == ((2, 3, 45, 60), (50, 3, 93, 60))
+    )
     panel.bboxes.value = "0,0,40,64; 50,0,96,64"
+    panel.regions.strengths[1].value = 0.5
     panel.generate_button.click()
     assert panel.wait(JOIN)
     assert pipe.calls[-1][1]["bboxes"] == ((0, 0, 40, 64), (50, 0, 96, 64))
+    assert pipe.calls[-1][1]["speaker_strengths"] == (1.0, 0.5)
+
+
+def test_generate_panel_draws_the_speaker_regions_over_the_reference_frame(tiny_model, media, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from wanstudio.media import VideoWriter
+
+    image, audio, out = media  # a 96x64 picture of one colour (120, 90, 60)
+    panel = GeneratePanel(FakePipeline(tiny_model), image=image, audio=audio, out=out)
+    assert panel.regions.view.value == b""  # one speaker: nothing is read or drawn
+    panel.speakers.value = 2
+
+    def drawn() -> np.ndarray:
+        png = Image.open(io.BytesIO(bytes(panel.regions.view.value)))
+        return np.asarray(png.convert("RGB"), dtype=float)
+
+    def at(pixels, x, y):  # a source pixel's colour in the drawing (320 px on the longer side)
+        scale = pixels.shape[1] / 96
+        return pixels[int((y + 0.5) * scale), int((x + 0.5) * scale)]
+
+    pixels = drawn()
+    assert pixels.shape[:2] == (213, 320)
+    assert np.allclose(at(pixels, 20, 30), [169.5, 76.5, 60], atol=2)  # speaker 1: red tint
+    assert np.allclose(at(pixels, 70, 30), [93, 99, 138.75], atol=2)  # speaker 2: blue tint
+    assert np.allclose(at(pixels, 47, 30), [120, 90, 60], atol=2)  # between the default halves
+    assert "default" in panel.regions.note.value
+    panel.bboxes.value = "50,0,96,64; 0,0,40,64"  # speaker 1 on the right now
+    pixels = drawn()
+    assert np.allclose(at(pixels, 70, 30), [169.5, 76.5, 60], atol=2)
+    assert np.allclose(at(pixels, 20, 30), [93, 99, 138.75], atol=2)
+    panel.bboxes.value = "0,0,60,64; 40,0,96,64"
+    assert panel.regions.view.value == b"" and "overlap" in panel.regions.note.value
+    # a video to dub: its frame 0 is the picture
+    video = tmp_path / "scene.mp4"
+    frames = np.zeros((3, 48, 80, 3), np.uint8)
+    frames[0], frames[1:] = (40, 160, 200), (250, 250, 250)
+    with VideoWriter(video) as writer:
+        writer.append(frames)
+    panel.bboxes.value = ""
+    panel.image_path.value = str(video)
+    pixels = drawn()
+    assert pixels.shape[:2] == (192, 320) and "80x48" in panel.regions.note.value
+    assert np.allclose(at(pixels, 40 * 96 / 80, 24 * 96 / 80), [40, 160, 200], atol=4)
 
 
 def test_parse_bboxes():

@@ -21,8 +21,10 @@ from .cli_support import (
     add_generation_args,
     add_option,
     block_count,
+    infinitetalk_inputs,
     lora_arg,
     sampling_settings,
+    speaker_strength,
 )
 from .errors import WanstudioError
 from .options import (
@@ -65,23 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     it = sub.add_parser(
         "infinitetalk",
-        help="image + speech -> talking video (real weights)",
-        description="Generate a talking video from one image and one or two speech "
-        "tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.",
+        help="image or video + speech -> talking video (real weights)",
+        description="Generate a talking video from one image (or dub a source video) and one or "
+        "two speech tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.",
         epilog=WEIGHTS_HELP,
     )
     io = it.add_argument_group("inputs and output")
-    io.add_argument("--image", required=True, help="reference image")
-    io.add_argument("--audio", required=True, help="speech of speaker 1 (any format ffmpeg reads)")
+    io.add_argument("--image", default=None, help="reference image (or a video file, taken as --video)")
+    io.add_argument(
+        "--video",
+        default=None,
+        help="dubbing: a source video; clip k follows its frame at the clip's start; the output "
+        "lasts as long as the audio",
+    )
+    io.add_argument("--audio", default=None, help="speech of speaker 1 (any format ffmpeg reads)")
     io.add_argument("--audio2", default=None, help="speech of speaker 2")
-    add_option(io, "--speaker-mix", SpeakerMix, SpeakerMix.PARA.value, "two speakers", metavar="MIX")
+    io.add_argument(
+        "--input-json",
+        default=None,
+        metavar="PATH",
+        help="the official InfiniteTalk input file (prompt, cond_video, cond_audio, audio_type, "
+        "bbox; paths relative to the file) instead of --image/--video/--audio/--audio2/--bbox",
+    )
+    add_option(io, "--speaker-mix", SpeakerMix, None, "two speakers (default: para)", metavar="MIX")
     io.add_argument(
         "--bbox",
         type=_bbox,
         action="append",
         default=None,
         metavar="X0,Y0,X1,Y1",
-        help="a speaker's box in image pixels (twice: speaker 1, then speaker 2)",
+        help="a speaker's box in image pixels, x to the right (twice: speaker 1, then speaker 2; "
+        "default: the left and right halves)",
     )
     io.add_argument(
         "--mask",
@@ -89,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="a speaker's mask image, the size of --image (twice)",
+    )
+    io.add_argument(
+        "--speaker-strength",
+        type=speaker_strength,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="a factor on each speaker's audio features (one per speaker, speaker 1 first; default 1)",
     )
     io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
     w = it.add_argument_group("weights", "each flag wins over $WANSTUDIO_WEIGHTS / wanstudio.toml (below)")
@@ -256,15 +280,8 @@ def cmd_demo(args) -> int:
 
 def cmd_infinitetalk(args) -> int:
     from .cli_support import resolve_weights, tiny_cpu_note
-    from .media import check_input_file
     from .pipeline import InfiniteTalkPipeline
 
-    speakers = 2 if args.audio2 else 1
-    if speakers == 2 and not (args.bbox or args.mask):
-        raise WanstudioError("two speakers need --bbox twice or --mask twice (speaker 1 first)")
-    for flag, given in (("--bbox", args.bbox), ("--mask", args.mask)):
-        if given is not None and len(given) != 2:
-            raise WanstudioError(f"{flag} must be given exactly twice (speaker 1, speaker 2)")
     if not args.tiny:
         weights, said = resolve_weights(args)
         for name, value in weights.items():
@@ -273,17 +290,7 @@ def cmd_infinitetalk(args) -> int:
                     flag = "--" + name.replace("_", "-")
                     raise WanstudioError(f"{flag}: no such file or folder {path!r} ({said})")
     # the inputs before any weights load: a wrong path should not cost minutes
-    for kind, path in [("image", args.image), ("audio", args.audio), ("audio", args.audio2)] + [
-        ("mask image", p) for p in args.mask or ()
-    ]:
-        if path is not None:
-            check_input_file(path, kind)
-    masks = None
-    if args.mask:
-        import numpy as np
-        from PIL import Image
-
-        masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in args.mask]
+    inputs = infinitetalk_inputs(args)  # --input-json or the flags; their files exist
     _check_output(args)
 
     from .modes import RuntimeModes
@@ -307,16 +314,13 @@ def cmd_infinitetalk(args) -> int:
         print(f"wanstudio infinitetalk: {said}", flush=True)
         pipe = InfiniteTalkPipeline.from_files(**weights, device=args.device, modes=modes)
     kw = _generation_kwargs(args)
-    result = pipe(
-        args.image,
-        args.audio,
-        audio2=args.audio2,
-        speaker_mix=args.speaker_mix,
-        masks=masks,
-        bboxes=args.bbox,
-        **kw,
-    )
+    if inputs.get("prompt") is not None and not args.prompt:  # the JSON's prompt unless --prompt
+        kw["prompt"] = inputs["prompt"]
+    inputs.pop("prompt", None)
+    result = pipe(**inputs, **kw)
     print(f"wanstudio infinitetalk: {result.summary()}")
+    for note in result.notes:
+        print(f"wanstudio infinitetalk: note: {note}")
     return 0
 
 

@@ -360,3 +360,90 @@ def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) 
     )
     g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# --- infinitetalk inputs -----------------------------------------------------------------------------
+def speaker_strength(text: str) -> float:
+    """``--speaker-strength``: a finite factor >= 0 on one speaker's audio features."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (1 = as recorded), got {text!r}")
+    return value
+
+
+def infinitetalk_inputs(args) -> dict:
+    """The pipeline call's inputs from ``--input-json`` or from the flags, checked before any
+    weights load: which flags go together, and that every named file exists.
+
+    Returns keyword arguments of ``InfiniteTalkPipeline.__call__`` (``image`` or ``video``,
+    ``audio``, ``audio2``, ``speaker_mix``, ``bboxes`` / ``masks``, ``speaker_strengths``, and
+    ``prompt`` from a JSON file).
+    """
+    from .media import check_input_file, is_video_file
+
+    flags = {
+        "--image": args.image,
+        "--video": args.video,
+        "--audio": args.audio,
+        "--audio2": args.audio2,
+        "--speaker-mix": args.speaker_mix,
+        "--bbox": args.bbox,
+        "--mask": args.mask,
+    }
+    if args.input_json is not None:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise WanstudioError(
+                f"--input-json gives the inputs (cond_video, cond_audio, audio_type, bbox); "
+                f"drop {', '.join(given)}"
+            )
+        from .pipeline import read_input_json
+
+        kw = read_input_json(args.input_json)
+    else:
+        if args.image is not None and args.video is not None:
+            raise WanstudioError(
+                "pass --image (a still reference) or --video (a source video to dub), not both"
+            )
+        if args.image is None and args.video is None:
+            raise WanstudioError("no reference: pass --image or --video (or --input-json)")
+        if args.audio is None:
+            raise WanstudioError("no speech: pass --audio (or --input-json)")
+        source = args.video if args.video is not None else args.image
+        video = args.video is not None or is_video_file(source)
+        kw = {"video" if video else "image": source, "audio": args.audio}
+        if args.audio2 is not None:
+            kw["audio2"] = args.audio2
+            if args.speaker_mix is not None:
+                kw["speaker_mix"] = args.speaker_mix
+        elif args.bbox or args.mask:
+            raise WanstudioError(
+                "more speakers than speech tracks: --bbox / --mask locate two speakers; pass --audio2 as well"
+            )
+        for flag, given in (("--bbox", args.bbox), ("--mask", args.mask)):
+            if given is not None and len(given) != 2:
+                raise WanstudioError(f"{flag} must be given exactly twice (speaker 1, speaker 2)")
+        if args.bbox and args.mask:
+            raise WanstudioError("pass --bbox or --mask, not both")
+        for kind, path in [
+            ("video" if video else "image", source),
+            ("audio", args.audio),
+            ("audio", args.audio2),
+        ]:
+            if path is not None:  # a wrong path should not cost minutes of loading
+                check_input_file(path, kind)
+        if args.bbox:
+            kw["bboxes"] = args.bbox
+        if args.mask:
+            import numpy as np
+            from PIL import Image
+
+            for path in args.mask:
+                check_input_file(path, "mask image")
+            kw["masks"] = [np.asarray(Image.open(p).convert("L")) > 127 for p in args.mask]
+    if args.speaker_strength is not None:
+        kw["speaker_strengths"] = tuple(args.speaker_strength)
+    return kw

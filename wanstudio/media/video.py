@@ -292,11 +292,12 @@ def _to_rgb24(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(rgb.numpy())
 
 
-def probe_media(path: str | os.PathLike) -> dict:
+def probe_media(path: str | os.PathLike, *, count_frames: bool = True) -> dict:
     """What ffmpeg reads from a media file.
 
     Keys: ``duration`` (s), ``has_video``, ``has_audio``; with video: ``video_codec``,
-    ``pix_fmt``, ``width``, ``height``, ``fps``, ``frames`` (counted by demuxing); with audio:
+    ``pix_fmt``, ``width``, ``height``, ``fps``, ``frames`` (counted by demuxing the whole file;
+    None with ``count_frames=False``, which reads the header only); with audio:
     ``audio_codec``, ``sample_rate``.
     """
     path = check_input_file(path, "media")
@@ -321,7 +322,7 @@ def probe_media(path: str | os.PathLike) -> dict:
             width=int(size[1]) if size else None,
             height=int(size[2]) if size else None,
             fps=float(fps[1]) if fps else None,
-            frames=_count_frames(path),
+            frames=_count_frames(path) if count_frames else None,
         )
     audio = re.search(r"Stream #0:\d+.*?: Audio: (.*)", header)
     if audio:

@@ -189,6 +189,7 @@ def sample_clip(
             head = cond.first_latent  # clean latents of the reference frame
         else:  # clean latents of the previous clip's last m frames: 1 + (m - 1) / 4 of them
             head = vae.encode(motion[None].to(device_of(vae))).float().to(device)
+        clip_fea, y = cond.image_condition(pipe, plan, k)  # a source video's frame at the clip's start
         audio = cond.clip_audio(plan, k, pipe.config.audio_window, device)  # (1, P, F, window, layers, dim)
         null_audio = torch.zeros_like(audio[:, :1])  # ¬A: one silent speaker, as the reference
         sampler = make_sampler(sampling.scheduler, steps, sampling.shift)
@@ -200,8 +201,8 @@ def sample_clip(
                 x=x,
                 t=t,
                 context=cond.context if c.text else cond.context_null,
-                clip_fea=cond.clip_fea,
-                y=cond.y,
+                clip_fea=clip_fea,
+                y=y,
                 audio=audio if c.audio else null_audio,
                 ref_target_masks=cond.masks,
             )

@@ -1,12 +1,15 @@
-"""InfiniteTalk: one image + one or two speech tracks -> a talking video of any length.
+"""InfiniteTalk: one image (or a source video) + one or two speech tracks -> a talking video of
+any length.
 
 The loop follows docs/WAN_SPEC.md §6. The video is made of clips of ``frame_num`` frames (81);
 each later clip starts ``frame_num - motion_frame`` frames after the previous one and is
 conditioned on the previous clip's last ``motion_frame`` decoded frames, re-encoded to clean
 latents that overwrite the head of the latent before every model call and after every update.
 Every clip sees the same image condition (mask + VAE latents of the reference frame, CLIP
-features). Clips are decoded, colour-matched to the reference, appended to the mp4 and saved
-to a work folder as they finish, so memory stays flat and a broken run resumes.
+features); when dubbing a source video, clip k's image condition is the video's frame at the
+clip's start (its last frame past its end) and frame 0 is the reference. Clips are decoded,
+colour-matched to the reference, appended to the mp4 and saved to a work folder as they
+finish, so memory stays flat and a broken run resumes.
 
 This module holds the pipeline and its call (argument checks, then the steps in order);
 the steps live beside it: ``conditioning`` (reference frame, speech, speaker masks, the shared
@@ -17,6 +20,7 @@ per-clip sampling loop), ``loading`` (``from_files``, ``tiny``, ``check_componen
 from __future__ import annotations
 
 import html
+import logging
 import os
 import tempfile
 import time
@@ -39,10 +43,15 @@ from .conditioning import (
     Conditioning,
     audio_windows_for_clip,
     build_conditioning,
+    check_strengths,
+    default_speaker_boxes,
+    image_or_video,
     mirror_pad,
     reference_frame,
+    reference_video,
     speaker_masks,
     speech_tracks,
+    video_length_note,
 )
 from .guidance import GuidanceConfig
 from .loading import check_components
@@ -61,6 +70,7 @@ __all__ = [  # the helpers moved to clips / conditioning / loading stay importab
     "InfiniteTalkPipeline",
     "audio_windows_for_clip",
     "check_components",
+    "default_speaker_boxes",
     "mirror_pad",
     "overwrite_head",
     "resume_hint",
@@ -75,6 +85,7 @@ DEFAULT_NEGATIVE_PROMPT = (
     "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 DEFAULT_SHIFT = {SizeClass.P480: 7.0, SizeClass.P720: 11.0}
+log = logging.getLogger(__name__)
 
 
 # --- the result -------------------------------------------------------------------------------------
@@ -91,6 +102,7 @@ class GeneratedVideo:
     seconds: float  # wall time of the call
     fps: int = FPS
     cache: object | None = None  # cache.CacheSummary of the step cache (None: no cache)
+    notes: tuple[str, ...] = ()  # what the call decided for the user (a source video's length)
 
     @property
     def duration(self) -> float:
@@ -208,13 +220,15 @@ class InfiniteTalkPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        image,
+        image=None,
         audio=None,
         *,
+        video=None,
         audio2=None,
         speaker_mix: SpeakerMix | str = SpeakerMix.PARA,
         masks=None,
         bboxes=None,
+        speaker_strengths=None,
         prompt: str = "",
         negative_prompt: str | None = None,
         size_class: SizeClass | str | None = None,
@@ -241,17 +255,29 @@ class InfiniteTalkPipeline:
         tiled_vae: bool = False,
         loudness: float | None = -23.0,
     ) -> GeneratedVideo:
-        """Generate a talking video.
+        """Generate a talking video, from a still image or by dubbing a source video.
 
         Args:
             image: the reference frame: a path, a PIL image, or a [3, H, W] tensor in [-1, 1]
-                (a tensor is used at its own size unless ``size`` says otherwise).
+                (a tensor is used at its own size unless ``size`` says otherwise). A path whose
+                suffix is a video's (``media.VIDEO_INPUT_SUFFIXES``: .mp4, .mov, .mkv, ...) is
+                taken as ``video=``.
             audio: speaker 1's speech: a path (any format ffmpeg reads) or a 16 kHz mono
                 float array. Required.
-            audio2: speaker 2's speech (two speakers); needs ``masks`` or ``bboxes``.
+            video: dubbing: a source video file (instead of ``image``). It is read at 25 fps
+                (other rates resampled), one frame at a time; its frames are resized and
+                cropped like an image; clip k is conditioned on its frame at the clip's start,
+                ``k (frame_num - motion_frame)``, or on its last frame when the video is
+                shorter; frame 0 is the colour reference. The output's length follows the
+                audio (``GeneratedVideo.notes`` says when the video is shorter or longer).
+            audio2: speaker 2's speech (two speakers).
             speaker_mix: 'para' (both talk at once) or 'add' (speaker 1, then speaker 2).
-            masks: two [H, W] masks (person 1, person 2) in the source image's pixels.
-            bboxes: two (x0, y0, x1, y1) boxes in the source image's pixels (x to the right).
+            masks: two [H, W] masks (person 1, person 2) in the source frame's pixels.
+            bboxes: two (x0, y0, x1, y1) boxes in the source frame's pixels (x to the right,
+                y down, x1 / y1 excluded), inside the frame, not overlapping. Two speakers with
+                neither masks nor boxes: the left and right halves (:func:`default_speaker_boxes`).
+            speaker_strengths: per speaker, a factor on that speaker's audio features (default
+                1.0 each; 0 mutes a speaker's lips, > 1 exaggerates them).
             prompt / negative_prompt: text condition (negative: Wan's default when None).
             size_class: '480' or '720' bucket family (default '480', or the pipeline's own
                 size, e.g. the tiny preset's 64x64); ``size`` = (width, height) overrides it.
@@ -323,20 +349,22 @@ class InfiniteTalkPipeline:
         ):
             raise PipelineError(f"color_correction must be in [0, 1], got {color_correction!r}")
         speakers = 1 if audio2 is None else 2
-        if speakers == 2 and masks is None and bboxes is None:
+        located = masks if masks is not None else bboxes
+        if speakers == 1 and located is not None:
             raise PipelineError(
-                "two speakers need to know who is who: pass masks=(mask1, mask2) or "
-                "bboxes=((x0, y0, x1, y1), (x0, y0, x1, y1)) in the image's pixels, speaker 1 first"
+                f"more speakers than speech tracks: {len(located)} speaker "
+                f"{'masks' if masks is not None else 'boxes'} locate speakers, but only one speech "
+                f"track was given; pass audio2= as well, or drop masks / bboxes"
             )
-        if speakers == 1 and (masks is not None or bboxes is not None):
-            raise PipelineError("masks / bboxes locate two speakers: pass audio2= as well, or drop them")
         if masks is not None and bboxes is not None:
             raise PipelineError("pass masks or bboxes, not both")
-        for name, value in (("image", image), ("audio", audio), ("audio2", audio2)):
+        strengths = check_strengths(speaker_strengths, speakers)
+        image, video = image_or_video(image, video)
+        for name, value in (("image", image), ("video", video), ("audio", audio), ("audio2", audio2)):
             if isinstance(value, (str, os.PathLike)):  # a missing file or a folder: now, not later
                 from ..media import check_input_file
 
-                check_input_file(value, "image" if name == "image" else "audio")
+                check_input_file(value, "audio" if name.startswith("audio") else name)
         if out is not None:  # a folder, a read-only disk, a bad suffix: now, not after the run
             from ..media import check_output_path
 
@@ -352,12 +380,22 @@ class InfiniteTalkPipeline:
             )
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
-        # --- 2. media: reference frame, speech tracks, speaker masks ---------------------------
+        # --- 2. media: reference frame (or source video), speech tracks, speaker masks ---------
         if use_default_size:
             size = self.default_size
         multiple = self.vae.spatial_stride * self.config.patch_size[1]  # pixels per latent token
-        ref, src_size = reference_frame(image, size, size_class, multiple)  # (3, H, W) in [-1, 1]
+        source = None
+        if video is not None:  # an unreadable video or one without frames fails here
+            source, ref = reference_video(video, size, size_class, multiple)  # ref: frame 0
+            src_size = source.source_size
+        else:
+            ref, src_size = reference_frame(image, size, size_class, multiple)  # (3, H, W) in [-1, 1]
         H, W = ref.shape[1:]
+        target_masks = None
+        if speakers == 2:  # boxes outside the frame or overlapping: before the audio is read
+            target_masks = speaker_masks(
+                masks, bboxes, src_size, (W, H), (H // self.vae.spatial_stride, W // self.vae.spatial_stride)
+            )
         tracks = speech_tracks(audio, audio2, speaker_mix, loudness)  # per speaker, 16 kHz
         mixed = tracks[0] if speakers == 1 else tracks[0] + tracks[1]  # what the mp4 plays
         audio_frames = int(len(mixed) / SAMPLE_RATE * FPS)
@@ -367,11 +405,12 @@ class InfiniteTalkPipeline:
                 f"than one video frame ({1000 // FPS} ms)"
             )
         plan = ClipPlan.make(audio_frames, frame_num, motion_frame, max_frames)
-        target_masks = None
-        if speakers == 2:
-            target_masks = speaker_masks(
-                masks, bboxes, src_size, (W, H), (H // self.vae.spatial_stride, W // self.vae.spatial_stride)
-            )
+        notes = []
+        if source is not None:
+            note = video_length_note(source, plan.total_frames)
+            if note is not None:
+                (log.warning if note[1] else log.info)("%s", note[0])
+                notes.append(note[0])
 
         # --- 3. the work folder (resume) -------------------------------------------------------
         fingerprint = dict(
@@ -398,6 +437,12 @@ class InfiniteTalkPipeline:
             cache=cache.value,
             cache_threshold=cache_threshold,
         )
+        if source is not None:  # the whole file: frames after 0 condition later clips
+            from ..media import file_digest
+
+            fingerprint["video"] = file_digest(source.reader.path)
+        if strengths is not None:
+            fingerprint["speaker_strengths"] = [float(v) for v in strengths]
         temporary = work_dir is None
         if work_dir is None:
             work_dir = Path(f"{out}.work") if out is not None else Path(tempfile.mkdtemp(prefix="wanstudio-"))
@@ -417,7 +462,16 @@ class InfiniteTalkPipeline:
         try:
             try:
                 cond = build_conditioning(
-                    self, ref, tracks, audio_frames, prompt, negative_prompt, frame_num, target_masks
+                    self,
+                    ref,
+                    tracks,
+                    audio_frames,
+                    prompt,
+                    negative_prompt,
+                    frame_num,
+                    target_masks,
+                    strengths=strengths,
+                    source=source,
                 )
             except torch.cuda.OutOfMemoryError as e:
                 where = "the encoders (text / CLIP / VAE / wav2vec2)"
@@ -440,6 +494,8 @@ class InfiniteTalkPipeline:
             work.finish()
         finally:
             work.release()
+            if source is not None:
+                source.close()
             close = getattr(callback, "close", None)
             if close is not None:
                 close()
@@ -453,6 +509,7 @@ class InfiniteTalkPipeline:
             resumed_clips=resumed,
             seconds=time.perf_counter() - t_call,
             cache=sampling.last_cache_summary,
+            notes=tuple(notes),
         )
 
 
