@@ -116,11 +116,12 @@ def test_the_reader_resamples_to_25_fps_reports_the_source_rate_and_holds_the_la
 
 
 def test_the_reader_keeps_one_frame_in_memory_and_stops_ffmpeg_on_close(tmp_path):
-    path = write_lossless(tmp_path / "v.mkv", numbered_frames(10))
+    # 10 frames of 256 x 192 (1.5 MB of RGB) outgrow the pipe's buffer: ffmpeg is still running
+    path = write_lossless(tmp_path / "v.mkv", numbered_frames(10, size=(256, 192)))
     reader = media.VideoReader(path)
     reader.read(5)
     proc = reader._proc
-    assert proc.poll() is None and len(reader._buffer) == 48 * 32 * 3
+    assert proc.poll() is None and len(reader._buffer) == 256 * 192 * 3
     reader.close()
     assert proc.poll() is not None
     with pytest.raises(ws.MediaError, match="after close"):
