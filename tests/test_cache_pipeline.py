@@ -26,6 +26,7 @@ def image():
     return asset_path("portrait.png")
 
 
+@pytest.mark.slow
 def test_threshold_zero_is_bitwise_the_uncached_video(pipe, image):
     wave = speech(0.7)
     plain = pipe(image, wave, **ARGS)

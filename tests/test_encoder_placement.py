@@ -110,6 +110,7 @@ def test_each_encoder_is_on_the_device_only_while_it_runs(encoders, park):
     assert all(mover.on_host(module_of(e)) for e in encoders.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("park", ["cpu", "free"])
 def test_moved_away_and_back_gives_identical_features_and_the_same_parameters(encoders, park):
     placement = EncoderPlacement("cpu", park=park, mover=CloneMover())

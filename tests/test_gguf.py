@@ -393,6 +393,7 @@ def test_peak_host_memory_stays_near_one_copy_of_the_loaded_model(tmp_path, qtyp
     assert ratio < 1.3
 
 
+@pytest.mark.slow
 def test_random_header_damage_is_a_checkpoint_error_or_a_valid_file(tmp_path):
     """Byte flips anywhere in the header and tensor table: the reader either reads a file it
     validated or raises CheckpointError (never another exception, never a hang)."""

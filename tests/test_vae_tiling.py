@@ -160,6 +160,7 @@ def test_one_tile_decode_is_bitwise_untiled(vae, frames, height, width):
     assert torch.equal(vae.decode(z, tiled="auto", memory_budget_bytes=2**40), whole)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiling", [VAETiling(2, 1), VAETiling(2, 0), VAETiling(4, 3)])
 def test_tiled_encode_equals_untiled_where_the_model_is_local(local_vae, tiling):
     video = _video(5, 24, 40)  # 2 latent frames of 3 x 5: tiles of 2 every 1 or 2, of 4 every 1
@@ -167,12 +168,14 @@ def test_tiled_encode_equals_untiled_where_the_model_is_local(local_vae, tiling)
     assert _rel(local_vae.encode(video, tiled=True, tiling=tiling), local_vae.encode(video)) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiling", [VAETiling(2, 1), VAETiling(3, 1), VAETiling(2, 0), VAETiling(4, 3)])
 def test_tiled_decode_equals_untiled_where_the_model_is_local(local_vae, tiling):
     z = _latents(3, 3, 5)  # 9 frames of 24 x 40 px
     assert _rel(local_vae.decode(z, tiled=True, tiling=tiling), local_vae.decode(z)) < 1e-5
 
 
+@pytest.mark.slow
 def test_tiled_decode_can_assemble_the_video_on_another_device(local_vae):
     z = _latents()
     out = local_vae.decode(z, tiled=True, tiling=VAETiling(2, 1), out_device="cpu")
@@ -180,6 +183,7 @@ def test_tiled_decode_can_assemble_the_video_on_another_device(local_vae):
     assert out.min() >= -1 and out.max() <= 1
 
 
+@pytest.mark.slow
 def test_tiled_encode_takes_the_video_from_the_host_as_is(local_vae):
     video = _video()
     before = video.clone()
@@ -202,6 +206,7 @@ def test_auto_picks_the_largest_tile_that_fits():
     assert chosen == VAETiling(40, 8)
 
 
+@pytest.mark.slow
 def test_auto_decodes_with_the_tiling_it_picked(vae, monkeypatch):
     monkeypatch.setattr("wanstudio.encoders.vae_tiling.AUTO_TILES", (4, 2))
     z = _latents(2, 6, 6)
@@ -250,6 +255,7 @@ def _chunk_peak(model, kind: str, height_px: int, width_px: int, dtype) -> int:
     return trace.peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["encode", "decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_formula_bounds_the_traced_peak_of_the_tiny_vae(vae, kind, dtype):
@@ -272,6 +278,7 @@ def test_activation_formula_bounds_the_real_size_vae_on_meta(kind):
     assert formula == 480 * 832 * (96 * (a * 2 + b) + c * 2 + d)  # ~4.1 GB decoding, ~3.0 GB encoding
 
 
+@pytest.mark.slow
 def test_tiled_decode_peak_is_lower_and_within_the_estimate(vae):
     z = _latents(2, 8, 8)  # 64 x 64 px; tiles of 24 px
     tiling = VAETiling(3, 1)
