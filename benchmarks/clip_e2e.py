@@ -6,6 +6,13 @@ wav2vec2-base, Wan VAE) with random weights directly on the GPU; the audio is 81
 step (a CFG step: 3 DiT calls, or 2 when text_scale == 1) from the progress events.
 
     python benchmarks/clip_e2e.py --steps 4 --text-scale 1 --audio-scale 2 --quant fp8_e4m3fn_scaled_fast --compile
+
+The distilled setting users run (issue 16): a random rank-64 LoRA over every block Linear
+merged into the bf16 weights before quantization (timed), 4 steps on the distill timesteps,
+one DiT call per step::
+
+    python benchmarks/clip_e2e.py --preset distill_4step --audio-scale 1 --lora-rank 64 \
+        --quant fp8_e4m3fn_scaled_fast --compile
 """
 
 from __future__ import annotations
@@ -25,7 +32,28 @@ from wanstudio.encoders.text import tiny_tokenizer
 from wanstudio.encoders.weights import CONFIG_DIR
 
 
-def build_pipeline(quant: str, compile_blocks: bool) -> ws.InfiniteTalkPipeline:
+def random_lora(model: ws.WanModel, rank: int, path: str) -> str:
+    """A kijai-format LoRA file touching every Linear of every block (as lightx2v's does)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    tensors = {}
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            n, k = module.weight.shape
+            base = f"diffusion_model.blocks.{name}"
+            tensors[f"{base}.lora_down.weight"] = (
+                (torch.randn(rank, k, device="cuda", generator=g) * 0.01).bfloat16().cpu()
+            )
+            tensors[f"{base}.lora_up.weight"] = (
+                (torch.randn(n, rank, device="cuda", generator=g) * 0.01).bfloat16().cpu()
+            )
+            tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, path)
+    return path
+
+
+def build_pipeline(quant: str, compile_blocks: bool, lora_rank: int = 0) -> ws.InfiniteTalkPipeline:
     from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPVisionConfig,
@@ -42,6 +70,16 @@ def build_pipeline(quant: str, compile_blocks: bool) -> ws.InfiniteTalkPipeline:
     torch.manual_seed(0)
     cfg = ws.WanConfig.preset("infinitetalk-14b")
     model = ws.WanModel(cfg, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+    if lora_rank:
+        path = random_lora(model, lora_rank, "/tmp/clip_e2e_lora.safetensors")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ws.apply_lora(model, path, keep_originals=False)  # what load_model does per weight, on the GPU
+        torch.cuda.synchronize()
+        print(
+            f"LoRA rank {lora_rank} merged into {len(ws.lora.LoraSet([ws.LoRA(path)], {k: tuple(v.shape) for k, v in model.state_dict().items()}).targets)} weights in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     ws.quantize(model, quant)
     if compile_blocks:
         from wanstudio.fusion import compile_blocks as compile_model_blocks
@@ -82,12 +120,20 @@ def build_pipeline(quant: str, compile_blocks: bool) -> ws.InfiniteTalkPipeline:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[4])
-    p.add_argument("--text-scale", type=float, default=5.0)
-    p.add_argument("--audio-scale", type=float, default=4.0)
+    p.add_argument("--text-scale", type=float, default=None, help="default: the preset's")
+    p.add_argument("--audio-scale", type=float, default=None, help="default: the preset's")
+    p.add_argument("--preset", default="standard", help="a GenerationPreset (scheduler, shift, scales)")
+    p.add_argument("--lora-rank", type=int, default=0, help="merge a random LoRA of this rank first")
     p.add_argument("--quant", default="disabled")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
-    pipe = build_pipeline(args.quant, args.compile)
+    preset = ws.options.parse_option(ws.options.GenerationPreset, args.preset).settings
+    args.text_scale = preset.text_scale if args.text_scale is None else args.text_scale
+    args.audio_scale = preset.audio_scale if args.audio_scale is None else args.audio_scale
+    sampling = dict(
+        scheduler=preset.scheduler.value, **({} if preset.shift is None else {"shift": preset.shift})
+    )
+    pipe = build_pipeline(args.quant, args.compile, args.lora_rank)
     rng = np.random.default_rng(0)
     t = np.arange(int(81 / 25 * 16000)) / 16000
     wave = (
@@ -107,6 +153,7 @@ def main(argv=None) -> int:
             steps=steps,
             text_scale=args.text_scale,
             audio_scale=args.audio_scale,
+            **sampling,
             size=(832, 480),
             frame_num=81,
             progress=events.append,
@@ -117,7 +164,7 @@ def main(argv=None) -> int:
         step_times = [
             b.elapsed - a.elapsed for a, b in zip(events, events[1:]) if b.kind == "step" and a.kind == "step"
         ]
-        calls = 2 if args.text_scale == 1 else 3
+        calls = 1 if (args.text_scale, args.audio_scale) == (1, 1) else 2 if args.text_scale == 1 else 3
         if steps > 1:
             rows.append((steps, calls, wall, statistics.median(step_times) if step_times else float("nan")))
         print(
@@ -127,7 +174,8 @@ def main(argv=None) -> int:
     print(
         f"\nCard: {torch.cuda.get_device_name()}, torch {torch.__version__}; infinitetalk-14b + umT5-XXL + CLIP ViT-H "
         f"+ wav2vec2-base + Wan VAE, random weights; 832x480, 81 frames (1 clip); quantization {args.quant}, "
-        f"{'compiled blocks' if args.compile else 'eager'}, attention sdpa; text scale {args.text_scale}, "
+        f"{'compiled blocks' if args.compile else 'eager'}, attention sdpa; preset {args.preset}, "
+        f"LoRA rank {args.lora_rank or 'none'}; text scale {args.text_scale}, "
         f"audio scale {args.audio_scale}\n"
     )
     print("| steps | DiT calls per step | CFG step (median) s | whole clip s | peak VRAM GiB |")

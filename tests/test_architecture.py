@@ -14,13 +14,13 @@ MAX_LINES = 600
 # docs/ARCHITECTURE.md, "Layers": the first dotted part of a module's name decides its layer.
 LAYERS = {
     0: {"errors", "options", "config", "layout", "atomic", "availability"},
-    1: {"weights", "attention", "attention_backends", "quant"},
+    1: {"weights", "gguf_file", "storage", "attention", "attention_backends", "quant"},
     2: {"model"},
     3: {"offload", "lora", "fusion", "inspector", "modes", "cache", "parallel"},
     4: {"checkpoints", "encoders", "media"},
     5: {"pipeline"},
     6: {"studio"},
-    7: {"widgets", "cli", "bench", "__init__", "__main__", "train", "eval"},
+    7: {"widgets", "cli", "cli_support", "bench", "__init__", "__main__", "train", "eval"},
 }
 LAYER_OF = {unit: layer for layer, units in LAYERS.items() for unit in units}
 

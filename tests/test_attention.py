@@ -633,3 +633,38 @@ def test_sageattn_3_fp8_uses_hoppers_own_kernel(machine, capability, kernel):
     q, k, v = qkv(1, 20, 30, dtype=torch.float16)
     A.attention(q, k, v, mode=M.SAGEATTN_3_FP8)
     assert used[-1] == (kernel, "NHD", "fp32+fp32")
+
+
+def test_the_registry_collects_every_backend_module():
+    """Adding a backend is an option plus one module declaring ``MODES`` (docs/ARCHITECTURE.md)."""
+    import importlib
+    import pathlib
+    import pkgutil
+
+    from wanstudio.attention_backends import registry
+
+    declared = {}
+    folder = str(pathlib.Path(registry.__file__).parent)
+    for info in pkgutil.iter_modules([folder]):
+        module = importlib.import_module(f"wanstudio.attention_backends.{info.name}")
+        declared.update(getattr(module, "MODES", {}))
+    assert declared == registry.BACKENDS and set(declared) == set(M)
+
+
+@pytest.mark.parametrize("keys, to_fa4", [(32, False), (63, False), (64, True), (1560, True)])
+def test_fa4_sends_short_key_sets_to_sdpa_where_sdpa_is_faster(machine, keys, to_fa4):
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        calls.append(k.shape[1])
+        return exact_nhd(q, k, v), None  # FA4 returns (out, lse)
+
+    machine.install("flash_attn.cute", flash_attn_func=flash_attn_func)
+    found = A.available_attention_modes(CPU)[M.FLASH_ATTN]  # Hopper: FA3 missing, FA4 next
+    assert found.available and found.kernel.startswith("FA4")
+    calls.clear()
+    q, k, v = qkv(1, 40, keys, H=2, dtype=torch.bfloat16)
+    out = A.attention(q, k, v, mode=M.FLASH_ATTN, where="blocks.0.audio_cross_attn")
+    assert calls == ([keys] if to_fa4 else [])
+    assert A.rerouted_attention_calls() == {}  # a speed route, not a correctness reroute
+    assert relative_error(out, reference_attention(q, k, v)) < 1e-2

@@ -366,10 +366,21 @@ def test_plain_fp8_file_runs_as_stored(tmp_path):
     assert _sqnr_vs(model, reference) >= _MODEL_SQNR_BARS["fp8_e4m3fn"]
 
 
-def test_a_mode_that_contradicts_the_file_says_which_mode_fits(tmp_path):
+def test_a_mode_that_contradicts_the_file_converts_from_the_dequantized_weight(tmp_path):
+    from safetensors.torch import load_file
+
+    from wanstudio.quant import quantize_weight
+
     _scaled_fp8_file(_seeded("tiny-t2v"), tmp_path / "dit_fp8_scaled.safetensors")
-    with pytest.raises(ws.CheckpointError, match=r"blocks\.0\.self_attn\.q: .* use 'fp8_e4m3fn_scaled'"):
-        load_model(tmp_path / "dit_fp8_scaled.safetensors", quantization="fp8_e5m2_scaled")
+    model = load_model(tmp_path / "dit_fp8_scaled.safetensors", quantization="fp8_e5m2_scaled")
+    assert model.quantization is ws.QuantMode.FP8_E5M2_SCALED
+    stored = load_file(tmp_path / "dit_fp8_scaled.safetensors")
+    prefix = "model.diffusion_model.blocks.0.self_attn.q."
+    real = stored[prefix + "weight"].float() * stored[prefix + "scale_weight"]
+    expected = quantize_weight(real, "fp8_e5m2_scaled")
+    layer = model.blocks[0].self_attn.q
+    assert torch.equal(layer.weight.float(), expected["weight"].float())
+    assert torch.equal(layer.scale_weight, expected["scale_weight"])
 
 
 def test_strict_layout_at_load_covers_every_forward(tmp_path):

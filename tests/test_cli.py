@@ -77,8 +77,21 @@ def test_doctor_reports_every_mode(capsys):
             ],
             "--dit: no such file",
         ),
-        (["--image", "a.png", "--audio", "a.wav", "--audio2", "b.wav", "--tiny"], "--bbox twice"),
-        (["--image", "a.png", "--audio", "a.wav", "--tiny"], "image: no such file"),
+        # two speakers without boxes use the default halves (tests/test_dubbing.py); one box is refused
+        (
+            ["--image", "a.png", "--audio", "a.wav", "--audio2", "b.wav", "--bbox", "0,0,4,4", "--tiny"],
+            "--bbox must be given exactly twice",
+        ),
+        (
+            ["--image", "a.png", "--audio", "a.wav", "--bbox", "0,0,4,4", "--tiny"],
+            "more speakers than speech",
+        ),
+        (["--image", "a.png", "--video", "v.mp4", "--audio", "a.wav", "--tiny"], "not both"),
+        (["--audio", "a.wav", "--tiny"], "pass --image or --video"),
+        (["--input-json", "x.json", "--audio", "a.wav", "--tiny"], "--input-json gives the inputs"),
+        (["--video", "v.mp4", "--audio", "a.wav", "--tiny"], "video file not found: v.mp4"),
+        (["--image", "v.mov", "--audio", "a.wav", "--tiny"], "video file not found: v.mov"),
+        (["--image", "a.png", "--audio", "a.wav", "--tiny"], "image file not found: a.png"),
     ],
 )
 def test_infinitetalk_errors_are_one_line_and_exit_2(argv, match, capsys):
@@ -88,11 +101,72 @@ def test_infinitetalk_errors_are_one_line_and_exit_2(argv, match, capsys):
 
 
 def test_unknown_choice_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["infinitetalk", "--image", "a", "--audio", "b", "--quantization", "int8"])
-    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "argument --quantization: QuantMode: 'int8' is not a known mode" in err
+    assert "Valid: " + ", ".join(ws.QUANT_MODES) in err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quantization", "fp8_e4m3_fast"], "Did you mean 'fp8_e4m3fn_fast'?"),
+        (["--attention", "sagattn"], "Did you mean 'sageattn'?"),
+        (["--dtype", "bf17"], "Did you mean 'bf16'?"),
+        (["--scheduler", "eular"], "Did you mean 'euler'?"),
+    ],
+)
+def test_a_typo_gets_the_apis_suggestion_in_a_short_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["infinitetalk", "--image", "a", "--audio", "b", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err
+    from wanstudio.options import parse_option
+
+    kind = {"--quantization": ws.QuantMode, "--attention": ws.AttentionMode, "--dtype": BasePrecision}
+    kind = kind.get(argv[0], ws.options.Scheduler)
+    with pytest.raises(ws.errors.UnknownOptionError) as api:
+        parse_option(kind, argv[1])
+    assert str(api.value) in err  # the same words as the Python API
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: wanstudio infinitetalk")
+
+
+def test_typed_choices_are_case_insensitive_like_the_api():
+    args = build_parser().parse_args(["infinitetalk", "--image", "a", "--audio", "b", "--attention", "SDPA"])
+    assert args.attention == "sdpa"
+
+
+def test_negative_blocks_to_swap_is_refused_at_parse_time_with_the_range(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["infinitetalk", "--tiny", "--image", "a", "--audio", "b", "--blocks-to-swap", "-1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "--blocks-to-swap: expected a number of DiT blocks from 0" in err and "got '-1'" in err
+
+
+def _help(subcommand: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_infinitetalk_help_shows_defaults_modes_and_where_weights_come_from(capsys):
+    text = _help("infinitetalk", capsys)
+    for default in ("(default: standard)", "(default: disabled)", "(default: sdpa)"):
+        assert default in text
+    assert "(default: infinitetalk.mp4)" in text and "One of: standard = " in text
+    assert "sampling steps per clip (default: the preset's)" in text
+    assert "One of: " + ", ".join(ws.QUANT_MODES) in text
+    assert "One of: " + ", ".join(ws.ATTENTION_MODES) in text
+    assert f"bf16 = {BasePrecision.BF16.description}" in text
+    assert "$WANSTUDIO_WEIGHTS" in text and "wanstudio.toml" in text
+    assert 'README.md, section "Real weights"' in text and "hf download" in text
+
+
+@pytest.mark.slow
 def test_infinitetalk_tiny_wiring(tmp_path, capsys):
     from wanstudio.media import asset_path, probe_media
 
@@ -121,6 +195,7 @@ def test_infinitetalk_tiny_wiring(tmp_path, capsys):
     assert "20 frames" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     result = subprocess.run(
         [sys.executable, "-m", "wanstudio.cli", "--help"], capture_output=True, text=True, timeout=120
@@ -276,9 +351,246 @@ def test_output_and_work_folder_problems_are_refused_before_loading(
 
     monkeypatch.setattr(InfiniteTalkPipeline, "tiny", no_loading)
     monkeypatch.setattr(InfiniteTalkPipeline, "from_files", no_loading)
-    for command in (["demo"], ["infinitetalk", "--tiny", "--image", "a.png", "--audio", "a.wav"]):
+    from wanstudio.media import asset_path
+
+    media = ["--image", str(asset_path("portrait.png")), "--audio", str(asset_path("speech.wav"))]
+    for command in (["demo"], ["infinitetalk", "--tiny", *media]):
         assert main([*command, "--out", str(out), *extra]) == 2
         err = capsys.readouterr().err
         assert re.search(match, err) and "Traceback" not in err
     if holder is not None:
         holder.release()
+
+
+# --- a newcomer's first hour -------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def no_weights_configured(monkeypatch, tmp_path_factory):
+    """No $WANSTUDIO_WEIGHTS and an empty ~/.config: tests see no configured weights."""
+    monkeypatch.delenv("WANSTUDIO_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
+
+
+class _Stop(ws.errors.WanstudioError):
+    pass
+
+
+def _weights_folder(tmp_path):
+    """A folder with a wanstudio.toml naming one (empty) file per part."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("dit.safetensors", "it.safetensors", "vae.pth", "t5.pth", "clip.pth"):
+        (folder / name).write_bytes(b"")
+    for name in ("tokenizer", "wav2vec"):
+        (folder / name).mkdir()
+    (folder / "wanstudio.toml").write_text(
+        "[weights]\n"
+        'dit = ["dit.safetensors"]\ninfinitetalk = "it.safetensors"\nvae = "vae.pth"\n'
+        'text_encoder = "t5.pth"\ntokenizer = "tokenizer"\nclip = "clip.pth"\nwav2vec = "wav2vec"\n'
+    )
+    return folder
+
+
+def _capture_from_files(monkeypatch) -> dict:
+    from wanstudio.pipeline import InfiniteTalkPipeline
+
+    seen = {}
+
+    def from_files(**kw):
+        seen.update(kw)
+        raise _Stop("stopped before loading")
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "from_files", staticmethod(from_files))
+    return seen
+
+
+def _media_args():
+    from wanstudio.media import asset_path
+
+    return ["--image", str(asset_path("portrait.png")), "--audio", str(asset_path("speech.wav"))]
+
+
+def test_infinitetalk_uses_the_weights_env_var_and_says_so(tmp_path, monkeypatch, capsys):
+    folder = _weights_folder(tmp_path)
+    monkeypatch.setenv("WANSTUDIO_WEIGHTS", str(folder))
+    seen = _capture_from_files(monkeypatch)
+    assert main(["infinitetalk", *_media_args(), "--quantization", "fp8_e4m3fn"]) == 2
+    assert seen["dit"] == [str(folder / "dit.safetensors")] and seen["vae"] == str(folder / "vae.pth")
+    assert seen["infinitetalk"] == str(folder / "it.safetensors")
+    assert seen["tokenizer"] == str(folder / "tokenizer")
+    assert seen["modes"].quantization is ws.QuantMode.FP8_E4M3FN
+    out = capsys.readouterr()
+    assert f"from $WANSTUDIO_WEIGHTS={folder}" in out.out and "stopped before loading" in out.err
+
+
+def test_explicit_flags_win_over_a_wanstudio_toml(tmp_path, monkeypatch, capsys):
+    folder = _weights_folder(tmp_path)
+    monkeypatch.chdir(folder)  # wanstudio.toml in the current folder
+    mine = tmp_path / "my_vae.safetensors"
+    mine.write_bytes(b"")
+    seen = _capture_from_files(monkeypatch)
+    assert main(["infinitetalk", *_media_args(), "--vae", str(mine)]) == 2
+    assert seen["vae"] == str(mine) and seen["clip"] == str(folder / "clip.pth")
+    out = capsys.readouterr().out
+    assert "vae from --vae" in out and f"from {folder / 'wanstudio.toml'}" in out
+
+
+def test_the_infinitetalk_weights_follow_the_dit_flag_not_the_config(tmp_path, monkeypatch):
+    folder = _weights_folder(tmp_path)
+    monkeypatch.setenv("WANSTUDIO_WEIGHTS", str(folder / "wanstudio.toml"))
+    merged = tmp_path / "merged.safetensors"
+    merged.write_bytes(b"")
+    seen = _capture_from_files(monkeypatch)
+    assert main(["infinitetalk", *_media_args(), "--dit", str(merged)]) == 2
+    assert seen["dit"] == [str(merged)] and seen["infinitetalk"] is None
+    assert seen["wav2vec"] == str(folder / "wav2vec")
+
+
+def test_missing_weights_say_where_wanstudio_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["infinitetalk", *_media_args()]) == 2
+    err = capsys.readouterr().err
+    assert "missing weights: --dit, --vae, --text-encoder, --clip, --wav2vec" in err
+    assert "$WANSTUDIO_WEIGHTS" in err and str(tmp_path / "wanstudio.toml") in err
+    assert "README.md, section 'Real weights'" in err and "--tiny" in err
+
+
+def test_doctor_reports_the_weights_it_finds_or_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctor", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out.split("\nweights (what")[1]
+    assert "none configured: $WANSTUDIO_WEIGHTS is not set" in text
+    assert str(tmp_path / "wanstudio.toml") in text and "WANSTUDIO_WEIGHTS=<your download folder>" in text
+    folder = _weights_folder(tmp_path)
+    (folder / "clip.pth").unlink()
+    monkeypatch.setenv("WANSTUDIO_WEIGHTS", str(folder))
+    assert main(["doctor", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out.split("\nweights (what")[1]
+    assert f"found through $WANSTUDIO_WEIGHTS={folder}" in text
+    assert f"vae: {folder / 'vae.pth'}" in text and f"MISSING: clip: {folder / 'clip.pth'}" in text
+
+
+def _capture_tiny_call(monkeypatch) -> list:
+    from wanstudio.pipeline import InfiniteTalkPipeline
+
+    pipes = []
+
+    def call(self, *args, **kw):
+        pipes.append(self)
+        raise _Stop("stopped before generating")
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "__call__", call)
+    return pipes
+
+
+def test_tiny_applies_the_runtime_modes(monkeypatch, capsys):
+    from wanstudio.modes import RuntimeModes
+    from wanstudio.quant import quantized_layers
+
+    pipes = _capture_tiny_call(monkeypatch)
+    argv = ["--tiny", "--quantization", "fp8_e4m3fn", "--attention", "sdpa", "--dtype", "bf16"]
+    assert main(["infinitetalk", *_media_args(), *argv, "--steps", "1"]) == 2
+    model = pipes[0].model
+    assert model.modes == RuntimeModes(quantization="fp8_e4m3fn", attention="sdpa", precision="bf16")
+    assert quantized_layers(model) and {m.mode.value for m in quantized_layers(model).values()} == {
+        "fp8_e4m3fn"
+    }
+    assert next(p for n, p in model.named_parameters() if "norm" not in n).dtype == torch_dtype("bfloat16")
+    assert "fp8_e4m3fn" in repr(pipes[0])
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--blocks-to-swap", "1"], "block swap is meaningless on the CPU"),
+        (["--dtype", "fp16_fast"], "'fp16_fast' (fp16 matmul accumulation) needs a CUDA GPU"),
+        (["--attention", "flash_attn"], "attention mode 'flash_attn' cannot run here"),
+    ],
+)
+def test_tiny_refuses_a_mode_the_cpu_cannot_run_instead_of_ignoring_it(argv, message, monkeypatch, capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("has a GPU")
+    pipes = _capture_tiny_call(monkeypatch)
+    assert main(["infinitetalk", *_media_args(), "--tiny", *argv]) == 2
+    assert message in capsys.readouterr().err and not pipes
+
+
+def test_tiny_at_default_settings_warns_how_long_it_takes_on_a_cpu(monkeypatch, capsys):
+    from wanstudio.pipeline import InfiniteTalkPipeline
+
+    def tiny(*a, **kw):
+        raise _Stop("stopped before building")
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "tiny", staticmethod(tiny))
+    assert main(["infinitetalk", *_media_args(), "--tiny"]) == 2
+    out = capsys.readouterr().out
+    assert "note: --tiny on the CPU runs 11 clips x 40 steps x 3 model calls here: about 3 min" in out
+    assert "--max-frames" in out and "wanstudio demo" in out
+    assert main(["infinitetalk", *_media_args(), "--tiny", "--steps", "2", "--max-frames", "20"]) == 2
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_inspect_refuses_a_model_larger_than_memory_before_allocating(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import wanstudio.model
+
+    made = []
+    real = wanstudio.model.WanModel
+
+    class Recording(real):
+        def __init__(self, cfg, device=None, dtype=None):
+            made.append(str(device))
+            if cfg.dim > 1024 and str(device) != "meta":  # never let a failing check eat 65 GB
+                raise AssertionError(f"a {cfg.dim}-wide model was allocated on {device}")
+            super().__init__(cfg, device=device, dtype=dtype)
+
+    monkeypatch.setattr("wanstudio.model.WanModel", Recording)
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=24 * 2**30))
+    assert main(["inspect", "--preset", "i2v-14b", "--latent", "1", "2", "2"]) == 2
+    err = capsys.readouterr().err
+    assert made == ["meta"]  # counted on the meta device, nothing allocated
+    assert "the i2v-14b preset in fp32 needs about 71.2 GiB (16.39 B parameters x 4 bytes + margin)" in err
+    assert "but only 24.0 GiB of host memory is available" in err
+    assert "--preset t2v-1.3b" in err and "--dtype bf16 (about 36.1 GiB)" in err
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=2**20))
+    assert main(["inspect", "--preset", "tiny-t2v"]) == 2  # the tiny preset needs ~1 GiB of margin
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=64 * 2**30))
+    assert main(["inspect", "--preset", "tiny-t2v"]) == 0
+
+
+# --- presets and LoRAs ---------------------------------------------------------------------------------
+def _parsed(*argv):
+    from wanstudio.cli import build_parser
+
+    return build_parser().parse_args(["infinitetalk", "--image", "i.png", "--audio", "a.wav", *argv])
+
+
+def test_preset_sets_the_sampling_and_flags_override_single_values():
+    from wanstudio.cli_support import sampling_settings
+    from wanstudio.options import GenerationPreset
+
+    assert sampling_settings(_parsed()) == dict(steps=40, text_scale=5.0, audio_scale=4.0, scheduler="euler")
+    distill = GenerationPreset.DISTILL_4STEP.settings
+    assert sampling_settings(_parsed("--preset", "distill_4step")) == dict(
+        steps=4, shift=distill.shift, text_scale=1.0, audio_scale=2.0, scheduler="euler_distill"
+    )
+    got = sampling_settings(_parsed("--preset", "distill_4step", "--audio-scale", "1", "--steps", "6"))
+    assert got["audio_scale"] == 1.0 and got["steps"] == 6 and got["text_scale"] == 1.0
+
+
+def test_lora_flag_takes_a_path_and_an_optional_strength(tmp_path, capsys):
+    from wanstudio.lora import LoRA
+
+    lora = tmp_path / "distill.safetensors"
+    lora.write_bytes(b"")
+    args = _parsed("--lora", str(lora), "--lora", f"{lora}:0.8")
+    assert args.lora == [LoRA(lora, 1.0), LoRA(lora, 0.8)]
+    with pytest.raises(SystemExit):
+        _parsed("--lora", str(tmp_path / "missing.safetensors"))
+    assert "no such file" in capsys.readouterr().err

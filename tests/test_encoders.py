@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Wav2Vec2Model
 
-from wanstudio.encoders import VAE, AudioEncoder, ImageEncoder, TextEncoder, audio_windows
+from wanstudio.encoders import VAE, AudioEncoder, ImageEncoder, TextEncoder, VAETiling, audio_windows
 from wanstudio.encoders.clip import CLIP_MEAN, CLIP_STD
 from wanstudio.encoders.weights import to_compute_dtype
 from wanstudio.errors import CheckpointError, ConfigError, MediaError, ShapeError
@@ -310,6 +310,24 @@ def test_text_encoder_without_tokenizer_says_where_to_get_one(text, tmp_path):
         TextEncoder.from_files(path, config=text.model.config)
 
 
+def test_a_tokenizer_that_needs_custom_code_is_refused_before_transformers_sees_it(text, tmp_path):
+    import json
+
+    folder = tmp_path / "tokenizer"
+    text.tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (folder / "tokenization_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(CheckpointError) as caught:
+        TextEncoder.from_files(tmp_path / "never-read.pth", folder)
+    message = str(caught.value)
+    assert "auto_map" in message and "tokenization_custom.CustomTokenizer" in message
+    assert "never runs code" in message and "google/umt5-xxl" in message
+    assert "trust_remote_code" not in message and not marker.exists()
+
+
 def test_another_model_size_lists_what_differs(text, tmp_path):
     path = _save(official_t5(text.model.state_dict()), tmp_path / "umt5.pth")
     with pytest.raises(CheckpointError, match=r"with other shapes .*config="):
@@ -456,6 +474,7 @@ def test_audio_encoder_refuses_other_sample_rates_and_stereo(audio):
 # --- VAE -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_official_wan_vae_file_matches_the_diffusers_model(vae, tmp_path):
     path = _save(official_vae(vae.model.state_dict()), tmp_path / "Wan2.1_VAE.pth")
     loaded = VAE.from_files(path, dtype=torch.float32, config=vae.model.config)
@@ -487,12 +506,14 @@ def test_vae_latents_are_normalised_posterior_means(vae):
     assert decoded.min() >= -1 and decoded.max() <= 1
 
 
+@pytest.mark.slow
 def test_tiled_decode(vae):
-    latents = torch.randn(1, 16, 1, 4, 6)  # 32 x 48 px: 2 x 2 tiles of 32 px every 24 px
+    latents = torch.randn(1, 16, 1, 4, 6)  # 32 x 48 px: 1 x 2 tiles of 32 px every 16 px
     whole = vae.decode(latents)
-    torch.testing.assert_close(vae.decode(latents, tiled=True, tile_px=512), whole)
-    tiled = vae.decode(latents, tiled=True, tile_px=32, tile_stride_px=24)
+    assert torch.equal(vae.decode(latents, tiled=True, tiling=VAETiling.from_pixels(512, 64)), whole)
+    tiled = vae.decode(latents, tiled=True, tiling=VAETiling.from_pixels(32, 8))
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    # tests/test_vae_tiling.py checks geometry, blending and exactness
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 4, 16, 16), (1, 4, 5, 16, 16), (1, 3, 5, 12, 16)])
@@ -521,6 +542,23 @@ def test_a_pickle_carrying_code_is_refused(text, tmp_path):
     with pytest.raises(CheckpointError, match=r"refused: .*pickled objects"):
         TextEncoder.from_files(path, text.tokenizer)
     assert not marker.exists()
+
+
+def test_a_legacy_pth_is_named_as_such_not_truncated(text, tmp_path):
+    legacy = tmp_path / "umt5_legacy.pth"
+    torch.save(official_t5(text.model.state_dict()), legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:2] == b"\x80\x02"
+    with pytest.raises(CheckpointError, match=r"legacy \(non-zip\) torch.save format") as caught:
+        TextEncoder.from_files(legacy, text.tokenizer)
+    assert "truncated" not in str(caught.value) and "safetensors" in str(caught.value)
+    cut = tmp_path / "umt5_cut.pth"
+    cut.write_bytes(_save(official_t5(text.model.state_dict()), tmp_path / "umt5.pth").read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="may be truncated"):
+        TextEncoder.from_files(cut, text.tokenizer)
+    other = tmp_path / "notes.pth"
+    other.write_text("hello, not weights")
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: it starts with bytes b'hell'"):
+        TextEncoder.from_files(other, text.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import call, make_inputs
 
@@ -10,6 +11,7 @@ from wanstudio.fusion import compile_blocks, uncompile_blocks
 from wanstudio.quant import sqnr_db
 
 
+@pytest.mark.slow
 def test_compiled_blocks_compute_the_same_function_and_keep_contracts_eager():
     torch.manual_seed(0)
     cfg = ws.WanConfig.preset("tiny-infinitetalk")
@@ -41,6 +43,7 @@ def test_compiled_blocks_compute_the_same_function_and_keep_contracts_eager():
     assert "forward" not in vars(model.blocks[0])
 
 
+@pytest.mark.slow
 def test_blocks_share_one_compiled_graph():
     """Per-block Python constants read inside a block would make torch.compile recompile for
     every block (and fall back to eager after 8): the blocks must share their graphs."""

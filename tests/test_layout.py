@@ -154,7 +154,7 @@ def _layouts() -> list[torch.Tensor]:
 @pytest.mark.parametrize("op", MM.operands, ids=lambda o: o.name)
 def test_fast_check_agrees_with_the_detailed_check(op):
     for t in _layouts():
-        assert layout._operand_ok(op, t) == (not layout._check_operand(op, t)), (op.name, t.shape, t.stride())
+        assert op._ok(t) == (not layout._check_operand(op, t)), (op.name, t.shape, t.stride())
 
 
 def test_a_satisfied_contract_returns_the_same_tensors_and_launches_no_op():
@@ -274,6 +274,22 @@ def test_set_strict_layout_makes_every_forward_strict_and_is_reversible():
     set_strict_layout(model, False)
     assert hooks_of(model) == {} and not is_strict_layout(model)
     model(x)
+
+
+def test_is_strict_layout_sees_the_strict_block_and_the_model_flag():
+    model = Wrapper()
+    assert not is_strict_layout() and not is_strict_layout(model)
+    with strict_layout():
+        # checks are active for this model's forwards, though set_strict_layout is off for it
+        assert is_strict_layout() and is_strict_layout(model) and is_strict_layout(None)
+        with pytest.raises(LayoutError):
+            model(torch.randn(1, 6, 2, 16))
+    assert not is_strict_layout() and not is_strict_layout(model)
+    set_strict_layout(model)
+    assert is_strict_layout(model) and not is_strict_layout()  # on for the model, not process-wide
+    assert not is_strict_layout(Wrapper())
+    set_strict_layout(model, False)
+    assert not is_strict_layout(model)
 
 
 def test_set_strict_layout_covers_a_forward_in_another_thread():

@@ -7,10 +7,11 @@ import os
 import re
 import subprocess
 
-import imageio_ffmpeg
 import numpy as np
-import pyloudnorm
 import pytest
+
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # GPU boxes may lack ffmpeg
+pyloudnorm = pytest.importorskip("pyloudnorm")
 import torch
 from PIL import Image
 from scipy.io import wavfile
@@ -19,7 +20,9 @@ from wanstudio.errors import MediaError, ShapeError, UnknownOptionError
 from wanstudio.media import (
     VideoWriter,
     asset_path,
+    check_input_file,
     check_output_path,
+    check_speech,
     choose_bucket,
     load_audio,
     load_image,
@@ -87,7 +90,7 @@ def test_load_image_puts_transparency_over_white(tmp_path):
 def test_load_image_errors(tmp_path):
     with pytest.raises(MediaError, match="not found"):
         load_image(tmp_path / "missing.png")
-    with pytest.raises(MediaError, match="is a folder"):
+    with pytest.raises(MediaError, match="is a folder, expected an image file"):
         load_image(tmp_path)
     with pytest.raises(MediaError, match="not an image"):
         load_image(asset_path("speech.wav"))
@@ -95,6 +98,53 @@ def test_load_image_errors(tmp_path):
     truncated.write_bytes(asset_path("portrait.png").read_bytes()[:2000])
     with pytest.raises(MediaError, match="could not be decoded"):
         load_image(truncated)
+
+
+def _png_header(path, width: int, height: int):
+    """A PNG whose header says width x height, with no pixel data: only decoding it would fail."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    rows = chunk(b"IDAT", zlib.compress(b"\0" * 64))  # a sliver of the first row, then EOF
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + rows)
+    return path
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000], ids=["100-mpx", "400-mpx-pil-bomb"])
+def test_a_huge_image_is_refused_from_its_header_before_decoding(tmp_path, side):
+    path = _png_header(tmp_path / "huge.png", side, side)
+    with pytest.raises(MediaError, match=r"too large for a reference image .*downscale it") as caught:
+        load_image(path)
+    assert "64 Mpx" in str(caught.value) and "truncated" not in str(caught.value)
+
+
+def test_an_image_at_the_limit_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr("wanstudio.media.images.MAX_IMAGE_PIXELS", 40 * 30)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "ok.png")
+    assert load_image(tmp_path / "ok.png").size == (40, 30)
+    Image.new("RGB", (41, 30), "red").save(tmp_path / "big.png")
+    with pytest.raises(MediaError, match=r"41x30 = 0.0 Mpx"):
+        load_image(tmp_path / "big.png")
+
+
+def test_an_animated_image_warns_that_its_first_frame_is_used(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    with pytest.warns(UserWarning, match=r"animated image: using its first frame of 3"):
+        image = load_image(tmp_path / "anim.gif")
+    assert image.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_check_input_file_names_what_it_found(tmp_path):
+    assert check_input_file(asset_path("portrait.png"), "image") == asset_path("portrait.png")
+    with pytest.raises(MediaError, match=r"is a folder, expected an audio file"):
+        check_input_file(tmp_path, "audio")
+    with pytest.raises(MediaError, match=r"image file not found"):
+        check_input_file(tmp_path / "nope.png", "image")
 
 
 @pytest.mark.parametrize(
@@ -202,7 +252,7 @@ def test_mix_speakers_rejects_unknown_modes():
 def test_audio_errors(tmp_path):
     with pytest.raises(MediaError, match="not found"):
         load_audio(tmp_path / "missing.wav")
-    with pytest.raises(MediaError, match="is a folder"):
+    with pytest.raises(MediaError, match="is a folder, expected an audio file"):
         load_audio(tmp_path)
     with pytest.raises(MediaError, match="no audio stream"):
         load_audio(asset_path("portrait.png"))
@@ -216,6 +266,40 @@ def test_audio_errors(tmp_path):
         load_audio(_write_wav(tmp_path / "quiet.wav", np.zeros(16000)))
     with pytest.raises(MediaError, match="shorter than 0.0400 s"):
         load_audio(_write_wav(tmp_path / "blip.wav", _sine(0.02)))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_silent_array_is_refused_like_a_silent_file(tmp_path, kind):
+    path = _write_wav(tmp_path / "quiet.wav", np.zeros(16000))
+    with pytest.raises(MediaError) as from_file:
+        load_audio(path)
+    zeros = np.zeros(16000, np.float32) if kind == "numpy" else torch.zeros(16000)
+    with pytest.raises(MediaError) as from_array:
+        check_speech(zeros)
+    assert str(from_array.value) == str(from_file.value).replace(str(path), "the audio array")
+    assert "is silent" in str(from_array.value)
+    speech = _sine(1.0)
+    np.testing.assert_array_equal(check_speech(torch.from_numpy(speech)), speech)
+    with pytest.raises(MediaError, match="NaN"):
+        check_speech(np.full(16000, np.nan))
+    with pytest.raises(ShapeError, match=r"mono \[samples\]"):
+        check_speech(np.zeros((2, 16000)))
+
+
+def test_the_pipeline_refuses_a_silent_array_as_it_refuses_a_silent_file():
+    from wanstudio.pipeline import InfiniteTalkPipeline
+
+    pipe = InfiniteTalkPipeline.tiny(seed=0)
+    with pytest.raises(MediaError, match="the audio array is silent"):
+        pipe(asset_path("portrait.png"), np.zeros(16000, np.float32), steps=1, max_frames=17, progress=False)
+
+
+def test_the_pipeline_says_a_folder_is_a_folder(tmp_path):
+    from wanstudio.pipeline import InfiniteTalkPipeline
+
+    pipe = InfiniteTalkPipeline.tiny(seed=0)
+    with pytest.raises(MediaError, match="is a folder, expected an image file"):
+        pipe(tmp_path, asset_path("speech.wav"), steps=1, max_frames=17, progress=False)
 
 
 def test_shipped_assets():

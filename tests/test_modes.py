@@ -116,3 +116,41 @@ def test_load_model_takes_modes_or_the_old_keywords(tmp_path):
     assert is_strict_layout(by_modes)
     with torch.no_grad():
         assert torch.equal(call(by_modes, inputs), call(by_keywords, inputs))
+
+
+# --- blocks_to_swap="auto" ----------------------------------------------------------------------
+def test_auto_block_swap_and_the_budget_are_validated():
+    modes = RuntimeModes(blocks_to_swap="auto", vram_budget_gb=12)
+    assert modes.blocks_to_swap == "auto" and modes.vram_budget_gb == 12
+    assert "blocks swapped: auto for 12 GiB (prefetch 1)" in modes.describe()
+    assert "auto for free memory" in RuntimeModes(blocks_to_swap="auto").describe()
+    for bad in (0, -1, True, "12"):
+        with pytest.raises(ConfigError, match="vram_budget_gb must be a number of GiB > 0"):
+            RuntimeModes(vram_budget_gb=bad)
+    with pytest.raises(ws.BlockSwapError, match="blocks_to_swap must be an integer"):
+        RuntimeModes(blocks_to_swap="Auto")  # only the exact word
+
+
+def test_auto_block_swap_is_zero_off_cuda():
+    model = apply_modes(_tiny(), RuntimeModes(blocks_to_swap="auto", vram_budget_gb=0.001, precision="fp32"))
+    assert model.modes.blocks_to_swap == 0 and getattr(model, "block_swap_stats", None) is None
+
+
+def test_auto_block_swap_asks_the_planner(monkeypatch):
+    from wanstudio.modes import resolve_blocks_to_swap
+    from wanstudio.offload import measure_block_bytes, measure_parts, plan_dit_memory
+
+    torch.manual_seed(0)
+    model = ws.WanModel(ws.WanConfig.preset("tiny-i2v").replace(num_layers=8)).eval()
+    whole = measure_parts(model).dit
+    block = measure_block_bytes(model)
+    # a budget 2.5 blocks short of "everything resident" (plus the planner's activation estimate
+    # and reserve): prefetch 1 keeps 2 slots, so 5 blocks swapped saves 3
+    plan = plan_dit_memory(model, 2**40, prefetch=1)
+    budget = whole + plan.peak_bytes - plan.dit_device_bytes - int(2.5 * block)
+    modes = RuntimeModes(blocks_to_swap="auto", vram_budget_gb=budget / 2**30, precision="fp32")
+    assert resolve_blocks_to_swap(model, modes, device="cuda") == 5
+    assert model.memory_plan.blocks_to_swap == 5 and model.memory_plan.prefetch == 1
+    monkeypatch.setattr("wanstudio.offload.planner.free_device_bytes", lambda *a, **k: None)  # no CUDA
+    with pytest.raises(ws.BlockSwapError, match="torch finds no CUDA device. Pass vram_budget_gb"):
+        resolve_blocks_to_swap(model, RuntimeModes(blocks_to_swap="auto"), device="cuda")

@@ -502,7 +502,12 @@ def test_out_of_memory_is_reraised_with_advice(tmp_path):
     "kwargs, match",
     [
         (dict(audio=None), "no audio"),
-        (dict(audio2="two"), "two speakers need"),
+        # two speakers without boxes get the default halves (tests/test_dubbing.py); bad boxes fail
+        (dict(audio2="two", bboxes=((0, 0, 24, 32), (16, 0, 48, 32))), "overlap"),
+        (dict(audio2="two", bboxes=((0, 0, 24, 40), (24, 0, 48, 32))), "inside the 48x32 frame"),
+        (dict(audio2="two", bboxes=((0, 0, 8, 8), (8, 0, 16, 8), (16, 0, 24, 8))), "more speaker boxes"),
+        (dict(speaker_strengths=(1.0, 1.0)), "more speakers than speech tracks"),
+        (dict(video="clip.mp4"), "not both"),
         (dict(size_class="1080"), "1080"),
         (dict(steps=0), "steps"),
         (dict(steps=2.5), "steps"),
@@ -515,7 +520,7 @@ def test_out_of_memory_is_reraised_with_advice(tmp_path):
         (dict(speaker_mix="both"), "para"),
         (dict(max_frames=0), "max_frames"),
         (dict(bboxes=((0, 0, 4, 4), (4, 0, 8, 4))), "audio2"),
-        (dict(audio="/no/such/file.wav"), "no such file"),
+        (dict(audio="/no/such/file.wav"), "audio file not found"),
         (dict(size=(60, 64)), "multiples of 16"),
         (dict(resume=True), "resume=True needs"),
         (dict(text_scale=math.inf), "text_scale"),
@@ -584,6 +589,7 @@ def speech_file(tmp_path_factory):
     return media.asset_path("speech.wav")
 
 
+@pytest.mark.slow
 def test_tiny_streaming_mp4_has_the_audio_duration(tiny_pipe, tmp_path):
     from wanstudio.media import asset_path, probe_media
 
@@ -601,6 +607,7 @@ def test_tiny_streaming_mp4_has_the_audio_duration(tiny_pipe, tmp_path):
     assert not (tmp_path / "talk.mp4.work").exists()  # the default work folder is cleaned up
 
 
+@pytest.mark.slow
 def test_tiny_resume_is_bit_identical_and_the_mp4_is_atomic(tiny_pipe, tmp_path):
     from wanstudio.media import asset_path
 
@@ -652,6 +659,104 @@ def test_from_files_refuses_a_dit_without_audio_modules_before_loading_anything(
         )
 
 
+def fake_parts_from_files(monkeypatch) -> list[tuple[str, torch.dtype]]:
+    """The encoders' and VAE's from_files return the fakes; records (part, dtype) per load."""
+    from wanstudio import encoders
+
+    loads = []
+    for cls, fake in (
+        (encoders.VAE, FakeVAE),
+        (encoders.TextEncoder, FakeText),
+        (encoders.ImageEncoder, FakeImage),
+        (encoders.AudioEncoder, FakeAudio),
+    ):
+
+        def load(cls, *args, _fake=fake, **kwargs):
+            loads.append((cls.__name__, kwargs["dtype"]))
+            return _fake()
+
+        monkeypatch.setattr(cls, "from_files", classmethod(load))
+    return loads
+
+
+@pytest.mark.slow
+def test_from_files_takes_modes_or_the_old_keywords(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from wanstudio.pipeline.resume import environment_fingerprint
+
+    loads = fake_parts_from_files(monkeypatch)
+    torch.manual_seed(0)
+    model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk"))
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    files = dict(dit=path, vae="v", text_encoder="t", clip="c", wav2vec="w", device="cpu")
+    modes = ws.RuntimeModes(quantization="fp8_e4m3fn_scaled", precision="fp32", strict_layout=True)
+    by_modes = InfiniteTalkPipeline.from_files(**files, modes=modes)
+    by_keywords = InfiniteTalkPipeline.from_files(
+        **files, quantization="fp8_e4m3fn_scaled", dtype=torch.float32, strict_layout=True
+    )
+    assert by_modes.modes == by_keywords.modes == by_modes.model.modes == modes
+    assert ws.is_strict_layout(by_modes.model)
+    assert any(isinstance(m, ws.QuantizedLinear) for m in by_modes.model.modules())
+    # the text encoder and CLIP run at the modes' precision (the VAE at vae_dtype, wav2vec2 fp32)
+    assert loads[:4] == [
+        ("AudioEncoder", torch.float32),
+        ("ImageEncoder", torch.float32),
+        ("VAE", torch.float32),
+        ("TextEncoder", torch.float32),
+    ]
+    assert loads[:4] == loads[4:]
+    # the run's fingerprint reads the pipeline's modes; both loads make the same frames
+    assert environment_fingerprint(by_modes)["modes"] == {
+        "quantization": "fp8_e4m3fn_scaled",
+        "attention": "sdpa",
+        "compiled": False,
+    }
+    assert torch.equal(
+        by_modes(IMAGE, speech(0.2), **FAST).frames, by_keywords(IMAGE, speech(0.2), **FAST).frames
+    )
+    # a keyword given wins over the same field of modes; the rest of modes stays
+    mixed = InfiniteTalkPipeline.from_files(**files, modes=modes, quantization="disabled")
+    assert mixed.modes == modes.replace(quantization="disabled")
+    assert not any(isinstance(m, ws.QuantizedLinear) for m in mixed.model.modules())
+    with pytest.raises(ws.WanstudioError, match="blocks_to_swap must be"):  # checked once, by RuntimeModes
+        InfiniteTalkPipeline.from_files(**files, blocks_to_swap=True)
+
+
+def test_tiny_takes_modes_and_quantizes_its_base_precision_weights(tiny_pipe):
+    import copy
+
+    from wanstudio.quant import quantize
+
+    pipe = InfiniteTalkPipeline.tiny(seed=0, modes=ws.RuntimeModes(quantization="fp8_e4m3fn_scaled"))
+    assert pipe.modes == pipe.model.modes == ws.RuntimeModes(quantization="fp8_e4m3fn_scaled")
+    assert "bfloat16" in pipe.identity  # the modes' precision (bf16), not tiny's fp32 default
+    # reference: the fp32 tiny model of the same seed, cast to bf16, then quantized
+    reference = quantize(copy.deepcopy(tiny_pipe.model).to(torch.bfloat16), "fp8_e4m3fn_scaled")
+    got, want = pipe.model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and any(v.dtype == torch.float8_e4m3fn for v in got.values())
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert tiny_pipe.modes == ws.RuntimeModes(precision="fp32")  # tiny() without modes: fp32
+
+
+def test_the_pipeline_reads_modes_applied_after_it_was_built(tmp_path):
+    """A studio / CLI applies modes to pipe.model after building the pipeline: the OOM advice
+    and the run fingerprint see them."""
+    from wanstudio.pipeline.resume import environment_fingerprint
+
+    pipe, dit, _ = make_pipe(FakeDiT(oom_at=0))
+    assert pipe.modes == ws.RuntimeModes(precision="fp32")  # nothing recorded: FakeDiT's dtype
+    dit.modes = ws.RuntimeModes(quantization="fp8_e4m3fn_scaled", blocks_to_swap=1)  # as apply_modes records
+    assert pipe.modes is dit.modes
+    assert environment_fingerprint(pipe)["modes"]["quantization"] == "fp8_e4m3fn_scaled"
+    with pytest.raises(ws.PipelineError) as info:
+        pipe(IMAGE, speech(0.5), work_dir=tmp_path, **FAST)
+    msg = str(info.value)
+    assert "(now 1)" in msg and "halves the DiT weights" not in msg  # already quantized
+
+
+@pytest.mark.slow
 def test_size_comes_from_size_then_size_class_then_the_pipelines_default():
     from PIL import Image
 

@@ -53,6 +53,7 @@ SQNR_BARS = {
     QuantMode.FP8_E5M2_FAST: 23.0,
     QuantMode.FP8_E5M2_SCALED_FAST: 23.0,
     QuantMode.FP4_SCALED_FAST: 19.0,
+    QuantMode.GGUF_Q8_0: 44.0,  # int8 per block of 32: ~46 dB for Gaussian weights
 }
 
 
@@ -563,13 +564,23 @@ def test_set_quantized_is_the_loader_entry_point():
     assert sqnr_db(w, layer.dequantized_weight(torch.float32)) > 19.0
 
 
-def test_quantize_weight_refuses_contradicting_checkpoints():
+def test_quantize_weight_converts_checkpoints_of_another_storage_mode():
+    # a requested mode converts: the weight the file means (stored x scale, fp32), quantized
     w5 = (torch.randn(16, 16) * 0.02).to(E5)
-    with pytest.raises(CheckpointError, match="fp8_e5m2"):
-        quantize_weight(w5, QuantMode.FP8_E4M3FN)
+    out = quantize_weight(w5, QuantMode.FP8_E4M3FN)
+    assert torch.equal(out["weight"], quantize_weight(w5.float(), QuantMode.FP8_E4M3FN)["weight"])
     w4 = (torch.randn(16, 16)).to(E4)
-    with pytest.raises(CheckpointError, match="fp8_e4m3fn_scaled"):
-        quantize_weight(w4, QuantMode.FP8_E4M3FN_FAST, scale=torch.tensor(0.01))
+    scale = torch.tensor(0.01)
+    fast = quantize_weight(w4, QuantMode.FP8_E4M3FN_FAST, scale=scale)  # scaled file, plain mode
+    ref = quantize_weight(w4.float() * scale, QuantMode.FP8_E4M3FN_FAST)
+    assert torch.equal(fast["weight"].view(torch.uint8), ref["weight"].view(torch.uint8))
+    e5 = quantize_weight(w4, QuantMode.FP8_E5M2_SCALED, scale=scale)
+    ref = quantize_weight(w4.float() * scale, QuantMode.FP8_E5M2_SCALED)
+    assert all(torch.equal(e5[k].float(), ref[k].float()) for k in ref)
+
+
+def test_quantize_weight_refuses_what_no_mode_can_hold():
+    w4 = (torch.randn(16, 16)).to(E4)
     with pytest.raises(CheckpointError, match="fp8_e4m3fn"):
         quantize_weight(w4, QuantMode.DISABLED)
     with pytest.raises(CheckpointError, match="1 value"):

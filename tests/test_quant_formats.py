@@ -118,15 +118,17 @@ def test_quantize_and_dequantize_round_trip_through_the_format(mode):
         assert rel < (0.08 if mode.is_fp8 else 0.2)
 
 
-def test_fp8_format_keeps_a_checkpoints_weight_and_names_the_mode_that_fits():
-    from wanstudio.errors import CheckpointError
-
+def test_fp8_format_keeps_a_checkpoints_weight_and_converts_another_storage_mode():
     w8 = (torch.randn(8, 16) * 0.1).to(torch.float8_e4m3fn)
     fmt = format_for(QuantMode.FP8_E4M3FN_SCALED)
     out = fmt.quantize(w8, torch.tensor([0.5]))
     assert out["weight"] is w8 and out["scale_weight"].item() == 0.5
-    with pytest.raises(CheckpointError, match=storage_mode_for(torch.float8_e4m3fn, True).value):
-        format_for(QuantMode.FP8_E4M3FN).quantize(w8, torch.tensor([0.5]))
+    assert fmt.holds_as_stored(w8, torch.tensor([0.5]))
+    plain = format_for(QuantMode.FP8_E4M3FN)  # a scaled weight in a plain mode: stored x scale, cast
+    assert not plain.holds_as_stored(w8, torch.tensor([0.5]))
+    assert storage_mode_for(torch.float8_e4m3fn, True) is QuantMode.FP8_E4M3FN_SCALED
+    out = plain.quantize(w8, torch.tensor([0.5]))
+    assert torch.equal(out["weight"].float(), (w8.float() * 0.5).to(torch.float8_e4m3fn).float())
 
 
 # --- kernel_path -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import re
 import pytest
 import torch
 
-from wanstudio.quant import fp4, fp8, kernels
+from wanstudio.quant import fp4, fp8, kernels, q8_0
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton is not installed")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -110,3 +110,42 @@ def test_activation_scales_interpreted():
     assert torch.equal(x, before)
     assert q.dtype == fp8.ACT_DTYPE and q.shape == x.shape and s.shape == (9, 1)
     assert torch.equal(s, fp8.quantize_rows_eager(x)[1])
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles real kernels")
+@pytest.mark.parametrize("out_dtype", ["bf16", "fp16", "fp32"])
+def test_q8_0_dequantization_kernel_compiles_for_sm90(out_dtype):
+    ptx = _compile(
+        kernels._dequantize_q8_0_kernel,
+        {
+            "q_ptr": "*i8",
+            "d_ptr": "*fp16",
+            "out_ptr": f"*{out_dtype}",
+            "N": "i32",
+            "K": "i32",
+            "stride_q": "i32",
+            "stride_d": "i32",
+            "stride_o": "i32",
+            "QBLOCK": "constexpr",
+            "BLOCK_R": "constexpr",
+            "BLOCK_C": "constexpr",
+        },
+        {"QBLOCK": 32, "BLOCK_R": 16, "BLOCK_C": 256},
+        4,
+    )
+    # q * d is exact in fp32 and rounds once, to nearest even: through cvt.rn, or (fp16 out,
+    # q and d both exact in fp16) one fp16 multiply, which rounds the same exact product once
+    rounding = {"bf16": r"cvt\.rn\.bf16(x2)?\.f32", "fp16": r"cvt\.rn\.f16(x2)?\.f32|mul(\.rn)?\.f16"}
+    if out_dtype in rounding:
+        assert re.search(rounding[out_dtype], ptx)
+    assert not re.search(r"\.(approx|ftz)\b.*f16|mul\.rz|cvt\.rz", ptx)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 to run kernels on the CPU")
+@pytest.mark.parametrize("k", [100, 256])
+def test_q8_0_dequantization_kernel_interpreted(k):
+    w = torch.randn(40, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[3, :64] = 0  # all-zero blocks
+    q, d = q8_0.quantize_q8_0(w)
+    ref = q8_0.dequantize_q8_0(q, d, k)
+    assert torch.equal(kernels.dequantize_q8_0_triton(q, d, k, torch.float32), ref)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("ipywidgets")  # a studio / test extra: collection works without it
+
 import wanstudio as ws
 from wanstudio import studio
 from wanstudio.availability import Availability
@@ -451,11 +453,63 @@ def test_two_speakers(tiny_model, media):
     assert panel.wait(JOIN)
     kw = pipe.calls[-1][1]
     assert kw["audio2"] == str(audio) and kw["speaker_mix"] == "add"
-    assert kw["bboxes"] == ((0, 0, 48, 64), (48, 0, 96, 64))  # left / right halves by default
+    # no boxes: the pipeline's default regions (the official left / right halves), drawn in the panel
+    assert "bboxes" not in kw and "speaker_strengths" not in kw
+    assert (
+        panel.regions.boxes == ws.pipeline.default_speaker_boxes(96, 64) == ((2, 3, 45, 60), (50, 3, 93, 60))
+    )
     panel.bboxes.value = "0,0,40,64; 50,0,96,64"
+    panel.regions.strengths[1].value = 0.5
     panel.generate_button.click()
     assert panel.wait(JOIN)
     assert pipe.calls[-1][1]["bboxes"] == ((0, 0, 40, 64), (50, 0, 96, 64))
+    assert pipe.calls[-1][1]["speaker_strengths"] == (1.0, 0.5)
+
+
+def test_generate_panel_draws_the_speaker_regions_over_the_reference_frame(tiny_model, media, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from wanstudio.media import VideoWriter
+
+    image, audio, out = media  # a 96x64 picture of one colour (120, 90, 60)
+    panel = GeneratePanel(FakePipeline(tiny_model), image=image, audio=audio, out=out)
+    assert panel.regions.view.value == b""  # one speaker: nothing is read or drawn
+    panel.speakers.value = 2
+
+    def drawn() -> np.ndarray:
+        png = Image.open(io.BytesIO(bytes(panel.regions.view.value)))
+        return np.asarray(png.convert("RGB"), dtype=float)
+
+    def at(pixels, x, y):  # a source pixel's colour in the drawing (320 px on the longer side)
+        scale = pixels.shape[1] / 96
+        return pixels[int((y + 0.5) * scale), int((x + 0.5) * scale)]
+
+    pixels = drawn()
+    assert pixels.shape[:2] == (213, 320)
+    assert np.allclose(at(pixels, 20, 30), [169.5, 76.5, 60], atol=2)  # speaker 1: red tint
+    assert np.allclose(at(pixels, 70, 30), [93, 99, 138.75], atol=2)  # speaker 2: blue tint
+    assert np.allclose(at(pixels, 47, 30), [120, 90, 60], atol=2)  # between the default halves
+    assert "default" in panel.regions.note.value
+    panel.bboxes.value = "50,0,96,64; 0,0,40,64"  # speaker 1 on the right now
+    pixels = drawn()
+    assert np.allclose(at(pixels, 70, 30), [169.5, 76.5, 60], atol=2)
+    assert np.allclose(at(pixels, 20, 30), [93, 99, 138.75], atol=2)
+    panel.bboxes.value = "0,0,60,64; 40,0,96,64"
+    assert panel.regions.view.value == b"" and "overlap" in panel.regions.note.value
+    # a video to dub: its frame 0 is the picture
+    video = tmp_path / "scene.mp4"
+    frames = np.zeros((3, 48, 80, 3), np.uint8)
+    frames[0], frames[1:] = (40, 160, 200), (250, 250, 250)
+    with VideoWriter(video) as writer:
+        writer.append(frames)
+    panel.bboxes.value = ""
+    panel.image_path.value = str(video)
+    pixels = drawn()
+    assert pixels.shape[:2] == (192, 320) and "80x48" in panel.regions.note.value
+    assert np.allclose(at(pixels, 40 * 96 / 80, 24 * 96 / 80), [40, 160, 200], atol=4)
 
 
 def test_parse_bboxes():
@@ -620,6 +674,7 @@ def test_layout_panel_on_the_real_inspector_with_a_simulated_block_swap():
     assert len(studio.report_rows(report.filter(only_non_contiguous=True))) < len(report.rows)
 
 
+@pytest.mark.slow
 def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_counted():
     torch.manual_seed(0)
     model = ws.WanModel(ws.WanConfig.preset("tiny-infinitetalk")).eval().requires_grad_(False)
@@ -639,6 +694,7 @@ def test_misaligned_fp8_weight_strict_mode_names_the_layer_and_the_copy_is_count
     assert "hidden cop" in str(cost)
 
 
+@pytest.mark.slow
 def test_compare_quant_modes(tiny_model):
     modes = ["disabled", "fp8_e4m3fn_scaled", "fp4_scaled"]
     cmp = studio.compare_quant_modes(tiny_model, modes)
@@ -671,7 +727,6 @@ def test_load_pipeline_tiny_measures_then_quantizes(monkeypatch, tiny_model):
     assert result.report.mode is QuantMode.FP8_E4M3FN_FAST and result.report.model_sqnr_db > 20
     assert set(studio.quant_paths(result.model)) == {"scaled_mm"}
     assert result.model.modes == result.settings.modes  # configured by wanstudio.modes.apply_modes
-    assert result.pipeline.settings["quantization"] == "fp8_e4m3fn_fast"
     summary = studio.summarize(result.pipeline, result.settings, result.seconds)
     assert "float8_e4m3fn" in summary.to_text() and "scaled_mm x" in summary.to_text()
 
@@ -758,8 +813,8 @@ def test_load_pipeline_real_weights_go_through_from_files_and_apply_modes(monkey
     class Real:
         @classmethod
         def from_files(cls, **kw):
-            calls.append(kw)
-            return FakePipeline(copy.deepcopy(tiny_model))
+            calls.append(kw)  # like the real one: the modes are applied while it loads
+            return FakePipeline(ws.apply_modes(copy.deepcopy(tiny_model), kw["modes"]))
 
     monkeypatch.setattr(studio.session, "InfiniteTalkPipeline", Real)
     weights = WeightPaths(dit="d", vae="v", text_encoder="t", clip="c", wav2vec="w")
@@ -768,9 +823,8 @@ def test_load_pipeline_real_weights_go_through_from_files_and_apply_modes(monkey
     )
     result = studio.load_pipeline(settings)
     (kw,) = calls
-    assert kw["dit"] == ["d"] and kw["config"] == "infinitetalk-14b" and kw["dtype"] == torch.float32
-    assert kw["quantization"] is QuantMode.FP8_E4M3FN_SCALED and kw["blocks_to_swap"] == 0
-    assert result.model.modes == settings.modes  # what from_files cannot take (prefetch) is applied
+    assert kw["dit"] == ["d"] and kw["config"] == "infinitetalk-14b" and kw["modes"] == settings.modes
+    assert kw["modes"].quantization is QuantMode.FP8_E4M3FN_SCALED and kw["modes"].dtype == torch.float32
     assert set(studio.quant_paths(result.model)) == {"dequantize"}
     assert result.report is None and "quantized while they load" in result.report_note
 
@@ -937,3 +991,29 @@ def test_output_path_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(studio.OUTPUT_ENV, str(tmp_path / "videos"))
     assert studio.output_path("x.mp4") == tmp_path / "videos" / "x.mp4"
     assert (tmp_path / "videos").is_dir()
+
+
+def test_generate_panel_preset_sets_the_sampling_controls(tiny_model):
+    from wanstudio.options import GenerationPreset
+
+    gen = GeneratePanel(FakePipeline(tiny_model), image="i.png", audio="a.wav")
+    gen.preset.value = GenerationPreset.DISTILL_4STEP.value
+    want = GenerationPreset.DISTILL_4STEP.settings
+    assert (gen.scheduler.value, gen.steps.value, gen.shift.value) == (want.scheduler.value, 4, want.shift)
+    assert (gen.text_scale.value, gen.audio_scale.value) == (1.0, 2.0)
+    gen.steps.value = 6  # still editable; the request carries what the controls show
+    assert gen.read_request().steps == 6 and gen.read_request().scheduler == "euler_distill"
+    gen.preset.value = GenerationPreset.STANDARD.value
+    assert (gen.steps.value, gen.text_scale.value, gen.audio_scale.value) == (40, 5.0, 4.0)
+
+
+def test_load_panel_lora_box_becomes_the_settings_loras(tmp_path):
+    from wanstudio.lora import LoRA
+    from wanstudio.widgets.load_panel import parse_loras
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b""), b.write_bytes(b"")
+    assert parse_loras(f"{a}\n\n  {b}:0.5 \n") == (LoRA(a), LoRA(b, 0.5))
+    assert LoadSettings(loras=parse_loras(f"{a}:0.8")).modes.loras == (LoRA(a, 0.8),)
+    with pytest.raises(ws.LoraError, match="no such file"):
+        parse_loras(str(tmp_path / "missing.safetensors"))

@@ -18,6 +18,7 @@ import torch
 
 from wanstudio.atomic import part_path, remove_stale_parts, stale_parts
 from wanstudio.errors import PipelineError
+from wanstudio.modes import RuntimeModes
 from wanstudio.pipeline.resume import (
     LOCK,
     MANIFEST,
@@ -197,7 +198,7 @@ def test_resume_with_other_settings_lists_each_difference_and_what_to_do(tmp_pat
     assert (tmp_path / "w" / "clip_0000.pt").exists()
 
 
-def fake_pipeline(**settings):
+def fake_pipeline(**modes):
     model = torch.nn.Linear(2, 2).to(torch.bfloat16)
     model.blocks = [types.SimpleNamespace(_wanstudio_compiled=False)]
     return types.SimpleNamespace(
@@ -206,7 +207,7 @@ def fake_pipeline(**settings):
         text_encoder=None,
         image_encoder=None,
         audio_encoder=None,
-        settings=settings,
+        modes=RuntimeModes(**modes),
     )
 
 
@@ -223,8 +224,12 @@ def test_the_environment_fingerprint_holds_threads_modes_and_dtypes(monkeypatch)
     assert (one["threads"], two["threads"]) == (1, 2)
     pipe.model.blocks[0]._wanstudio_compiled = True
     assert environment_fingerprint(pipe)["modes"]["compiled"] is True
-    # block swap moves weights only: a run that ran out of memory resumes with more swap
-    assert environment_fingerprint(fake_pipeline(blocks_to_swap=8))["modes"] == {"compiled": False}
+    # block swap moves weights only: a run that ran out of memory resumes with more swap; nor do
+    # prefetch and strict layout checks change a number (the precision is in the dtypes)
+    plain = {"quantization": "disabled", "attention": "sdpa", "compiled": False}
+    assert environment_fingerprint(fake_pipeline())["modes"] == plain
+    moved = fake_pipeline(blocks_to_swap=8, prefetch=2, strict_layout=True)
+    assert environment_fingerprint(moved)["modes"] == plain
 
 
 # --- temp files -------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .model import ModelInputs, WanModel
 from .modes import RuntimeModes, apply_modes
 from .offload import BlockSwapStats, disable_block_swap, enable_block_swap, plan_block_swap, swap_placement
 from .options import ATTENTION_MODES, QUANT_MODES, AttentionMode, BasePrecision, QuantMode, parse_option
-from .pipeline import GeneratedVideo, InfiniteTalkPipeline, ProgressEvent, TqdmProgress
+from .pipeline import GeneratedVideo, InfiniteTalkPipeline, ProgressEvent, TqdmProgress, read_input_json
 from .quant import (
     DEFAULT_KEEP,
     QuantizedLinear,
@@ -54,6 +54,7 @@ _LAZY = {
     "AudioEncoder": "encoders",
     "VAE": "encoders",
     "audio_windows": "encoders",
+    "VideoReader": "media",
     "VideoWriter": "media",
     "asset_path": "media",
     "choose_bucket": "media",

@@ -3,7 +3,7 @@
 The model calls only :func:`attention` with q, k, v in its native [B, L, H, D] layout and the
 ``attention_mode`` of the calling module. Each backend (``attention_backends/``) declares what
 it needs (device, compute capability, dtypes, head dims) and a layout contract, and converts
-to its own layout inside its wrapper. Meanings and measured facts: ``shared/design/MODES.md``.
+to its own layout inside its wrapper. Meanings and measured facts: ``docs/MODES.md``.
 
 * :func:`available_attention_modes` says, per device, which modes run and why the others do
   not (package missing, built for another torch, GPU architecture). Where importing is not
@@ -90,6 +90,8 @@ def attention(
     q, k, v = checked["q"], checked["k"], checked["v"]
     if kernel.key_block and -k.shape[1] % kernel.key_block > kernel.max_key_padding * k.shape[1]:
         return _reroute(backend.name, kernel.key_rule, q, k, v, where)
+    if k.shape[1] < kernel.sdpa_below_keys:  # a speed choice, not a correctness one: no warning
+        return attention(q, k, v, mode=AttentionMode.SDPA, where=where)
     return kernel.run(q, k, v)
 
 

@@ -54,6 +54,7 @@ class Timer:
         self.device, self.warmup, self.repeats = torch.device(device), warmup, max(min_repeats, repeats)
 
     def median_ms(self, fn: Callable[[], object]) -> float:
+        """Median time of ``fn`` in ms over ``repeats`` calls, after ``warmup`` untimed calls."""
         for _ in range(self.warmup):
             fn()
         if self.device.type == "cuda":
@@ -111,6 +112,7 @@ def run_model(model, inputs: dict):
 
 
 def build(preset: str, seed: int = 0) -> WanModel:
+    """A seeded random-weight bf16 WanModel of ``preset``, built directly on the GPU, in eval mode."""
     torch.manual_seed(seed)
     return WanModel(WanConfig.preset(preset), device="cuda", dtype=torch.bfloat16).eval()
 
@@ -124,6 +126,8 @@ def free() -> None:
 
 @dataclass
 class Row:
+    """One row of the report: a runtime in one mode, its median ms, peak GiB, TFLOP/s and a note."""
+
     name: str
     preset: str
     size: str
@@ -138,6 +142,7 @@ class Row:
 
 # --- suites --------------------------------------------------------------------------------------
 def measure(model, inputs, flops: dict, reps: int) -> tuple[float, float, float]:
+    """(median ms, peak allocated GiB, achieved TFLOP/s) of ``reps`` forwards of ``model``."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
@@ -147,6 +152,8 @@ def measure(model, inputs, flops: dict, reps: int) -> tuple[float, float, float]
 
 
 def suite_matrix(args, rows: list[Row], reference: dict) -> None:
+    """wanstudio's DiT in every requested preset x quant x attention x swap, appended to ``rows``;
+    SQNR against each preset's bf16 output (computed once, kept in ``reference``)."""
     from .attention import available_attention_modes, set_attention
     from .fusion import compile_blocks
     from .offload import disable_block_swap, enable_block_swap
@@ -323,6 +330,7 @@ def suite_roofline(args, rows: list[Row], reference: dict) -> dict:
 
 # --- report --------------------------------------------------------------------------------------
 def report(rows: list[Row], rates: dict, args) -> str:
+    """The markdown report: the card, the measured rates, and a table of ``rows`` with FLOP ratios."""
     width, height = SIZES[args.size]
     lines = [
         f"Card: {torch.cuda.get_device_name()} (cc {'.'.join(map(str, torch.cuda.get_device_capability()))}), "
@@ -370,6 +378,7 @@ def report(rows: list[Row], rates: dict, args) -> str:
 
 
 def main(argv=None) -> int:
+    """``wanstudio bench``: run the chosen suites, print the report (and write ``--json``); exit code."""
     p = argparse.ArgumentParser(
         prog="wanstudio bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

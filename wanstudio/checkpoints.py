@@ -1,4 +1,4 @@
-"""Loading Wan2.1 / InfiniteTalk DiT checkpoints from local safetensors files.
+"""Loading Wan2.1 / InfiniteTalk DiT checkpoints from local safetensors and GGUF files.
 
 Accepted: one file; a sharded set (its ``*.index.json``, or the folder holding it); a list of
 any of these merged in order (Wan base shards, then InfiniteTalk's ``infinitetalk.safetensors``
@@ -7,6 +7,15 @@ use diffusers' names; both are mapped to the official names. Every check that ca
 (files, headers, key sets, shapes) runs on headers alone *before* any tensor is read, so a
 failed load never returns a half-loaded model. Tensors then stream one at a time to their
 final dtype and device into a meta-initialised model.
+
+Storage formats, per tensor (a model may mix them): bf16 / fp16 / fp32; fp8 e4m3fn / e5m2,
+plain or scaled (``scale_weight`` / ``weight_scale``, kijai's and ComfyUI's files); GGUF
+(``gguf_file.py``: F16 / F32 / BF16, Q8_0, Q4_0 / Q4_1 / Q5_0 / Q5_1 and the K-quants); and
+optimum-quanto files (InfiniteTalk's ``quant_models``: ``<layer>.weight._data`` int8 or fp8,
+``.weight._scale`` per output row, ``.input_scale`` / ``.output_scale``, a JSON map beside).
+With ``quantization="disabled"`` each quantizable layer runs in the mode its file gave it
+(``storage.storage_mode``); a requested mode converts every layer to it, from the weight the file
+means (dequantized, then quantized in that mode).
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ from torch import nn
 
 from .config import WanConfig
 from .errors import CheckpointError, ConfigError
+from .gguf_file import GGUFEntry, GGUFFile, describe_type, is_gguf, read_blocks
+from .gguf_file import dequantize as dequantize_gguf
 from .layout import assign_layout_names
 from .lora import LoraSet, record_merged_loras
 from .model.keys import diffusers_to_official
 from .modes import RuntimeModes, apply_modes
 from .options import AttentionMode, BasePrecision, QuantMode
+from .storage import QUANTO_LEAVES, check_quanto, storage_mode, stored_label
 from .weights import (
     FP8_DTYPES,
     SafetensorsFile,
@@ -65,10 +77,14 @@ _FOREIGN_COMPONENTS = (
     ("a wav2vec2 audio encoder", ("feature_extractor.conv_layers.", "encoder.layers.0.attention.")),
 )
 _AUDIO_KEYS = ("audio_proj.", ".audio_cross_attn.", ".norm_x.")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".output_scale")
 
 
 def official_key(key: str, diffusers_format: bool) -> str:
+    """The official name of a file's key (prefix stripped, diffusers / quanto names mapped)."""
+    for suffix, leaf in QUANTO_LEAVES:
+        if key.endswith(suffix):
+            return official_key(key[: -len(suffix)] + ".weight", diffusers_format)[: -len(".weight")] + leaf
     for prefix in PREFIXES:
         if key.startswith(prefix):
             key = key[len(prefix) :]
@@ -82,23 +98,30 @@ class CheckpointInfo:
     """What was found in the files (shown by the load panel and logged)."""
 
     files: list[Path]
-    formats: list[str]  # per file: 'official' | 'comfy-prefixed' | 'diffusers'
+    formats: list[str]  # per file: 'official' | 'comfy-prefixed' | 'diffusers' | 'gguf' | 'quanto'
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> tensor count
     fp8_weights: int = 0
-    scale_keys: list[str] = field(default_factory=list)  # official names of stored fp8 scales
+    scale_keys: list[str] = field(default_factory=list)  # official names of stored scales
     scaled_fp8_marker: bool = False
     tensors: int = 0
     bytes: int = 0
+    # weights (2-D+ ``.weight`` tensors) per storage format as stored: a dtype name, an fp8
+    # storage mode ('fp8_e5m2_scaled'), 'gguf Q4_K', 'quanto qint8'
+    storage: dict[str, int] = field(default_factory=dict)
+    scaled_fp8_files: set[Path] = field(default_factory=set)  # files with a 'scaled_fp8' marker
 
     @property
     def has_fp8(self) -> bool:
         return self.fp8_weights > 0
 
     def summary(self) -> str:
+        """One line: tensors, GiB, files, dtypes, fp8 weights / scales and storage formats."""
         dt = ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items()))
         fp8 = f"; fp8 weights: {self.fp8_weights}, scales: {len(self.scale_keys)}" if self.has_fp8 else ""
+        mix = ", ".join(f"{k}: {v}" for k, v in sorted(self.storage.items(), key=lambda kv: -kv[1]))
         return (
             f"{self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in {len(self.files)} file(s) [{dt}]{fp8}"
+            f"; weights stored as {mix or 'nothing'}"
         )
 
 
@@ -108,12 +131,17 @@ def scan_checkpoint(paths) -> tuple[dict[str, TensorEntry], CheckpointInfo]:
     entries: dict[str, TensorEntry] = {}
     info = CheckpointInfo(files=files, formats=[])
     for path in files:
-        st = SafetensorsFile(path)
+        st = GGUFFile(path) if is_gguf(path) else SafetensorsFile(path)
         keys = st.keys()
         diffusers_format = any(m in k for k in keys for m in _DIFFUSERS_MARKERS)
         prefixed = any(k.startswith(PREFIXES) for k in keys)
-        info.formats.append("diffusers" if diffusers_format else "comfy-prefixed" if prefixed else "official")
-        info.scaled_fp8_marker |= any(k.endswith("scaled_fp8") for k in keys)
+        kind = "diffusers" if diffusers_format else "comfy-prefixed" if prefixed else "official"
+        if isinstance(st, GGUFFile) or check_quanto(path, st):
+            kind = "gguf" if isinstance(st, GGUFFile) else "quanto"
+        info.formats.append(kind)
+        if any(k.endswith("scaled_fp8") for k in keys):
+            info.scaled_fp8_marker = True
+            info.scaled_fp8_files.add(path)
         source: dict[str, str] = {}  # official name -> this file's key
         for key, entry in st.entries.items():
             name = official_key(key, diffusers_format)
@@ -126,15 +154,76 @@ def scan_checkpoint(paths) -> tuple[dict[str, TensorEntry], CheckpointInfo]:
                 )
             source[name] = key
             entries[name] = entry
+    file_format = dict(zip(files, info.formats))
     for name, entry in entries.items():
-        dname = str(entry.dtype).replace("torch.", "")
+        dname = (
+            describe_type(entry) if isinstance(entry, GGUFEntry) else str(entry.dtype).replace("torch.", "")
+        )
         info.dtypes[dname] = info.dtypes.get(dname, 0) + 1
         info.fp8_weights += entry.dtype in FP8_DTYPES
         if name.endswith(_SCALE_SUFFIXES):
             info.scale_keys.append(name)
         info.bytes += entry.nbytes
+    for name, entry in entries.items():
+        if name.endswith(".weight") and len(entry.shape) >= 2:
+            label = stored_label(entries, name, info.scaled_fp8_files, file_format[entry.path])
+            info.storage[label] = info.storage.get(label, 0) + 1
     info.tensors = len(entries)
     return entries, info
+
+
+# --- what a file is ------------------------------------------------------------------------------
+def _group(name: str) -> str:
+    """The tensor group a name belongs to: 'blocks.*.self_attn', 'audio_proj', 'head', ..."""
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 3:
+        return f"blocks.*.{parts[2]}"
+    return parts[0]
+
+
+def describe_checkpoint(paths) -> str:
+    """What checkpoint file(s) hold, from their headers alone (``wanstudio doctor --file``):
+    the format of each file, how the weights of each tensor group are stored, the model they
+    belong to (the config inferred from the shapes) and the mode each quantizable layer runs
+    in with ``quantization="disabled"``. Raises :class:`CheckpointError` for unreadable files."""
+    from .config import PRESETS
+    from .model import WanModel
+    from .quant import QuantMix
+
+    entries, info = scan_checkpoint(paths)
+    lines = [f"{path}: {fmt}" for path, fmt in zip(info.files, info.formats)]
+    for path in info.files:
+        if is_gguf(path):
+            meta = GGUFFile(path).metadata
+            lines.append(
+                "  gguf metadata: "
+                + ", ".join(f"{k}={v}" for k, v in meta.items() if k.startswith("general."))
+            )
+    lines.append(f"{info.tensors} tensors, {info.bytes / 2**30:.2f} GiB")
+    groups: dict[str, dict[str, int]] = {}
+    file_format = dict(zip(info.files, info.formats))
+    for name, entry in entries.items():
+        if name.endswith(".weight") and len(entry.shape) >= 2:
+            label = stored_label(entries, name, info.scaled_fp8_files, file_format[entry.path])
+            counts = groups.setdefault(_group(name), {})
+            counts[label] = counts.get(label, 0) + 1
+    lines.append("weights stored as:")
+    for group, counts in groups.items():
+        lines.append(f"  {group}: " + ", ".join(f"{n} {label}" for label, n in counts.items()))
+    try:
+        cfg = WanConfig.from_state_dict({k: e.shape for k, e in entries.items()})
+    except ConfigError as e:
+        hint = _diagnose([], sorted(entries), WanConfig(), info).removeprefix("\nDiagnosis: ")
+        lines.append(f"model: not a whole DiT ({e}){'; ' + hint if hint else ''}")
+        return "\n".join(lines)
+    preset = next((name for name, p in PRESETS.items() if p == cfg), None)
+    kind = f"{cfg.model_type}{' + InfiniteTalk audio' if cfg.audio else ''}"
+    lines.append(
+        f"model: {preset or 'no preset'} ({kind}, {cfg.num_layers} blocks, dim {cfg.dim}, ffn {cfg.ffn_dim})"
+    )
+    modes = _layer_modes(WanModel(cfg, device="meta"), QuantMode.DISABLED, entries, info)
+    lines.append(f"quantization='disabled' runs its quantizable layers as: {QuantMix.of(modes)}")
+    return "\n".join(lines)
 
 
 # --- diagnosis -----------------------------------------------------------------------------------------
@@ -245,7 +334,8 @@ def load_model(
     """Build a WanModel from checkpoint files, streaming tensors to ``device`` in their dtype.
 
     Args:
-        paths: a .safetensors file, an index json, a folder, or a list of these merged in order.
+        paths: a .safetensors or .gguf file, an index json, a folder, or a list of these
+            merged in order.
         config: a WanConfig, a preset name, or None to infer it from the tensors' shapes.
         device: where the weights live (swapped blocks: pinned host memory).
         modes: a :class:`~wanstudio.modes.RuntimeModes` (default bf16, no quantization, sdpa).
@@ -258,8 +348,15 @@ def load_model(
     Layers are quantized tensor by tensor while they stream (LoRAs merged into each weight
     first, in fp32), so the base-precision model never exists; :func:`~wanstudio.modes.apply_modes` then sets attention, block swap, strict layout
     and compilation.
+
+    ``paths`` may mix formats (safetensors, GGUF, quanto; fp8 of either kind per tensor). With
+    ``quantization="disabled"`` each quantizable layer runs in its weight's storage mode
+    (``storage.storage_mode``); ``model.quantization`` is then one :class:`QuantMode`, or a
+    :class:`~wanstudio.quant.QuantMix` when the layers differ. ``model.checkpoint_info`` is the
+    :class:`CheckpointInfo` (its ``storage`` counts the weights per stored format).
     """
     from .model import WanModel
+    from .quant import QuantMix
 
     modes = RuntimeModes.merge(
         modes,
@@ -290,10 +387,13 @@ def load_model(
     model = WanModel(cfg, device="meta", dtype=dtype)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
-    mode = _storage_mode(modes.quantization, entries, info)
-    placement = _placement(model, device, modes.blocks_to_swap)
+    layer_modes = _layer_modes(model, modes.quantization, entries, info)
+    swap_at_load = modes.blocks_to_swap
+    if swap_at_load == "auto":  # every block to the host while loading; apply_modes plans the rest
+        swap_at_load = cfg.num_layers if device.type == "cuda" else 0
+    placement = _placement(model, device, swap_at_load)
     loras = LoraSet(modes.loras, model_shapes) if modes.loras else None  # checked before reading
-    quantized = _swap_in_quantized_layers(model, mode, dtype)
+    quantized = _swap_in_quantized_layers(model, layer_modes, dtype)
     for name in model_shapes:
         layer, _, leaf = name.rpartition(".")
         if layer in quantized:
@@ -302,7 +402,7 @@ def load_model(
                     quantized[layer],
                     layer,
                     entries,
-                    mode,
+                    layer_modes[layer],
                     device,
                     host=placement.get(name) == "cpu_pinned",
                     dtype=dtype,
@@ -318,8 +418,8 @@ def load_model(
     if modes.loras:
         record_merged_loras(model, modes.loras)
     model.checkpoint_info = info
-    model.quantization = mode
-    log.info("loaded %s; quantization %s", info.summary(), mode.value)
+    model.quantization = QuantMix.of(layer_modes)  # a QuantMode, or the mix of a mixed file
+    log.info("loaded %s; quantization %s", info.summary(), model.quantization)
     return apply_modes(model, modes, device=device)
 
 
@@ -329,50 +429,97 @@ def _scale_entry(entries: dict[str, TensorEntry], weight_name: str) -> TensorEnt
 
 
 def _real_tensor(entries: dict[str, TensorEntry], name: str) -> torch.Tensor:
-    """A tensor as the checkpoint means it: an fp8 weight outside the quantized layers (a
-    keep-listed layer stored in fp8) is dequantized with its stored scale."""
-    tensor = read_tensor(entries[name])
-    if tensor.dtype not in FP8_DTYPES:
+    """A tensor as the checkpoint means it: a quantized weight outside the quantized layers (a
+    keep-listed layer stored in fp8, a GGUF block type, quanto int8) is dequantized (fp32)."""
+    entry = entries[name]
+    if isinstance(entry, GGUFEntry):
+        return dequantize_gguf(entry)
+    tensor = read_tensor(entry)
+    if tensor.dtype not in (*FP8_DTYPES, torch.int8):
         return tensor
     scale_entry = _scale_entry(entries, name)
+    if scale_entry is None and tensor.dtype == torch.int8:
+        raise CheckpointError(f"{entry.path}: {name}: int8 weight without a scale (quanto .weight._scale)")
     scale = read_tensor(scale_entry) if scale_entry is not None else None
-    return dequantize_fp8(name, tensor, scale, source=entries[name].path)
+    return dequantize_fp8(name, tensor, scale, source=entry.path)  # stored * scale, any 8-bit type
 
 
-def _storage_mode(requested: QuantMode, entries: dict[str, TensorEntry], info: CheckpointInfo) -> QuantMode:
-    """The mode the weights will run in. ``disabled`` on an fp8 checkpoint picks the storage
-    mode that runs it as stored; a requested mode that contradicts the file is refused later,
-    per tensor, by ``quantize_weight`` with the mode that fits."""
-    if not info.has_fp8 or requested is not QuantMode.DISABLED:
-        return requested
-    from .quant import storage_mode_for
+def _layer_modes(
+    model: nn.Module, requested: QuantMode, entries: dict[str, TensorEntry], info: CheckpointInfo
+) -> dict[str, QuantMode]:
+    """The mode each quantizable layer runs in: ``requested``, or with ``disabled`` the storage
+    mode of its own weight (a file may mix them: an e5m2 base with e4m3 audio layers)."""
+    from .quant import QuantMix, quantizable_linears
 
-    fp8_dtypes = {e.dtype for e in entries.values() if e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
-    if len(fp8_dtypes) > 1:
-        raise CheckpointError(
-            f"{info.files[0]}: mixes fp8 formats {sorted(map(str, fp8_dtypes))}; "
-            f"wanstudio runs one fp8 storage format per model"
-        )
-    mode = storage_mode_for(fp8_dtypes.pop(), scaled=bool(info.scale_keys) or info.scaled_fp8_marker)
-    log.info("fp8 checkpoint: running it in its storage mode %s", mode.value)
-    return mode
+    layers = [name for name, _ in quantizable_linears(model)]
+    if requested is not QuantMode.DISABLED:
+        stored = {storage_mode(entries, n + ".weight", info.scaled_fp8_files) for n in layers} - {
+            QuantMode.DISABLED,
+            requested,
+        }
+        if stored:
+            log.info(
+                "layers stored as %s are dequantized and quantized again in %s",
+                ", ".join(sorted(m.value for m in stored)),
+                requested.value,
+            )
+        return dict.fromkeys(layers, requested)
+    out = {name: storage_mode(entries, name + ".weight", info.scaled_fp8_files) for name in layers}
+    log.info("storage modes: %s", QuantMix.of(out))
+    return out
 
 
-def _swap_in_quantized_layers(model: nn.Module, mode: QuantMode, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """Replace the quantizable meta Linears by empty QuantizedLinears; returns them by name."""
-    if mode is QuantMode.DISABLED:
+def _swap_in_quantized_layers(
+    model: nn.Module, modes: dict[str, QuantMode], dtype: torch.dtype
+) -> dict[str, nn.Module]:
+    """Replace the meta Linears that run quantized by empty QuantizedLinears (each in its own
+    mode); returns them by name."""
+    if all(m is QuantMode.DISABLED for m in modes.values()):
         return {}
-    from .quant import QuantizedLinear, is_quantizable, swap_linears
+    from .quant import QuantizedLinear, swap_linears
 
     def empty(name: str, linear: nn.Linear) -> nn.Module:
         bias = linear.bias is not None
         return QuantizedLinear.empty(
-            linear.in_features, linear.out_features, mode, bias=bias, device="meta", dtype=dtype
+            linear.in_features, linear.out_features, modes[name], bias=bias, device="meta", dtype=dtype
         )
 
-    layers = swap_linears(model, empty, is_quantizable)
+    layers = swap_linears(
+        model, empty, lambda name, _: modes.get(name, QuantMode.DISABLED) is not QuantMode.DISABLED
+    )
     assign_layout_names(model)  # the new layers report their own qualified names
     return layers
+
+
+def _layer_tensors(
+    entries: dict[str, TensorEntry], name: str, mode: QuantMode, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The tensors ``mode`` stores for weight ``name``, from whatever its file holds: kept as
+    stored when the file's format is the mode's (fp8 of the mode's dtype, GGUF Q8_0, quanto int8
+    with fp16-exact scales), else the weight the file means quantized in ``mode``."""
+    from .quant import q8_0, quantize_weight
+
+    entry = entries[name]
+    if isinstance(entry, GGUFEntry):
+        raw = read_blocks(entry)
+        if entry.ggml_type == "Q8_0":  # split / dequantized on the device: fast there
+            raw = raw.to(device)
+            n, k = entry.shape
+            if mode is QuantMode.GGUF_Q8_0 and k % q8_0.BLOCK == 0:
+                q, d = q8_0.from_gguf_blocks(raw, n, k)  # exactly as stored
+                return {"weight_q8": q, "weight_scale": d}
+        return quantize_weight(dequantize_gguf(entry, raw).to(device), mode)
+    scale_entry = _scale_entry(entries, name)
+    weight = read_tensor(entry).to(device)
+    scale = read_tensor(scale_entry).to(device) if scale_entry is not None else None
+    if weight.dtype == torch.int8:  # quanto qint8: data * scale per row
+        if scale is None:
+            raise CheckpointError("int8 weight without a scale (quanto .weight._scale)")
+        exact = q8_0.from_rowwise_int8(weight, scale) if mode is QuantMode.GGUF_Q8_0 else None
+        if exact is not None:
+            return exact
+        weight, scale = dequantize_fp8(name, weight, scale, source=entry.path), None
+    return quantize_weight(weight, mode, scale=scale)
 
 
 def _load_quantized(
@@ -391,20 +538,19 @@ def _load_quantized(
     layer twice."""
     from .quant import quantize_weight
 
-    if loras is not None and name + ".weight" in loras:
-        # merged in fp32 on the weight as the file means it (an fp8 weight dequantized with its
-        # scale), then quantized in ``mode`` like a float checkpoint: rounded once, not twice
-        real = _real_tensor(entries, name + ".weight").to(device)
-        weight, scale = loras.merge_dequantized(name + ".weight", real), None
-        trim_host_heap()
-    else:
-        scale_entry = _scale_entry(entries, name + ".weight")
-        weight = read_tensor(entries[name + ".weight"]).to(device)
-        scale = read_tensor(scale_entry).to(device) if scale_entry is not None else None
     try:
-        tensors = quantize_weight(weight, mode, scale=scale)
+        if loras is not None and name + ".weight" in loras:
+            # merged in fp32 on the weight as the file means it (an fp8 weight dequantized with
+            # its scale), then quantized in ``mode`` like a float checkpoint: rounded once, not twice
+            real = _real_tensor(entries, name + ".weight").to(device)
+            weight = loras.merge_dequantized(name + ".weight", real)
+            trim_host_heap()
+            tensors = quantize_weight(weight, mode)
+        else:
+            tensors = _layer_tensors(entries, name + ".weight", mode, device)
     except CheckpointError as e:
-        raise CheckpointError(f"{entries[name + '.weight'].path}: {name}: {e}") from None
+        path = entries[name + ".weight"].path
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {name}: {e}") from None
     bias = read_tensor(entries[name + ".bias"]).to(device, dtype) if name + ".bias" in entries else None
     if loras is not None and bias is not None:
         bias = loras.merge(name + ".bias", bias, dtype=dtype)

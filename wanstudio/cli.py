@@ -15,13 +15,22 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_support import (
+    WEIGHTS_HELP,
+    Parser,
+    add_generation_args,
+    add_option,
+    block_count,
+    infinitetalk_inputs,
+    lora_arg,
+    sampling_settings,
+    speaker_strength,
+)
 from .errors import WanstudioError
 from .options import (
     AttentionMode,
     BasePrecision,
     QuantMode,
-    Scheduler,
-    SizeClass,
     SpeakerMix,
 )
 
@@ -29,14 +38,6 @@ DEMO_PROMPT = "a person talking to the camera"
 
 
 # --- argument parsing ----------------------------------------------------------------------------
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 832x480, got {text!r}") from None
-    return w, h
-
-
 def _bbox(text: str) -> tuple[float, float, float, float]:
     try:
         box = tuple(float(v) for v in text.split(","))
@@ -47,56 +48,8 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
     return box
 
 
-def _add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default=prompt, help="text prompt")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: Wan's)")
-    g.add_argument(
-        "--size-class",
-        choices=SizeClass.names(),
-        default=None,
-        help="bucket family for the output size (default 480; the tiny preset: 64x64)",
-    )
-    g.add_argument(
-        "--size",
-        type=_size,
-        default=None,
-        metavar="WxH",
-        help="exact output size instead of a bucket (multiples of 16)",
-    )
-    g.add_argument(
-        "--frame-num",
-        type=int,
-        default=None,
-        help="frames per clip, 4k + 1 (default 81; the tiny preset: 17)",
-    )
-    g.add_argument("--steps", type=int, default=steps, help="sampling steps per clip")
-    g.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480, 11 at 720)")
-    g.add_argument("--text-scale", type=float, default=5.0, help="text guidance scale (1 = 2 calls/step)")
-    g.add_argument("--audio-scale", type=float, default=4.0, help="audio guidance scale")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument(
-        "--motion-frame", type=int, default=None, help="frames carried from clip to clip (4k + 1; default 9)"
-    )
-    g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
-    g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
-    g.add_argument("--scheduler", choices=Scheduler.names(), default=Scheduler.EULER.value)
-    g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
-    g.add_argument("--work-dir", default=None, help="folder for finished clips (default <out>.work)")
-    g.add_argument("--resume", action="store_true", help="continue a broken run at its next clip")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete the finished clips of an earlier run in the work folder and start again",
-    )
-    g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation."
-    )
+    parser = Parser(prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -106,35 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole InfiniteTalk pipeline at toy size with random "
         "weights on the shipped portrait and speech clip (the picture is noise).",
     )
-    demo.add_argument("--out", default="demo.mp4", help="output mp4 (default demo.mp4)")
+    demo.add_argument("--out", default="demo.mp4", help="output mp4")
     demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
     demo.add_argument("--audio", default=None, help="speech (default: the shipped clip)")
-    demo.add_argument("--device", default="cpu")
-    _add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
+    demo.add_argument("--device", default="cpu", help="torch device")
+    add_generation_args(demo, steps=8, prompt=DEMO_PROMPT)
 
     it = sub.add_parser(
         "infinitetalk",
-        help="image + speech -> talking video (real weights)",
-        description="Generate a talking video from one image and one or two speech "
-        "tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.",
+        help="image or video + speech -> talking video (real weights)",
+        description="Generate a talking video from one image (or dub a source video) and one or "
+        "two speech tracks with Wan2.1-I2V-14B + InfiniteTalk weights from local files.",
+        epilog=WEIGHTS_HELP,
     )
     io = it.add_argument_group("inputs and output")
-    io.add_argument("--image", required=True, help="reference image")
-    io.add_argument("--audio", required=True, help="speech of speaker 1 (any format ffmpeg reads)")
+    io.add_argument("--image", default=None, help="reference image (or a video file, taken as --video)")
+    io.add_argument(
+        "--video",
+        default=None,
+        help="dubbing: a source video; clip k follows its frame at the clip's start; the output "
+        "lasts as long as the audio",
+    )
+    io.add_argument("--audio", default=None, help="speech of speaker 1 (any format ffmpeg reads)")
     io.add_argument("--audio2", default=None, help="speech of speaker 2")
     io.add_argument(
-        "--speaker-mix",
-        choices=SpeakerMix.names(),
-        default=SpeakerMix.PARA.value,
-        help="two speakers: talk together (para) or in turn (add)",
+        "--input-json",
+        default=None,
+        metavar="PATH",
+        help="the official InfiniteTalk input file (prompt, cond_video, cond_audio, audio_type, "
+        "bbox; paths relative to the file) instead of --image/--video/--audio/--audio2/--bbox",
     )
+    add_option(io, "--speaker-mix", SpeakerMix, None, "two speakers (default: para)", metavar="MIX")
     io.add_argument(
         "--bbox",
         type=_bbox,
         action="append",
         default=None,
         metavar="X0,Y0,X1,Y1",
-        help="a speaker's box in image pixels (twice: speaker 1, then speaker 2)",
+        help="a speaker's box in image pixels, x to the right (twice: speaker 1, then speaker 2; "
+        "default: the left and right halves)",
     )
     io.add_argument(
         "--mask",
@@ -143,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a speaker's mask image, the size of --image (twice)",
     )
+    io.add_argument(
+        "--speaker-strength",
+        type=speaker_strength,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="a factor on each speaker's audio features (one per speaker, speaker 1 first; default 1)",
+    )
     io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
-    w = it.add_argument_group("weights")
+    w = it.add_argument_group("weights", "each flag wins over $WANSTUDIO_WEIGHTS / wanstudio.toml (below)")
     w.add_argument("--dit", nargs="+", default=None, help="Wan2.1-I2V-14B DiT file(s) / index / folder")
     w.add_argument("--infinitetalk", default=None, help="InfiniteTalk audio weights, merged on top")
     w.add_argument("--vae", default=None, help="Wan2.1 VAE")
@@ -157,18 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the tiny random-weight preset instead of files (a wiring check)",
     )
-    r = it.add_argument_group("runtime")
-    r.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
-    r.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
-    r.add_argument("--blocks-to-swap", type=int, default=0, help="DiT blocks kept in host memory")
+    r = it.add_argument_group(
+        "runtime", "README 'Options' explains each mode; `wanstudio doctor` says which run here"
+    )
+    _add_runtime_args(r)
+    r.add_argument(
+        "--blocks-to-swap",
+        type=block_count,
+        default=0,
+        metavar="N",
+        help="DiT blocks kept in host memory and streamed to the GPU (0 to the block count: 40 for 14B)",
+    )
     r.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the DiT blocks (faster on a GPU after a one-off compile)",
     )
-    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    r.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.BF16.value)
-    _add_generation_args(it, steps=40, prompt="")
+    r.add_argument(
+        "--lora",
+        type=lora_arg,
+        action="append",
+        default=None,
+        metavar="PATH[:STRENGTH]",
+        help="a LoRA merged into the DiT before quantization (repeatable; strength default 1). "
+        "With --preset distill_4step: lightx2v's cfg_step_distill LoRA (README 'LoRAs')",
+    )
+    r.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
+    add_option(
+        r, "--dtype", BasePrecision, None, "base precision (default bf16; with --tiny fp32)", metavar="DTYPE"
+    )
+    add_generation_args(it, steps=None, prompt="")
 
     ins = sub.add_parser(
         "inspect",
@@ -180,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default="tiny-infinitetalk", help="config of a random-weight model (ignored with --dit)"
     )
     ins.add_argument("--dit", nargs="+", default=None, help="checkpoint file(s) instead of random weights")
-    ins.add_argument("--quantization", choices=QuantMode.names(), default=QuantMode.DISABLED.value)
-    ins.add_argument("--attention", choices=AttentionMode.names(), default=AttentionMode.SDPA.value)
+    _add_runtime_args(ins)
     ins.add_argument(
         "--latent",
         type=int,
@@ -190,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("F", "H", "W"),
         help="latent frames, height, width of the random input (default 3 8 8)",
     )
-    ins.add_argument("--speakers", type=int, choices=(1, 2), default=1)
+    ins.add_argument("--speakers", type=int, choices=(1, 2), default=1, help="audio streams")
     ins.add_argument("--strict", action="store_true", help="raise at the first violated contract")
     ins.add_argument("--csv", default=None, help="also write every row here")
-    ins.add_argument("--device", default="cpu")
-    ins.add_argument("--dtype", choices=BasePrecision.names(), default=BasePrecision.FP32.value)
+    ins.add_argument("--device", default="cpu", help="torch device")
+    add_option(ins, "--dtype", BasePrecision, BasePrecision.FP32.value, "base precision", metavar="DTYPE")
 
     bench = sub.add_parser(
         "bench", help="GPU benchmark of one DiT forward (wanstudio bench --help)", add_help=False
@@ -203,7 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="what works on this machine and why not")
     doctor.add_argument("--device", default=None, help="device to check (default: cuda if any)")
+    doctor.add_argument("--file", default=None, help="describe a checkpoint file: format, storage, model")
     return parser
+
+
+def _add_runtime_args(group) -> None:
+    add_option(
+        group, "--quantization", QuantMode, QuantMode.DISABLED.value, "DiT Linear layers", metavar="MODE"
+    )
+    add_option(
+        group, "--attention", AttentionMode, AttentionMode.SDPA.value, "attention kernel", metavar="MODE"
+    )
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -212,20 +210,16 @@ def _progress(args):
 
 
 def _generation_kwargs(args) -> dict:
+    sampling = sampling_settings(args)
     kw = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         size_class=args.size_class,
         size=args.size,
         frame_num=args.frame_num,
-        steps=args.steps,
-        shift=args.shift,
-        text_scale=args.text_scale,
-        audio_scale=args.audio_scale,
         seed=args.seed,
         max_frames=args.max_frames,
         color_correction=args.color_correction,
-        scheduler=args.scheduler,
         apg=args.apg,
         out=args.out,
         work_dir=args.work_dir,
@@ -233,6 +227,9 @@ def _generation_kwargs(args) -> dict:
         overwrite=args.overwrite,
         progress=_progress(args),
         tiled_vae=args.tiled_vae,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
+        **sampling,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
     )
     if args.motion_frame is not None:
@@ -282,79 +279,48 @@ def cmd_demo(args) -> int:
 
 
 def cmd_infinitetalk(args) -> int:
+    from .cli_support import resolve_weights, tiny_cpu_note
     from .pipeline import InfiniteTalkPipeline
 
-    speakers = 2 if args.audio2 else 1
-    if speakers == 2 and not (args.bbox or args.mask):
-        raise WanstudioError("two speakers need --bbox twice or --mask twice (speaker 1 first)")
-    for flag, given in (("--bbox", args.bbox), ("--mask", args.mask)):
-        if given is not None and len(given) != 2:
-            raise WanstudioError(f"{flag} must be given exactly twice (speaker 1, speaker 2)")
-    masks = None
-    if args.mask:
-        import numpy as np
-        from PIL import Image
-
-        masks = [np.asarray(Image.open(p).convert("L")) > 127 for p in args.mask]
+    if not args.tiny:
+        weights, said = resolve_weights(args)
+        for name, value in weights.items():
+            for path in value if isinstance(value, list) else [value]:
+                if path and not Path(path).exists():
+                    flag = "--" + name.replace("_", "-")
+                    raise WanstudioError(f"{flag}: no such file or folder {path!r} ({said})")
+    # the inputs before any weights load: a wrong path should not cost minutes
+    inputs = infinitetalk_inputs(args)  # --input-json or the flags; their files exist
     _check_output(args)
 
-    if args.tiny:
-        pipe = InfiniteTalkPipeline.tiny(seed=0, device=args.device or "cpu")
-        if args.compile:
-            from .fusion import compile_blocks
+    from .modes import RuntimeModes
 
-            compile_blocks(pipe.model)
-    else:
-        needed = {
-            "--dit": args.dit,
-            "--vae": args.vae,
-            "--text-encoder": args.text_encoder,
-            "--clip": args.clip,
-            "--wav2vec": args.wav2vec,
-        }
-        missing = [flag for flag, value in needed.items() if not value]
-        if missing:
-            raise WanstudioError(f"missing weights: {', '.join(missing)} (or --tiny for a wiring check)")
-        for label, path in [("--dit", p) for p in args.dit] + [
-            (f, v)
-            for f, v in (
-                ("--infinitetalk", args.infinitetalk),
-                ("--vae", args.vae),
-                ("--text-encoder", args.text_encoder),
-                ("--tokenizer", args.tokenizer),
-                ("--clip", args.clip),
-                ("--wav2vec", args.wav2vec),
-            )
-            if v
-        ]:
-            if not Path(path).exists():
-                raise WanstudioError(f"{label}: no such file or folder {path!r}")
-        pipe = InfiniteTalkPipeline.from_files(
-            dit=args.dit,
-            infinitetalk=args.infinitetalk,
-            vae=args.vae,
-            text_encoder=args.text_encoder,
-            tokenizer=args.tokenizer,
-            clip=args.clip,
-            wav2vec=args.wav2vec,
-            quantization=args.quantization,
-            attention=args.attention,
-            blocks_to_swap=args.blocks_to_swap,
-            device=args.device,
-            dtype=args.dtype,
-            compile_blocks=args.compile,
-        )
-    kw = _generation_kwargs(args)
-    result = pipe(
-        args.image,
-        args.audio,
-        audio2=args.audio2,
-        speaker_mix=args.speaker_mix,
-        masks=masks,
-        bboxes=args.bbox,
-        **kw,
+    modes = RuntimeModes(
+        quantization=args.quantization,
+        attention=args.attention,
+        precision=args.dtype or (BasePrecision.FP32 if args.tiny else BasePrecision.BF16).value,
+        blocks_to_swap=args.blocks_to_swap,
+        compile=args.compile,
+        loras=args.lora or (),
     )
+    if args.tiny:
+        device = args.device or "cpu"
+        modes.check_device(device)
+        note = tiny_cpu_note(args) if device == "cpu" else None
+        if note:
+            print(f"wanstudio infinitetalk: {note}", flush=True)
+        pipe = InfiniteTalkPipeline.tiny(seed=0, device=device, modes=modes)
+    else:
+        print(f"wanstudio infinitetalk: {said}", flush=True)
+        pipe = InfiniteTalkPipeline.from_files(**weights, device=args.device, modes=modes)
+    kw = _generation_kwargs(args)
+    if inputs.get("prompt") is not None and not args.prompt:  # the JSON's prompt unless --prompt
+        kw["prompt"] = inputs["prompt"]
+    inputs.pop("prompt", None)
+    result = pipe(**inputs, **kw)
     print(f"wanstudio infinitetalk: {result.summary()}")
+    for note in result.notes:
+        print(f"wanstudio infinitetalk: note: {note}")
     return 0
 
 
@@ -362,6 +328,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     from . import __version__
+    from .cli_support import weights_report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lines = [
@@ -385,6 +352,12 @@ def cmd_doctor(args) -> int:
     lines += [f"  {line}" for line in _attention_report(device)]
     swap = "available" if device.type == "cuda" else "not available: it streams blocks to a CUDA GPU"
     lines.append(f"block swap (--blocks-to-swap): {swap}")
+    lines.append("weights (what `wanstudio infinitetalk` uses for parts given no flag):")
+    lines += [f"  {line}" for line in weights_report()]
+    if args.file:
+        from .checkpoints import describe_checkpoint
+
+        lines += ["checkpoint:", *(f"  {line}" for line in describe_checkpoint(args.file).splitlines())]
     print("\n".join(lines))
     return 0
 
@@ -457,10 +430,13 @@ def cmd_inspect(args) -> int:
         )
     else:
         from .attention import set_attention
+        from .cli_support import check_model_memory
         from .quant import quantize
 
+        cfg, dtype = WanConfig.preset(args.preset), parse_dtype(args.dtype)
+        check_model_memory(cfg, dtype, args.device, f"the {args.preset} preset in {args.dtype}")
         torch.manual_seed(0)
-        model = WanModel(WanConfig.preset(args.preset), device=args.device, dtype=parse_dtype(args.dtype))
+        model = WanModel(cfg, device=args.device, dtype=dtype)
         quantize(model, args.quantization)
         set_attention(model, args.attention)
     inputs = _random_inputs(model.config, *args.latent, speakers=args.speakers, device=args.device)

@@ -117,11 +117,13 @@ class WanConfig:
         return self.audio_layers * self.audio_dim
 
     def replace(self, **changes) -> WanConfig:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
     # --- presets --------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> WanConfig:
+        """The preset config called ``name``; ConfigError listing the presets if unknown."""
         try:
             return PRESETS[name]
         except KeyError:

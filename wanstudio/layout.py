@@ -34,6 +34,8 @@ ALIGN_BYTES = 16
 
 
 class StrideRule(Enum):
+    """What an operand's strides must satisfy (the value is how messages name the rule)."""
+
     ANY = "any"
     CONTIGUOUS = "contiguous"  # C-contiguous, any rank
     LAST_DIM_CONTIGUOUS = "stride(-1) == 1"
@@ -42,10 +44,12 @@ class StrideRule(Enum):
 
 
 def is_row_major(t: torch.Tensor) -> bool:
+    """2-D with stride(1) == 1 and stride(0) >= cols (padded rows allowed)."""
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= max(1, t.shape[1])
 
 
 def is_col_major(t: torch.Tensor) -> bool:
+    """2-D with stride(0) == 1 and stride(1) >= rows (padded columns allowed)."""
     return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) >= max(1, t.shape[0])
 
 
@@ -104,6 +108,7 @@ class Operand:
         return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
 
     def describe(self) -> str:
+        """The operand's requirements as one phrase ('anything' when there are none)."""
         parts = []
         if self.ndim is not None:
             parts.append(f"{self.ndim}-D")
@@ -120,6 +125,9 @@ class Operand:
 
 @dataclass(frozen=True)
 class Violation:
+    """One broken requirement of one operand: the rule, what was required and found, and
+    whether a copy fixes it."""
+
     operand: str
     rule: str  # 'dtype' | 'ndim' | 'divisible' | 'stride' | 'align'
     required: str
@@ -219,12 +227,14 @@ class LayoutContract:
         object.__setattr__(self, "_checks", {o.name: o._ok for o in self.operands})
 
     def operand(self, name: str) -> Operand:
+        """The declared operand ``name``; KeyError naming the kernel if there is none."""
         try:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"{self.kernel} has no operand {name!r}") from None
 
     def violations(self, **tensors: torch.Tensor | None) -> list[Violation]:
+        """Every requirement the tensors (by operand name) break; a missing required one counts."""
         out: list[Violation] = []
         for op in self.operands:
             t = tensors.get(op.name)
@@ -304,10 +314,6 @@ class LayoutContract:
             )
         return "\n".join(lines)
 
-    # the old private name, kept for callers that used it
-    def _message(self, where: str, op: Operand, t: torch.Tensor, found: list[Violation]) -> str:
-        return self.message(where, op, t, found, strict=strict_enabled())
-
 
 def _compile_check(op: Operand) -> Callable[[torch.Tensor], bool]:
     """The hot-path check of one operand: a straight-line function with only the rules it
@@ -358,11 +364,6 @@ def _compile_check(op: Operand) -> Callable[[torch.Tensor], bool]:
     return check
 
 
-def _operand_ok(op: Operand, t: torch.Tensor) -> bool:
-    """True when ``t`` meets ``op`` (see :func:`_compile_check`)."""
-    return op._ok(t)
-
-
 def _check_operand(op: Operand, t: torch.Tensor) -> list[Violation]:
     """Every violation of ``op`` by ``t``, described (the slow path, after a failed check)."""
     out: list[Violation] = []
@@ -401,6 +402,7 @@ _strict_depth = 0
 
 
 def strict_enabled() -> bool:
+    """Whether process-wide strict mode is on (a strict block or a strict forward is running)."""
     return _strict_depth > 0
 
 
@@ -473,9 +475,17 @@ def set_strict_layout(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def is_strict_layout(model: nn.Module) -> bool:
-    """Whether :func:`set_strict_layout` is on for ``model``."""
-    return getattr(model, _STRICT_HANDLES, None) is not None
+def is_strict_layout(model: nn.Module | None = None) -> bool:
+    """Whether layout contracts are checked strictly.
+
+    With ``model``: True when its forwards run strictly, because :func:`set_strict_layout` is
+    on for it or because process-wide strict mode is on (a :func:`strict_layout` block, or a
+    strict model's forward, possibly in another thread). Without: whether process-wide strict
+    mode is on now.
+    """
+    if model is not None and getattr(model, _STRICT_HANDLES, None) is not None:
+        return True
+    return strict_enabled()
 
 
 # --- events for the inspector ------------------------------------------------------------------
@@ -520,4 +530,5 @@ def assign_layout_names(model: nn.Module, prefix: str = "") -> None:
 
 
 def layout_name(module: nn.Module) -> str:
+    """The name :func:`assign_layout_names` gave ``module``, else its class name."""
     return getattr(module, "_layout_name", type(module).__name__)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnsupportedModeError
+from .errors import BlockSwapError, ConfigError, UnsupportedModeError
 from .lora import LoRA, sync_loras
 from .offload import check_blocks_to_swap
 from .options import AttentionMode, BasePrecision, QuantMode, parse_option
@@ -44,7 +45,9 @@ class RuntimeModes:
     quantization: QuantMode = QuantMode.DISABLED  # DiT Linear layers (options.QuantMode)
     attention: AttentionMode = AttentionMode.SDPA  # attention backend of every block
     precision: BasePrecision = BasePrecision.BF16  # weights and activations outside quantized layers
-    blocks_to_swap: int = 0  # last N blocks live in host memory, streamed in (CUDA)
+    blocks_to_swap: int | Literal["auto"] = 0  # last N blocks live in host memory, streamed in
+    # (CUDA); "auto": apply_modes picks N with offload.plan_dit_memory for vram_budget_gb
+    vram_budget_gb: float | None = None  # GiB the DiT may use ("auto"; None: free device memory)
     prefetch: int = 1  # blocks copied ahead while others compute (0: copy when reached)
     compile: bool = False  # torch.compile each block's forward (fuses elementwise work)
     strict_layout: bool = False  # every forward checks kernel layout contracts strictly
@@ -55,7 +58,13 @@ class RuntimeModes:
         set_(self, "quantization", parse_option(QuantMode, self.quantization))
         set_(self, "attention", parse_option(AttentionMode, self.attention))
         set_(self, "precision", BasePrecision.of(self.precision))
-        set_(self, "blocks_to_swap", check_blocks_to_swap(self.blocks_to_swap))
+        if not (isinstance(self.blocks_to_swap, str) and self.blocks_to_swap == "auto"):
+            set_(self, "blocks_to_swap", check_blocks_to_swap(self.blocks_to_swap))
+        budget = self.vram_budget_gb
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
+        ):
+            raise ConfigError(f"vram_budget_gb must be a number of GiB > 0 or None, got {budget!r}")
         set_(self, "prefetch", _count(self.prefetch, "prefetch"))
         if isinstance(self.loras, (str, LoRA)) or not isinstance(self.loras, (list, tuple)):
             raise ConfigError(f"loras must be a list of LoRA files, got {self.loras!r}")
@@ -109,7 +118,10 @@ class RuntimeModes:
         """One line for logs and summaries."""
         parts = [f"{self.precision.value}", f"quantization {self.quantization.value}"]
         parts.append(f"attention {self.attention.value}")
-        if self.blocks_to_swap:
+        if self.blocks_to_swap == "auto":
+            budget = f"{self.vram_budget_gb:g} GiB" if self.vram_budget_gb else "free memory"
+            parts.append(f"blocks swapped: auto for {budget} (prefetch {self.prefetch})")
+        elif self.blocks_to_swap:
             parts.append(f"{self.blocks_to_swap} blocks swapped (prefetch {self.prefetch})")
         if self.compile:
             parts.append("compiled blocks")
@@ -155,9 +167,41 @@ def apply_modes(
         quantize(model, modes.quantization)
         model.quantization = modes.quantization
     set_attention(model, modes.attention)
+    if modes.blocks_to_swap == "auto":  # measured after quantization: block bytes depend on it
+        modes = modes.replace(blocks_to_swap=resolve_blocks_to_swap(model, modes, device))
     if modes.blocks_to_swap or getattr(model, "block_swap_stats", None) is not None:
         enable_block_swap(model, modes.blocks_to_swap, prefetch=modes.prefetch, device=device)
     set_strict_layout(model, modes.strict_layout)
     (compile_blocks if modes.compile else uncompile_blocks)(model)
     model.modes = modes
     return model
+
+
+def resolve_blocks_to_swap(model: nn.Module, modes: RuntimeModes, device=None) -> int:
+    """``blocks_to_swap="auto"`` as a count: 0 off CUDA (nothing to swap to), else
+    offload.plan_dit_memory's choice for ``vram_budget_gb`` (default: the device's free memory,
+    the model's own tensors there counted as free) and an 81-frame 832 x 480 clip. The plan is
+    kept as ``model.memory_plan``; ``model.modes`` gets the count. Raises BlockSwapError when
+    even every block swapped does not fit."""
+    from .offload import plan_dit_memory
+    from .offload.planner import GiB, free_device_bytes
+
+    if device is None:
+        device = next((t.device for t in model.parameters() if t.device.type not in ("cpu", "meta")), "cpu")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    budget = None if modes.vram_budget_gb is None else int(modes.vram_budget_gb * GiB)
+    if budget is None:
+        budget = free_device_bytes(device, held_by=model)
+    if budget is None:
+        raise BlockSwapError(
+            f"blocks_to_swap='auto' plans against {device}'s free memory, but torch finds no CUDA "
+            "device. Pass vram_budget_gb, or a blocks_to_swap count."
+        )
+    plan = plan_dit_memory(
+        model, budget, prefetch=modes.prefetch, quantized=modes.quantization is not QuantMode.DISABLED
+    )
+    model.memory_plan = plan
+    log.info("blocks_to_swap='auto': %s", plan.summary().replace("\n", "; "))
+    return plan.blocks_to_swap

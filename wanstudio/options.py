@@ -2,7 +2,7 @@
 
 Every mode name a user can type lives here, once. Widgets, the CLI and the docs table derive
 their choices from these enums; other modules refer to members (``QuantMode.FP8_E4M3FN_FAST``),
-never to the strings. Meanings are in ``shared/design/MODES.md``.
+never to the strings. Meanings are in ``docs/MODES.md``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ class Option(str, Enum):
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
+        """Every member's value (the strings a user may type), in registry order."""
         return tuple(m.value for m in cls)
 
 
 class QuantMode(Option):
+    """How the DiT's linear weights are stored and multiplied (``quantization=``)."""
+
     DISABLED = (
         "disabled",
-        "base precision; fp8 / scaled-fp8 checkpoints run in their matching storage mode",
+        "base precision; layers stored as fp8 / GGUF Q8_0 / quanto run in the storage mode of their file",
     )
     FP8_E4M3FN = ("fp8_e4m3fn", "fp8 e4m3 weights (direct cast), upcast before the matmul")
     FP8_E4M3FN_FAST = (
@@ -86,6 +89,10 @@ class QuantMode(Option):
         "NVFP4 weights; native FP4 matmul on Blackwell, fused dequantize path elsewhere",
         "Blackwell (sm100 / sm120) for the native path; any device otherwise",
     )
+    GGUF_Q8_0 = (
+        "gguf_q8_0",
+        "GGUF Q8_0: int8 weights + fp16 scale per 32 along K (8.5 bits), dequantized per layer",
+    )
 
     @property
     def is_fp8(self) -> bool:
@@ -103,8 +110,14 @@ class QuantMode(Option):
     def is_fast(self) -> bool:
         return self.value.endswith("_fast")
 
+    @property
+    def is_gguf(self) -> bool:
+        return self.value.startswith("gguf")
+
 
 class AttentionMode(Option):
+    """Which attention kernel the DiT runs (``attention=``)."""
+
     SDPA = (
         "sdpa",
         "torch scaled_dot_product_attention (cuDNN kernel on CUDA where fastest)",
@@ -144,6 +157,8 @@ class AttentionMode(Option):
 
 
 class BasePrecision(Option):
+    """The dtype of unquantized weights and of compute (``dtype=``)."""
+
     FP32 = ("fp32", "float32 weights and compute")
     BF16 = ("bf16", "bfloat16 weights and compute, fp32 islands as in the official code")
     FP16 = ("fp16", "float16 weights and compute, fp32 islands")
@@ -173,6 +188,8 @@ class BasePrecision(Option):
 
 
 class Scheduler(Option):
+    """The sampler of the denoising steps (``scheduler=``)."""
+
     EULER = ("euler", "InfiniteTalk's Euler flow-matching sampler with shift")
     UNIPC = ("unipc", "UniPC multistep (diffusers' flow-matching scheduler)")
     DISTILL = (
@@ -182,13 +199,86 @@ class Scheduler(Option):
 
 
 class SizeClass(Option):
+    """The resolution class whose bucket sizes a clip is generated at (``size_class=``)."""
+
     P480 = ("480", "480-class buckets (~640x640 pixels)")
     P720 = ("720", "720-class buckets (~960x960 pixels)")
 
 
 class SpeakerMix(Option):
+    """How two speakers' audio tracks are combined (``speaker_mix=``)."""
+
     PARA = ("para", "two speakers talk at the same time (tracks overlaid)")
     ADD = ("add", "two speakers talk in turn (speaker 1, then speaker 2)")
+
+
+class ParallelMode(Option):
+    """How the processes of a ``torchrun`` launch share the work (``wanstudio.parallel``)."""
+
+    NONE = ("none", "one process computes everything")
+    ULYSSES = (
+        "ulysses",
+        "sequence parallel: tokens split across processes, all-to-all around self-attention",
+        "torchrun, 2+ processes; the attention heads (40 for 14B) divisible by their number",
+    )
+    CFG = (
+        "cfg",
+        "the 2 or 3 guidance calls of a step on different processes",
+        "torchrun with 2 or 3 processes",
+    )
+    ULYSSES_CFG = (
+        "ulysses+cfg",
+        "guidance calls on groups of processes, each group sequence parallel",
+        "torchrun, cfg_size (2 or 3) x a head-count divisor processes",
+    )
+
+    @property
+    def splits_tokens(self) -> bool:
+        """Ulysses sequence parallelism is on."""
+        return self in (ParallelMode.ULYSSES, ParallelMode.ULYSSES_CFG)
+
+    @property
+    def splits_guidance(self) -> bool:
+        """The guidance calls of a step run on different processes."""
+        return self in (ParallelMode.CFG, ParallelMode.ULYSSES_CFG)
+
+
+class CacheMode(Option):
+    """Step caching: reuse a condition's last block residual instead of running the blocks."""
+
+    NONE = ("none", "every DiT call runs every block")
+    TEACACHE = (
+        "teacache",
+        "TeaCache: skip a condition's blocks while the accumulated, polynomial-rescaled change of "
+        "its time signal stays under the threshold (first steps and the last step always run)",
+    )
+    MAGCACHE = (
+        "magcache",
+        "MagCache: skip while the accumulated error of the published residual magnitude ratios "
+        "stays under the threshold, at most K steps in a row (first 20% and the last step run)",
+    )
+
+    @property
+    def default_threshold(self) -> float:
+        """TeaCache 0.2 (InfiniteTalk's --teacache_thresh default), MagCache 0.12
+        (MagCache4Wan2.1's --magcache_thresh default), 0 for none."""
+        return {"none": 0.0, "teacache": 0.2, "magcache": 0.12}[self.value]
+
+
+class TeaCacheIndicator(Option):
+    """What TeaCache compares between a condition's consecutive calls."""
+
+    E0 = (
+        "e0",
+        "the block modulation e0 = time_projection(e): the published Wan2.1 i2v coefficients "
+        "with use_ret_steps (InfiniteTalk's default); 5 retained steps",
+    )
+    E = ("e", "the time embedding e: the published Wan2.1 i2v coefficients without retention steps")
+    MODULATED = (
+        "modulated",
+        "block 0's modulated input LN(x) (1 + scale) + shift (the TeaCache paper's signal); no "
+        "published Wan polynomial: the raw relative L1 accumulates, so use a smaller threshold",
+    )
 
 
 @dataclass(frozen=True)
@@ -261,6 +351,8 @@ ATTENTION_MODES: tuple[str, ...] = AttentionMode.names()
 BASE_PRECISIONS: tuple[str, ...] = BasePrecision.names()
 SCHEDULERS: tuple[str, ...] = Scheduler.names()
 GENERATION_PRESETS: tuple[str, ...] = GenerationPreset.names()
+PARALLEL_MODES: tuple[str, ...] = ParallelMode.names()
+CACHE_MODES: tuple[str, ...] = CacheMode.names()
 
 E = TypeVar("E", bound=Option)
 

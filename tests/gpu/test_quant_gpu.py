@@ -56,6 +56,7 @@ BARS = {
     QuantMode.FP4_EXPERIMENTAL: 17.0,
     QuantMode.FP4_SCALED: 19.0,
     QuantMode.FP4_SCALED_FAST: 19.0,
+    QuantMode.GGUF_Q8_0: 44.0,
 }
 # (M, K, N): the CPU test's layer, and a Wan-14B self-attention projection at 4096 tokens.
 SHAPES = {"256x256": (512, 256, 256), "5120x5120": (4096, 5120, 5120)}

@@ -40,6 +40,8 @@ class Unavailable(Exception):
 # --- device ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeviceInfo:
+    """A device and what :func:`device_info` probed of it (capability None and name '' off CUDA)."""
+
     device: torch.device
     capability: tuple[int, int] | None = None  # CUDA compute capability; None: no CUDA GPU
     name: str = ""
@@ -80,6 +82,7 @@ def package_version(distribution: str) -> tuple[int, ...] | None:
 
 
 def version_text(version: tuple[int, ...] | None) -> str:
+    """A version tuple as text ((2, 2, 0) -> '2.2.0'); '?' when unknown (None)."""
     return "?" if version is None else ".".join(map(str, version))
 
 
@@ -161,12 +164,14 @@ class Needs:
         return None
 
     def dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """Why ``dtype`` is not supported (naming the supported ones), or None if it is."""
         if dtype in self.dtypes:
             return None
         names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
         return f"dtype {str(dtype).replace('torch.', '')} is not supported (needs one of {names})"
 
     def head_dim_problem(self, head_dim: int) -> str | None:
+        """Why ``head_dim`` is not supported (not listed, or over the maximum), or None if it is."""
         if self.head_dims is not None and head_dim not in self.head_dims:
             return f"head dim {head_dim} is not supported (needs one of {self.head_dims})"
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
@@ -183,7 +188,8 @@ class Kernel:
 
     A kernel that mishandles a partial last block of keys declares ``key_block``: calls whose
     missing keys (``-Lk % key_block``) exceed ``max_key_padding * Lk`` are outside its domain
-    (``key_rule`` says why) and run SDPA instead (see ``attention.py``).
+    (``key_rule`` says why) and run SDPA instead (see ``attention.py``). ``sdpa_below_keys``
+    routes short key sets (audio: 32 keys, text) to SDPA where it is the faster kernel.
     """
 
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -191,6 +197,7 @@ class Kernel:
     key_block: int = 0  # 0: any key count
     max_key_padding: float = 0.0
     key_rule: str = ""
+    sdpa_below_keys: int = 0  # calls with fewer keys run SDPA: faster there (measured), not wrong
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,7 @@ def reference_attention(
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| computed in float64 (ref's norm floored at 1e-30)."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 

@@ -9,6 +9,7 @@ FA2 elsewhere, then the others in turn.
 from __future__ import annotations
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from . import base
 from .base import HALF, AttentionBackend, DeviceInfo, Kernel, Needs, Unavailable, qkv_contract
 
@@ -41,6 +42,9 @@ def _load_fa3(info: DeviceInfo) -> Kernel:
     return Kernel(run, f"FA3 (flash_attn_interface {base.version_text(version)})")
 
 
+FA4_SDPA_BELOW_KEYS = 64
+
+
 def _load_fa4(info: DeviceInfo) -> Kernel:
     cute = base.load_module("flash_attn.cute", "pip install flash-attn-4")
     fn = cute.flash_attn_func
@@ -49,7 +53,11 @@ def _load_fa4(info: DeviceInfo) -> Kernel:
         out = fn(q, k, v)  # (out [B, Lq, H, D], lse)
         return out[0] if isinstance(out, tuple) else out
 
-    return Kernel(run, f"FA4 (flash_attn.cute {getattr(cute, '__version__', '?')})")
+    # H200, torch 2.11, flash-attn-4 4.0.0b36: InfiniteTalk's audio attention (32 keys) 0.49 ms
+    # in FA4 vs 0.31 ms in SDPA (benchmarks/results/h200_fa4.md): short key sets go to SDPA
+    return Kernel(
+        run, f"FA4 (flash_attn.cute {getattr(cute, '__version__', '?')})", sdpa_below_keys=FA4_SDPA_BELOW_KEYS
+    )
 
 
 _CONTRACT = qkv_contract("flash_attn_func", HALF, StrideRule.LAST_DIM_CONTIGUOUS)
@@ -104,3 +112,10 @@ FLASH_ATTN = AttentionBackend(
     load=_load_best,
     probe=False,  # the candidate it returns was probed
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {
+    AttentionMode.FLASH_ATTN: FLASH_ATTN,
+    AttentionMode.FLASH_ATTN_2: FLASH_ATTN_2,
+    AttentionMode.FLASH_ATTN_3: FLASH_ATTN_3,
+}

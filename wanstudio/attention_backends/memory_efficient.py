@@ -1,6 +1,6 @@
 """xformers ``memory_efficient_attention``.
 
-A wheel built for another torch imports fine but loads no kernels (MODES.md: xformers 0.0.35
+A wheel built for another torch imports fine but loads no kernels (docs/MODES.md: xformers 0.0.35
 under torch 2.11), and then fails at the first call with "No operator found": the probe's
 tiny call finds this, and the reason quotes xformers' own build metadata.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from . import base
 from .base import AttentionBackend, DeviceInfo, Kernel, Needs, qkv_contract
 
@@ -47,3 +48,6 @@ XFORMERS = AttentionBackend(
     load=_load,
     diagnose=_diagnose,
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {AttentionMode.XFORMERS: XFORMERS}

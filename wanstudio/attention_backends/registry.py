@@ -7,29 +7,39 @@ probes.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
+
 import torch
 
 from ..errors import BackendUnavailableError
 from ..options import AttentionMode
-from . import base, flash, memory_efficient, sage, sdpa
+from . import base, flash, sdpa  # reset() clears their own caches too
 from .base import AttentionBackend, Availability, Kernel
 
-BACKENDS: dict[AttentionMode, AttentionBackend] = {
-    AttentionMode.SDPA: sdpa.SDPA,
-    AttentionMode.FLASH_ATTN: flash.FLASH_ATTN,
-    AttentionMode.FLASH_ATTN_2: flash.FLASH_ATTN_2,
-    AttentionMode.FLASH_ATTN_3: flash.FLASH_ATTN_3,
-    AttentionMode.SAGEATTN: sage.SAGEATTN,
-    AttentionMode.SAGEATTN_3: sage.SAGEATTN_3,
-    AttentionMode.SAGEATTN_3_FP4: sage.SAGEATTN_3_FP4,
-    AttentionMode.SAGEATTN_3_FP8: sage.SAGEATTN_3_FP8,
-    AttentionMode.XFORMERS: memory_efficient.XFORMERS,
-}
+
+def _collect() -> dict[AttentionMode, AttentionBackend]:
+    """Every backend module's ``MODES``: adding a backend is one module (and its option)."""
+    found: dict[AttentionMode, AttentionBackend] = {}
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name in ("base", "registry"):
+            continue
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        for mode, backend in getattr(module, "MODES", {}).items():
+            if mode in found:
+                raise RuntimeError(f"attention mode {mode.value!r} is served by two backend modules")
+            found[mode] = backend
+    return {mode: found[mode] for mode in AttentionMode if mode in found}  # registry order
+
+
+BACKENDS: dict[AttentionMode, AttentionBackend] = _collect()
 
 check = base.check  # where it lives: below the backends (flash_attn checks its candidates)
 
 
 def availability(mode: AttentionMode, device: torch.device) -> Availability:
+    """Whether attention ``mode`` can run on ``device``, and if not, why (the checker's answer)."""
     return check(BACKENDS[mode], device)[0]
 
 

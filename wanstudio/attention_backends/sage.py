@@ -19,6 +19,7 @@ Facts about the packages that shape these wrappers (read from their sources):
 from __future__ import annotations
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from . import base
 from .base import HALF, AttentionBackend, DeviceInfo, Kernel, Needs, Unavailable, qkv_contract
 
@@ -120,7 +121,7 @@ SAGEATTN = AttentionBackend(
     needs=Needs(min_capability=(8, 0), arch_label="Ampere or newer", head_dims=(64, 96, 128)),
     contract=_NHD_CONTRACT,
     load=_load_sageattn,
-    rel_tol=0.03,  # MODES.md: 1.4 % at Wan-14B shapes (sageattention 1.0.6, H200)
+    rel_tol=0.03,  # docs/MODES.md: 1.4 % at Wan-14B shapes (sageattention 1.0.6, H200)
 )
 SAGEATTN_3 = AttentionBackend(
     name="sageattn_3",
@@ -144,3 +145,11 @@ SAGEATTN_3_FP8 = AttentionBackend(
     load=_load_sage_fp8,
     rel_tol=0.03,
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {
+    AttentionMode.SAGEATTN: SAGEATTN,
+    AttentionMode.SAGEATTN_3: SAGEATTN_3,
+    AttentionMode.SAGEATTN_3_FP4: SAGEATTN_3_FP4,
+    AttentionMode.SAGEATTN_3_FP8: SAGEATTN_3_FP8,
+}

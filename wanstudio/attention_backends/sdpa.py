@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..layout import StrideRule
+from ..options import AttentionMode
 from .base import FLOATS, HALF, AttentionBackend, DeviceInfo, Kernel, Needs, qkv_contract
 
 # torch < 2.6 cannot order the kernels, only enable them: keep its default order there
@@ -41,6 +42,7 @@ class SdpaRule:
     evidence: str
 
     def applies(self, capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether this rule covers a GPU of ``capability`` with this dtype and head dim."""
         return capability[0] in self.arch_majors and dtype in self.dtypes and head_dim <= self.max_head_dim
 
 
@@ -83,6 +85,7 @@ def kernel_order(q: torch.Tensor) -> tuple[SDPBackend, ...] | None:
 
 
 def clear_cache() -> None:
+    """Forget the per-(device, dtype, head dim) orders :func:`kernel_order` remembered."""
     _ORDERS.clear()
 
 
@@ -136,3 +139,6 @@ SDPA = AttentionBackend(
     probe=False,  # part of torch
     rel_tol=0.01,
 )
+
+# the modes this module serves: the registry collects every backend module's MODES
+MODES = {AttentionMode.SDPA: SDPA}

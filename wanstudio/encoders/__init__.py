@@ -6,7 +6,19 @@ layouts are converted), and has a ``tiny()`` preset with seeded random weights.
 
 from .audio import AudioEncoder, audio_windows
 from .clip import ImageEncoder
+from .placement import EncoderPlacement, PlacementEvent, on_device
 from .text import TextEncoder
 from .vae import VAE
+from .vae_tiling import VAETiling
 
-__all__ = ["VAE", "AudioEncoder", "ImageEncoder", "TextEncoder", "audio_windows"]
+__all__ = [
+    "VAE",
+    "AudioEncoder",
+    "EncoderPlacement",
+    "ImageEncoder",
+    "PlacementEvent",
+    "TextEncoder",
+    "VAETiling",
+    "audio_windows",
+    "on_device",
+]

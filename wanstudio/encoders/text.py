@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import string
@@ -155,4 +156,40 @@ def _load_tokenizer(source: str | os.PathLike | PreTrainedTokenizerBase) -> PreT
             f"tokenizer.json. Pass tokenizer='path/to/umt5-xxl' (the google/umt5-xxl tokenizer "
             f"files; wanstudio never downloads them)."
         )
+    _refuse_custom_code(folder)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _refuse_custom_code(folder: Path) -> None:
+    """Refuse a tokenizer folder whose config points at Python code shipped beside it.
+
+    ``auto_map`` in ``tokenizer_config.json`` names classes in the folder's own .py files;
+    transformers would ask for ``trust_remote_code=True``, which wanstudio never enables.
+    """
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{config} is not readable JSON ({err}); restore the tokenizer folder's original files."
+        ) from err
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    if auto_map:
+        classes = auto_map if isinstance(auto_map, str) else ", ".join(map(str, _flatten(auto_map)))
+        raise CheckpointError(
+            f"{folder}: the tokenizer needs custom Python code from its own folder (auto_map in "
+            f"tokenizer_config.json: {classes}); wanstudio never runs code shipped with weights. "
+            f"Use a tokenizer folder without custom code, e.g. the official google/umt5-xxl one "
+            f"(in the Wan2.1 download: google/umt5-xxl/)."
+        )
+
+
+def _flatten(value) -> list:
+    """The leaves of auto_map (a dict of class paths or lists of them)."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _flatten(v)]
+    return [] if value is None else [value]

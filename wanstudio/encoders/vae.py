@@ -7,7 +7,15 @@ import os
 import torch
 from diffusers import AutoencoderKLWan
 
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
+from .vae_tiling import (
+    VAETiling,
+    auto_tiling,
+    decode_tiles,
+    encode_tiles,
+    free_device_bytes,
+    working_set_bytes,
+)
 from .weights import ConfigSource, empty_model, load_into, read_component, read_config
 
 
@@ -28,10 +36,9 @@ class VAE:
         self.z_dim = config.z_dim
         self.temporal_stride = config.scale_factor_temporal
         self.spatial_stride = config.scale_factor_spatial
-        param = next(model.parameters())
-        shape = (1, self.z_dim, 1, 1, 1)
-        self.latents_mean = torch.tensor(config.latents_mean, device=param.device).view(shape)
-        self.latents_std = torch.tensor(config.latents_std, device=param.device).view(shape)
+        shape = (1, self.z_dim, 1, 1, 1)  # moved to the model's device at each use
+        self.latents_mean = torch.tensor(config.latents_mean).view(shape)
+        self.latents_std = torch.tensor(config.latents_std).view(shape)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> VAE:
@@ -66,9 +73,61 @@ class VAE:
         )
         return cls(model)
 
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents_mean, latents_std) on ``device`` (the model may have moved since __init__)."""
+        return self.latents_mean.to(device), self.latents_std.to(device)
+
+    def working_set_bytes(self, kind: str, shape: tuple[int, ...], *, tiling: VAETiling | None = None) -> int:
+        """Device bytes beyond the weights that ``kind`` ('encode' / 'decode') of ``shape`` needs.
+
+        ``shape`` is the video [B, 3, F, H, W] to encode or the latents [B, z, T, h, w] to
+        decode; ``tiling`` None is the untiled path. An estimate from the architecture (see
+        :mod:`wanstudio.encoders.vae_tiling`), for the memory planner and ``tiled="auto"``.
+        """
+        dtype = next(self.model.parameters()).dtype
+        return working_set_bytes(self.model.config, dtype, tuple(shape), kind=kind, tiling=tiling)
+
+    def _choose_tiling(
+        self,
+        kind: str,
+        shape: tuple[int, ...],
+        tiled: bool | str,
+        tiling: VAETiling | None,
+        budget: int | None,
+        param: torch.Tensor,
+    ) -> VAETiling | None:
+        if tiled is True:
+            return tiling if tiling is not None else VAETiling()
+        if tiling is not None:
+            raise ConfigError(
+                f"VAE.{kind} got tiling={tiling} with tiled={tiled!r}; pass tiled=True to use it"
+            )
+        if tiled is False:
+            return None
+        if tiled != "auto":
+            raise ConfigError(f"VAE.{kind}: tiled must be True, False or 'auto', got {tiled!r}")
+        if budget is None:
+            budget = free_device_bytes(param.device)
+        return auto_tiling(self.model.config, param.dtype, shape, budget, kind=kind)
+
     @torch.inference_mode()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 1+4k, H, W] in [-1, 1] -> normalised latents [B, 16, 1+k, H/8, W/8] fp32."""
+    def encode(
+        self,
+        video: torch.Tensor,
+        *,
+        tiled: bool | str = False,
+        tiling: VAETiling | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> torch.Tensor:
+        """[B, 3, 1+4k, H, W] in [-1, 1] -> normalised latents [B, 16, 1+k, H/8, W/8] fp32.
+
+        ``tiled=True`` encodes overlapping spatial tiles (``tiling``, default
+        ``VAETiling()``: 256 px every 192 px at most) and blends them; the video may then stay
+        on the host, each chunk of each tile moves to the device when it runs. ``"auto"`` tiles
+        only when the untiled working set would not fit ``memory_budget_bytes`` (default: the
+        free memory of a CUDA device; never on the CPU). One tile covering the frame gives the
+        untiled result exactly.
+        """
         t, s = self.temporal_stride, self.spatial_stride
         if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % t:
             raise ShapeError(
@@ -81,36 +140,45 @@ class VAE:
                 f"{video.shape[4]}. Crop or resize (media.choose_bucket gives valid sizes)."
             )
         param = next(self.model.parameters())
-        mu = self.model.encode(video.to(param.device, param.dtype)).latent_dist.mode()
-        return (mu.float() - self.latents_mean) / self.latents_std
+        chosen = self._choose_tiling("encode", tuple(video.shape), tiled, tiling, memory_budget_bytes, param)
+        if chosen is None:
+            mu = self.model.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+        else:
+            mu = encode_tiles(self.model, video, chosen, device=param.device, dtype=param.dtype)
+        mean, std = self._normalisation(mu.device)
+        return (mu.float() - mean) / std
 
     @torch.inference_mode()
     def decode(
         self,
         latents: torch.Tensor,
         *,
-        tiled: bool = False,
-        tile_px: int = 256,
-        tile_stride_px: int = 192,
+        tiled: bool | str = False,
+        tiling: VAETiling | None = None,
+        memory_budget_bytes: int | None = None,
+        out_device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Normalised latents [B, 16, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w] fp32 in [-1, 1].
 
-        ``tiled`` decodes overlapping spatial tiles of ``tile_px`` pixels every
-        ``tile_stride_px`` and blends the seams, for lower peak memory on large frames.
+        ``tiled=True`` decodes overlapping spatial tiles (``tiling``, default ``VAETiling()``)
+        blended with linear ramps, each decoded chunk added into the output at once;
+        ``"auto"`` tiles only when the untiled working set would not fit
+        ``memory_budget_bytes`` (default: free CUDA memory; never on the CPU). One tile covering
+        the frame gives the untiled result exactly. ``out_device`` (tiled path) is where the
+        video is assembled, e.g. 'cpu' to keep it off the GPU.
         """
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ShapeError(
                 f"VAE.decode wants latents [B, {self.z_dim}, 1+k, h, w]; got {tuple(latents.shape)}."
             )
         param = next(self.model.parameters())
-        z = latents.to(param.device, torch.float32) * self.latents_std + self.latents_mean
+        mean, std = self._normalisation(param.device)
+        z = latents.to(param.device, torch.float32) * std + mean
         z = z.to(param.dtype)
-        if tiled:
-            # diffusers reads its tile geometry from these attributes
-            self.model.tile_sample_min_height = self.model.tile_sample_min_width = tile_px
-            self.model.tile_sample_stride_height = tile_stride_px
-            self.model.tile_sample_stride_width = tile_stride_px
-            video = self.model.tiled_decode(z).sample
-        else:
-            video = self.model.decode(z).sample
-        return video.float()  # diffusers clamps to [-1, 1]
+        chosen = self._choose_tiling(
+            "decode", tuple(latents.shape), tiled, tiling, memory_budget_bytes, param
+        )
+        if chosen is None:
+            video = self.model.decode(z).sample.float()  # diffusers clamps to [-1, 1]
+            return video if out_device is None else video.to(out_device)
+        return decode_tiles(self.model, z, chosen, out_device=out_device)

@@ -85,10 +85,37 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
             f"file or a .safetensors copy from a source you trust."
         ) from err
     except (RuntimeError, OSError, EOFError) as err:
-        raise CheckpointError(
-            f"{file} is not a readable PyTorch checkpoint ({err}). It may be truncated: download it again."
-        ) from err
+        raise CheckpointError(unreadable_checkpoint_message(file, err)) from err
     return _tensors_of(loaded, file)
+
+
+def unreadable_checkpoint_message(file: str | os.PathLike, err: BaseException) -> str:
+    """Why ``torch.load`` could not read ``file``, told from its first bytes.
+
+    A current ``torch.save`` writes a zip archive ("PK\\x03\\x04"); torch before 1.6 (or
+    ``_use_new_zipfile_serialization=False``) wrote a bare pickle (protocol 2: 0x80 0x02),
+    which cannot be memory-mapped. Anything else is not a PyTorch checkpoint at all.
+    """
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError as read_err:
+        return f"{file} cannot be read ({read_err}). Check the path and its permissions."
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle PROTO
+        return (
+            f"{file} is in the legacy (non-zip) torch.save format (torch < 1.6), which wanstudio "
+            f"does not read (it memory-maps checkpoints): re-save it with a current torch "
+            f"(torch.save(torch.load(path, weights_only=True), path)) or convert it to safetensors."
+        )
+    if not head:
+        return f"{file} is empty (0 bytes): download it again."
+    if head == b"PK\x03\x04":
+        return f"{file} is not a readable PyTorch checkpoint ({err}). It may be truncated: download it again."
+    return (
+        f"{file} is not a PyTorch checkpoint: it starts with bytes {head!r}, neither a torch.save "
+        f"zip archive (b'PK\\x03\\x04') nor a legacy pickle (b'\\x80\\x02'). Check that it is "
+        f"the right file, or download it again."
+    )
 
 
 def _tensors_of(loaded: Any, file: Path) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """InfiniteTalk's audio path: audio projection, per-frame audio cross-attention and the
-two-speaker routing (WAN_SPEC.md §4)."""
+two-speaker routing (docs/WAN_SPEC.md §4)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ class AudioCrossAttention(nn.Module):
 
     With two speakers, queries and audio keys get 1-D RoPE positions that route each visual
     token to the speaker whose reference region it attends to most.
+
+    ``sequence_parallel`` is None, or the Ulysses hook of :mod:`wanstudio.parallel` whose
+    ``token_range`` (start, stop, total) says which global tokens x holds: a run that may begin
+    and end inside a latent frame, and rows >= total that are padding.
     """
 
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
@@ -84,6 +88,7 @@ class AudioCrossAttention(nn.Module):
         self.speaker_ranges = ((0.0, float(iv)), (float(cfg.class_range - iv), float(cfg.class_range)))
         self.background_pos = float(cfg.class_range // 2)
         self.attention_mode = AttentionMode.SDPA
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -93,33 +98,46 @@ class AudioCrossAttention(nn.Module):
         ref_map: torch.Tensor | None = None,
         speakers: int = 1,
     ) -> torch.Tensor:
-        """x [B, L, D]; audio_tokens [B, F_lat, N_a, C_out]; ref_map [B, 3, L] (two speakers)."""
+        """x [B, L, D]; audio_tokens [B, f, N_a, C_out]; ref_map [B, 3, L_total] (two speakers).
+
+        x holds tokens start .. start + L - 1 of the f*h*w (all of them without sequence
+        parallelism); rows at or past L_total (padding) get zeros.
+        """
         B, L, D = x.shape
-        f = grid[0]
+        hw = grid[1] * grid[2]
         H, d = self.num_heads, self.head_dim
         N_a = audio_tokens.shape[2]
-        q = self.q_linear(x).view(B, L, H, d)
-        # Assumes x holds whole latent frames, frame-major (L = f*h*w with f = grid[0]) and
-        # audio_tokens the same f frames: a sequence-parallel shard must hold whole frames and
-        # pass its own grid / audio frames, or gather the tokens before this attention.
-        kv = self.kv_linear(audio_tokens).view(B, f, N_a, 2, H, d)
-        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # (B, f, N_a, H, d) each
+        sp = self.sequence_parallel
+        start, stop, total = (0, L, L) if sp is None else sp.token_range
+        n = min(stop, total) - start  # real tokens held here
+        if n <= 0:
+            return x.new_zeros(B, L, D)
+        # the frames these tokens lie in: f0 .. f1 - 1; the run starts `front` tokens into f0
+        f0, f1 = start // hw, (start + n - 1) // hw + 1
+        nf, front = f1 - f0, start % hw
+        q = self.q_linear(x[:, :n]).view(B, n, H, d)
+        kv = self.kv_linear(audio_tokens[:, f0:f1]).view(B, nf, N_a, 2, H, d)
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # (B, nf, N_a, H, d) each
         if speakers > 1:
-            q_pos = self.token_positions(ref_map)  # (B, L)
+            q_pos = self.token_positions(ref_map)[:, start : start + n]  # (B, n): min/max over all
             cos, sin = rope_1d_cos_sin(q_pos.reshape(-1), d)
-            q = apply_rope(q, cos.view(B, L, -1), sin.view(B, L, -1))
+            q = apply_rope(q, cos.view(B, n, -1), sin.view(B, n, -1))
             k_pos = self.audio_key_positions(N_a, speakers, x.device)  # (N_a,)
             cos, sin = rope_1d_cos_sin(k_pos, d)
-            k = apply_rope(k.reshape(B * f, N_a, H, d), cos, sin).view(B, f, N_a, H, d)
-        q = q.reshape(B * f, L // f, H, d)  # (B*f, h*w, H, d): a whole latent frame per row
+            k = apply_rope(k.reshape(B * nf, N_a, H, d), cos, sin).view(B, nf, N_a, H, d)
+        back = nf * hw - front - n
+        if front or back:  # a run that starts or ends inside a frame: zero queries fill the frames
+            q = F.pad(q, (0, 0, 0, 0, front, back))  # (B, nf*hw, H, d)
+        q = q.reshape(B * nf, hw, H, d)  # (B*nf, h*w, H, d): a whole latent frame per row
         out = attention(
             q,
-            k.reshape(B * f, N_a, H, d),
-            v.reshape(B * f, N_a, H, d),
+            k.reshape(B * nf, N_a, H, d),
+            v.reshape(B * nf, N_a, H, d),
             mode=self.attention_mode,
             where=self,
         )
-        return self.proj(out.reshape(B, L, D))
+        out = self.proj(out.reshape(B, nf * hw, D)[:, front : front + n])  # (B, n, D)
+        return out if n == L else F.pad(out, (0, 0, 0, L - n))
 
     def token_positions(self, ref_map: torch.Tensor) -> torch.Tensor:
         """ref_map [B, 3, L] (speaker 1, speaker 2, background) -> RoPE position per token [B, L]."""
@@ -150,7 +168,7 @@ def reference_attention_map(
     Heads are processed ``head_chunk`` at a time to bound memory (L x ref_tokens per head).
     """
     B, L, H, d = q.shape
-    k_ref = k[:, :ref_tokens]  # latent frame 0's keys: must be local (sequence parallelism)
+    k_ref = k[:, :ref_tokens]  # latent frame 0's keys (sequence parallelism: heads split, not tokens)
     masks = masks.to(q.dtype)
     area = masks.sum(-1).clamp_min(1)  # (B, C)
     total = torch.zeros(B, masks.shape[1], L, device=q.device, dtype=torch.float32)

@@ -15,6 +15,14 @@ from .rope import apply_rope
 
 
 class SelfAttention(nn.Module):
+    """Self-attention over all tokens, with 3-D RoPE; also the two-speaker reference map.
+
+    ``sequence_parallel`` is None, or the Ulysses hook of :mod:`wanstudio.parallel`: x then
+    holds this rank's run of tokens (and ``rope`` their rows), and the hook's
+    ``self_attention(q, k, v, ref_masks, mode=, where=) -> (out, ref_map)`` exchanges tokens
+    for heads around the attention call (ref_map then covers every token: [B, 3, L_total]).
+    """
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -25,6 +33,7 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(D, cfg.eps, **kw) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(D, cfg.eps, **kw) if cfg.qk_norm else nn.Identity()
         self.attention_mode = AttentionMode.SDPA
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -38,6 +47,11 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)  # (B, L, H, d)
         k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
         v = self.v(x).view(shape)
+        if self.sequence_parallel is not None:
+            out, ref_map = self.sequence_parallel.self_attention(
+                q, k, v, ref_masks, mode=self.attention_mode, where=self
+            )
+            return self.o(out.reshape(B, L, D)), ref_map
         ref_map = None
         if ref_masks is not None:
             with torch.no_grad():
@@ -80,6 +94,8 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
+    """The block MLP: [B, L, D] -> Linear(D, ffn_dim), tanh GELU, Linear(ffn_dim, D) -> [B, L, D]."""
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         kw = dict(device=device, dtype=dtype)
         super().__init__(
@@ -90,6 +106,9 @@ class FeedForward(nn.Sequential):
 
 
 class WanBlock(nn.Module):
+    """One DiT block: adaLN-modulated self-attention, text (+ image) cross-attention, audio
+    cross-attention when the config has audio, and a modulated FFN, with gated fp32 residuals."""
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)

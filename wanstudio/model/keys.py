@@ -1,4 +1,4 @@
-"""Facts about the DiT's official parameter names (WAN_SPEC.md §2) shared by every reader of
+"""Facts about the DiT's official parameter names (docs/WAN_SPEC.md §2) shared by every reader of
 foreign files: diffusers-named checkpoints and diffusers / PEFT LoRAs use one table.
 
 Bottom of the model package: imports nothing from wanstudio.

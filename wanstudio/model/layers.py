@@ -11,6 +11,7 @@ class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back (Wan's ``WanLayerNorm``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., C] -> LayerNorm(x) computed in fp32, cast back to x's dtype."""
         return self.fp32(x).type_as(x)
 
     def fp32(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> x / rms(x) (in fp32, cast back) * weight, in x's dtype."""
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight.to(x.dtype)

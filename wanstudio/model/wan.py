@@ -1,6 +1,6 @@
 """WanModel: the Wan2.1 DiT (t2v / i2v) with optional InfiniteTalk audio modules.
 
-Parameter names are the official checkpoint keys (``WAN_SPEC.md`` §2); ``state_dict()`` holds
+Parameter names are the official checkpoint keys (``docs/WAN_SPEC.md`` §2); ``state_dict()`` holds
 nothing else (RoPE tables are computed, never stored).
 
 The seam. ``forward`` is three stages, each usable on its own::
@@ -28,10 +28,12 @@ so they wrap ``run_blocks`` on the instance, and ``forward`` calls the wrapper::
 * A step cache (TeaCache / MagCache) decides from block 0 (its modulated input or its output)
   or from the time embedding, compared with the previous step; it keeps one residual per
   guidance condition (the conditional and unconditional calls of a step differ).
-* Sequence parallelism shards ``tokens`` and ``state.rope`` along L (rank r holds a run of
-  whole latent frames), calls the wrapped ``run_blocks`` per rank and gathers the tokens; the
-  attention gathers what it needs. The InfiniteTalk audio attention groups tokens by latent
-  frame (``model/audio.py``), and two-speaker routing reads latent frame 0's keys.
+* Sequence parallelism (``wanstudio.parallel``) shards ``tokens`` and ``state.rope`` along L
+  (rank r holds tokens r*L/n .. (r+1)*L/n - 1, padded to a multiple of n, frames may straddle
+  ranks), calls the wrapped ``run_blocks`` per rank and gathers the tokens. Self-attention
+  exchanges tokens for heads through the hook in ``SelfAttention.sequence_parallel`` (which
+  also computes the two-speaker map over every token); the audio attention reads the rank's
+  token range from ``AudioCrossAttention.sequence_parallel`` and groups its tokens by frame.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class StepState:
 
 
 class Head(nn.Module):
+    """The output head: adaLN-modulated LayerNorm, then Linear to each token's patch (fp32)."""
+
     def __init__(self, cfg: WanConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -112,6 +116,7 @@ class ImageProjection(nn.Module):
         )
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        """clip_fea [B, 257, clip_dim] -> [B, 257, D]."""
         return self.proj(clip_fea)
 
 

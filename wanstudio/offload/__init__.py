@@ -1,6 +1,6 @@
 """Block swap: run a DiT whose last N blocks live in pinned host memory.
 
-Semantics are in ``shared/design/MODES.md`` (Block swap). How it is done here:
+Semantics are in ``docs/MODES.md`` (Block swap). How it is done here:
 
 * **Units.** The swapped units are the last N of ``model.blocks`` plus, when asked,
   ``text_embedding`` and ``img_emb``. Each one is packed once into its own pinned host buffer:
@@ -37,12 +37,23 @@ pinned host views in place (no extra host copy at all).
 Modules: ``transfer`` (backends, host memory), ``packing`` (a unit's tensors as views of one
 flat buffer), ``stats`` (timeline, ``block_swap_stats``), ``placement`` (which units swap,
 :func:`check_blocks_to_swap`, :func:`swap_placement`), ``schedule`` (the per-model state
-machine: plan, slots, hooks) and ``api`` (plan / enable / disable).
+machine: plan, slots, hooks), ``api`` (plan / enable / disable) and ``planner`` (which savings a
+clip needs to fit a VRAM budget: :func:`plan_memory`, :class:`MemoryPlan`).
 """
 
 from .api import disable_block_swap, enable_block_swap, plan_block_swap
 from .packing import BLOCK_SWAP_CONTRACT
 from .placement import ON_DEVICE, ON_HOST, BlockSwapPlan, check_blocks_to_swap, swap_placement
+from .planner import (
+    MemoryPlan,
+    PartSizes,
+    PhasePeak,
+    dit_activation_bytes,
+    measure_block_bytes,
+    measure_parts,
+    plan_dit_memory,
+    plan_memory,
+)
 from .schedule import HOST_HEADROOM_BYTES
 from .stats import STATS_HISTORY, BlockSwapStats, BlockSwapStep, TimelineEntry
 from .transfer import (
@@ -69,12 +80,20 @@ __all__ = [
     "FakeEvent",
     "FakeTransferBackend",
     "HostBuffer",
+    "MemoryPlan",
+    "PartSizes",
+    "PhasePeak",
     "TimelineEntry",
     "TransferBackend",
     "check_blocks_to_swap",
     "disable_block_swap",
+    "dit_activation_bytes",
     "enable_block_swap",
     "is_page_locked",
+    "measure_block_bytes",
+    "measure_parts",
     "plan_block_swap",
+    "plan_dit_memory",
+    "plan_memory",
     "swap_placement",
 ]

@@ -140,6 +140,7 @@ class BlockSwapStats:
         self._steps.clear()
 
     def summary(self) -> str:
+        """A few lines: pinned and on-device sizes, and the last forward's copies (hidden / exposed)."""
         lines = [
             f"block swap on {self.device}: {len(self.swapped)} unit(s) in pinned host memory "
             f"({self.blocks_to_swap} blocks), {_gb(self.bytes_pinned)} pinned ({self.host_memory})",

@@ -76,6 +76,7 @@ class TransferBackend:
         return nbytes
 
     def alloc_host(self, nbytes: int) -> HostBuffer:
+        """A page-locked host buffer of ``nbytes`` (it records how it was pinned)."""
         raise NotImplementedError
 
     def alloc_slot(self, nbytes: int) -> torch.Tensor:
@@ -95,15 +96,19 @@ class TransferBackend:
         raise NotImplementedError
 
     def query(self, event: Any) -> bool:
+        """Whether ``event`` has completed (never blocks)."""
         raise NotImplementedError
 
     def event_synchronize(self, event: Any) -> None:
+        """Block the host until ``event`` has completed."""
         raise NotImplementedError
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
+        """Time between two recorded events, in ms."""
         raise NotImplementedError
 
     def synchronize(self) -> None:
+        """Block the host until all work queued on the device has finished."""
         raise NotImplementedError
 
     def to_device(self, src: torch.Tensor) -> torch.Tensor:
@@ -324,6 +329,8 @@ class CudaTransferBackend(TransferBackend):
 
 @dataclass(frozen=True)
 class FakeEvent:
+    """An event of :class:`FakeTransferBackend`: its stream, label and virtual time in ms."""
+
     stream: str
     label: str
     time_ms: float

@@ -8,7 +8,9 @@ from .infinitetalk import (
     GeneratedVideo,
     InfiniteTalkPipeline,
     check_components,
+    default_speaker_boxes,
 )
+from .official_input import official_box_to_xyxy, read_input_json
 from .progress import ProgressEvent, TqdmProgress
 from .resume import WorkFolder
 from .sampler import (
@@ -36,9 +38,12 @@ __all__ = [
     "UniPCSampler",
     "WorkFolder",
     "check_components",
+    "default_speaker_boxes",
     "distill_step_list",
     "make_sampler",
     "match_colors",
+    "official_box_to_xyxy",
+    "read_input_json",
     "shift_timesteps",
     "timestep_schedule",
 ]

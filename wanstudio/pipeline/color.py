@@ -1,4 +1,4 @@
-"""Lab colour matching of decoded frames to the reference image (WAN_SPEC.md §6).
+"""Lab colour matching of decoded frames to the reference image (docs/WAN_SPEC.md §6).
 
 Each frame's per-channel CIELAB mean and standard deviation are moved to the reference's, the
 result is converted back to RGB and blended with the frame by ``strength``. Long videos drift in

@@ -1,4 +1,4 @@
-"""Text + audio classifier-free guidance for InfiniteTalk (WAN_SPEC.md §6), optional APG.
+"""Text + audio classifier-free guidance for InfiniteTalk (docs/WAN_SPEC.md §6), optional APG.
 
 Three model calls per step (text scale s_t != 1)::
 

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
 FORMAT_VERSION = 2  # 2: the fingerprint holds modes, dtypes, device, CPU threads, torch
-PLACEMENT_ONLY = ("blocks_to_swap",)  # settings that move weights but leave every number alone
+# RuntimeModes fields that change the frames. The others don't: block swap and prefetch move
+# weights, strict layout only checks; the precision is in the fingerprint's dtypes.
+NUMERIC_MODES = ("quantization", "attention")
 _YOUNG_LOCK_S = 10.0  # an empty lock file younger than this is being written by its creator
 
 
@@ -63,12 +65,14 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 def environment_fingerprint(pipeline) -> dict:
     """What changes the frames besides a call's arguments, for a run's fingerprint.
 
-    The numeric modes (quantization, attention, compiled blocks; not block swap, which only
-    moves weights), every part's dtype, the device, torch's CPU thread count (CPU reductions
-    add in another order with another count, so the frames differ) and the torch version.
+    The numeric modes (quantization and attention from ``pipeline.modes``, and whether the
+    blocks are compiled; not block swap, which only moves weights), every part's dtype, the
+    device, torch's CPU thread count (CPU reductions add in another order with another count,
+    so the frames differ) and the torch version.
     """
     model = pipeline.model
-    modes = {k: v for k, v in getattr(pipeline, "settings", {}).items() if k not in PLACEMENT_ONLY}
+    run_modes = getattr(pipeline, "modes", None)
+    modes = {} if run_modes is None else {k: getattr(run_modes, k).value for k in NUMERIC_MODES}
     modes["compiled"] = any(getattr(b, "_wanstudio_compiled", False) for b in getattr(model, "blocks", ()))
     parts = ("model", "vae", "text_encoder", "image_encoder", "audio_encoder")
     return dict(

@@ -1,4 +1,4 @@
-"""Flow-matching samplers over one shared, shifted timestep schedule (WAN_SPEC.md §6).
+"""Flow-matching samplers over one shared, shifted timestep schedule (docs/WAN_SPEC.md §6).
 
 Wan predicts the flow velocity ``v = noise - x0`` of the path ``x_sigma = (1 - sigma) x0 +
 sigma noise``; sigma runs from 1 (pure noise) down to 0, so one step moves the latent by

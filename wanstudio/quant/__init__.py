@@ -1,7 +1,7 @@
-"""Quantization of the DiT's Linear layers: fp8 (plain / scaled / fast) and real fp4.
+"""Quantization of the DiT's Linear layers: fp8 (plain / scaled / fast), real fp4, GGUF Q8_0.
 
 Every mode of :class:`wanstudio.options.QuantMode` is implemented with the meaning
-``shared/design/MODES.md`` gives it:
+``docs/MODES.md`` gives it:
 
 * :func:`quantize` swaps ``nn.Linear`` layers for :class:`QuantizedLinear` in place;
 * :func:`quantize_weight` quantizes one tensor (the checkpoint loader's entry point);
@@ -11,7 +11,7 @@ Every mode of :class:`wanstudio.options.QuantMode` is implemented with the meani
 * :func:`swap_linears` replaces Linear layers (quantization and checkpoint loading use it).
 """
 
-from . import fp4, fp8, kernels  # noqa: F401  (submodules the GPU suite and benchmark use)
+from . import fp4, fp8, kernels, q8_0  # noqa: F401  (submodules the GPU suite and benchmark use)
 from .apply import (
     DEFAULT_KEEP,
     dequantize,
@@ -25,7 +25,7 @@ from .apply import (
 from .formats import StorageFormat, format_for
 from .linear import QuantizedLinear, kernel_path
 from .report import LayerQuantStats, QuantReport, quant_report, sqnr_db
-from .spec import REFUSED, SPECS, QuantSpec, check_device, spec_for, storage_mode_for
+from .spec import REFUSED, SPECS, QuantMix, QuantSpec, check_device, spec_for, storage_mode_for
 from .weights import quantize_weight
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "REFUSED",
     "SPECS",
     "LayerQuantStats",
+    "QuantMix",
     "QuantReport",
     "QuantSpec",
     "QuantizedLinear",

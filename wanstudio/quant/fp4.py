@@ -102,6 +102,7 @@ def decode_packed(packed: torch.Tensor) -> torch.Tensor:
 
 # --- helpers -------------------------------------------------------------------------------------
 def padded_k(k: int, block: int) -> int:
+    """``k`` rounded up to a multiple of ``block`` (K is zero-padded to whole blocks)."""
     return -(-k // block) * block
 
 
@@ -240,6 +241,7 @@ def swizzle_block_scales(scale: torch.Tensor) -> torch.Tensor:
 
 
 def swizzled_numel(rows: int, cols: int) -> int:
+    """Elements of an [rows, cols] block-scale matrix after :func:`swizzle_block_scales` (128 x 4 tiles)."""
     return -(-rows // 128) * 128 * (-(-cols // 4) * 4)
 
 

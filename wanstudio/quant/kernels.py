@@ -3,12 +3,14 @@
 * :func:`quantize_rows` — per-token e4m3 quantization of the activations of the fp8 ``_fast``
   modes in ONE pass (load a row, amax, divide, cast, store q and its scale). Done eagerly
   (abs, amax, divide, cast: four passes) it costs as much as the fp8 GEMM itself and the fast
-  path stops beating bf16 (MODES.md: 1.21 ms eager vs 0.22 ms fused at 32,760 x 5120).
+  path stops beating bf16 (docs/MODES.md: 1.21 ms eager vs 0.22 ms fused at 32,760 x 5120).
 * :func:`dequantize_fp4` — NVFP4 / MXFP4 weight -> compute dtype in one pass (unpack nibbles,
   decode e2m1, decode the e4m3 / e8m0 block scale, multiply, store): 0.086 ms for a
   5120 x 5120 weight vs 0.42 ms eagerly.
+* :func:`dequantize_q8_0` — GGUF Q8_0 weight (int8 codes, fp16 scale per 32) -> compute dtype in
+  one pass: ``q * d`` in fp32 (exact), one rounding to the output dtype.
 
-Both run on CUDA tensors when Triton is importable and fall back to the eager reference in
+All run on CUDA tensors when Triton is importable and fall back to the eager reference in
 ``fp8.py`` / ``fp4.py`` elsewhere (the CPU). The fused and eager versions round identically
 (IEEE division, round-to-nearest-even casts): the GPU suite checks every bit of the fp4
 dequantization. One exception: eager torch on CUDA computes the scale ``amax / 448`` as
@@ -27,7 +29,7 @@ from contextlib import nullcontext
 import torch
 
 from ..layout import LayoutContract, Operand, StrideRule
-from . import fp4, fp8
+from . import fp4, fp8, q8_0
 
 try:  # Triton ships with CUDA builds of torch; CPU builds usually lack it.
     import triton
@@ -55,6 +57,15 @@ DEQUANT_FP4_CONTRACT = LayoutContract(
         Operand("packed", dtypes=(torch.uint8,), ndim=2, stride=StrideRule.CONTIGUOUS),
         Operand("scale", ndim=2, stride=StrideRule.CONTIGUOUS),
         Operand("tensor_scale", dtypes=(torch.float32,), optional=True),
+    ),
+)
+
+
+DEQUANT_Q8_0_CONTRACT = LayoutContract(
+    "triton:dequantize_q8_0",
+    (
+        Operand("q", dtypes=(torch.int8,), ndim=2, stride=StrideRule.CONTIGUOUS),
+        Operand("d", dtypes=(torch.float16,), ndim=2, stride=StrideRule.CONTIGUOUS),
     ),
 )
 
@@ -244,3 +255,71 @@ def dequantize_fp4(
     if tensor_scale is not None:
         return fp4.dequantize_nvfp4(packed, scale, tensor_scale, k, dtype)
     return fp4.dequantize_mxfp4(packed, scale, k, dtype)
+
+
+# --- GGUF Q8_0 weight dequantization --------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequantize_q8_0_kernel(
+        q_ptr,
+        d_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_q,
+        stride_d,
+        stride_o,
+        QBLOCK: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        r64 = rows.to(tl.int64)[:, None]  # int64: N * K can exceed 2^31
+        q = tl.load(q_ptr + r64 * stride_q + cols[None, :], mask=mask, other=0).to(tl.float32)
+        d = tl.load(d_ptr + r64 * stride_d + (cols // QBLOCK)[None, :], mask=mask, other=0.0)
+        w = q * d.to(tl.float32)  # exact: 8 x 11 significant bits
+        w = w.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(out_ptr + r64 * stride_o + cols[None, :], w, mask=mask)
+
+
+def dequantize_q8_0_triton(
+    q: torch.Tensor, d: torch.Tensor, k: int, dtype: torch.dtype, where: str = "dequantize_q8_0"
+) -> torch.Tensor:
+    """Fused Q8_0 dequantization: (q int8 [N, K_pad], d fp16 [N, K_pad / 32]) -> [N, K] ``dtype``."""
+    ops = DEQUANT_Q8_0_CONTRACT.enforce(where, q=q, d=d)
+    q, d = ops["q"], ops["d"]
+    n = q.shape[0]
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    if n == 0 or k == 0:
+        return out
+    br, bc = 16, 256
+    grid = (triton.cdiv(n, br), triton.cdiv(k, bc))
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        _dequantize_q8_0_kernel[grid](
+            q,
+            d,
+            out,
+            n,
+            k,
+            q.stride(0),
+            d.stride(0),
+            out.stride(0),
+            QBLOCK=q8_0.BLOCK,
+            BLOCK_R=br,
+            BLOCK_C=bc,
+            num_warps=4,
+        )
+    return out
+
+
+def dequantize_q8_0(
+    q: torch.Tensor, d: torch.Tensor, k: int, dtype: torch.dtype, where: str = "dequantize_q8_0"
+) -> torch.Tensor:
+    """Q8_0 weight -> [N, K] in ``dtype``: fused on CUDA, eager elsewhere (same bits)."""
+    if use_triton(q):
+        return dequantize_q8_0_triton(q, d, k, dtype, where)
+    ops = DEQUANT_Q8_0_CONTRACT.enforce(where, q=q, d=d)
+    return q8_0.dequantize_q8_0(ops["q"], ops["d"], k, dtype)

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..layout import is_aligned, layout_name
 from ..options import QuantMode
-from . import fp4, fp8, kernels
+from . import fp4, fp8, kernels, spec
 from .contracts import _FP4_X2, FP4_MM_CONTRACT, SCALED_MM_CONTRACT, SCALED_MM_TENSORWISE_CONTRACT
 from .formats import format_for
 from .spec import (
@@ -41,7 +41,6 @@ from .spec import (
     LINEAR,
     SCALED_MM,
     check_device,
-    cuda_capability,
     fp4_native_available,
     spec_for,
 )
@@ -222,7 +221,7 @@ def _fp4_native_blocker(device: torch.device, k: int | None, n: int | None) -> s
     if device.type != "cuda":
         return f"{device.type} has no FP4 tensor cores (emulated path)"
     if not fp4_native_available(device):
-        cap = tuple(cuda_capability(device))
+        cap = tuple(spec.cuda_capability(device))  # through the module: tests simulate GPUs
         if _FP4_X2 is None:
             return "this torch has no float4_e2m1fn_x2 dtype"
         return (
@@ -235,7 +234,7 @@ def _fp4_native_blocker(device: torch.device, k: int | None, n: int | None) -> s
 
 
 class QuantizedLinear(nn.Module):
-    """A Linear whose weight is stored quantized per :class:`QuantMode` (see MODES.md).
+    """A Linear whose weight is stored quantized per :class:`QuantMode` (see docs/MODES.md).
 
     Args:
         in_features: K.
@@ -588,6 +587,7 @@ class QuantizedLinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
+        """Sizes, bias, mode and the kernel path this layer takes (or why it cannot run)."""
         try:
             path, detail = self.path_for()
         except Exception as exc:  # e.g. UnsupportedModeError on an old GPU: show, don't fail

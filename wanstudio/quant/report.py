@@ -81,12 +81,14 @@ class QuantReport:
         return sorted(self.layers, key=lambda layer: layer.sqnr_db)[:n]
 
     def paths(self) -> dict[str, int]:
+        """How many layers run each kernel path."""
         out: dict[str, int] = {}
         for layer in self.layers:
             out[layer.path] = out.get(layer.path, 0) + 1
         return out
 
     def summary(self) -> str:
+        """One line: mode, whole-model SQNR, layers per path, and weight bytes before -> after."""
         ratio = self.quant_bytes / self.base_bytes if self.base_bytes else math.nan
         paths = ", ".join(f"{p} x{c}" for p, c in self.paths().items()) or "none"
         return (
@@ -108,6 +110,7 @@ class QuantReport:
         return {path: detail for path, (_, detail) in best.items()}
 
     def to_text(self, limit: int | None = None) -> str:
+        """The summary and a table of the first ``limit`` layers (all if None): shape, SQNR, bytes, path."""
         rows = self.layers if limit is None else self.layers[:limit]
         common = self.common_details()
         width = max([len("layer")] + [len(r.name) for r in rows])

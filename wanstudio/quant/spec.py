@@ -2,7 +2,7 @@
 
 Every member of ``QuantMode`` has a :class:`QuantSpec` here (or a refusal in ``REFUSED`` with
 its reason); ``tests/test_quant.py`` proves the registry is complete. Meanings follow
-``shared/design/MODES.md``.
+``docs/MODES.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..options import QuantMode, parse_option
 FP8 = "fp8"  # weight [N, K] fp8 (+ scale_weight fp32, per output channel or per tensor)
 NVFP4 = "nvfp4"  # e2m1 packed + e4m3 scale per 16 along K + fp32 scale per tensor
 MXFP4 = "mxfp4"  # e2m1 packed + e8m0 (power-of-two) scale per 32 along K
+Q8_0 = "q8_0"  # GGUF Q8_0: int8 + fp16 scale per 32 along K
 
 # Matmul kinds (the paths of ``quant.kernel_path``).
 LINEAR = "linear"  # not quantized: nn.Linear at base precision (``disabled``)
@@ -36,7 +37,7 @@ class QuantSpec:
     """How one mode stores weights and multiplies."""
 
     mode: QuantMode
-    storage: str | None  # FP8 / NVFP4 / MXFP4; None = not quantized (``disabled``)
+    storage: str | None  # FP8 / NVFP4 / MXFP4 / Q8_0; None = not quantized (``disabled``)
     matmul: str  # DEQUANTIZE / SCALED_MM / FP4_NATIVE
     fp8_dtype: torch.dtype | None = None  # weight storage dtype of the fp8 modes
     per_channel_scale: bool = False  # fp32 scale per output channel (the `_scaled` fp8 modes)
@@ -69,6 +70,7 @@ SPECS: dict[QuantMode, QuantSpec] = {
         QuantSpec(QuantMode.FP4_EXPERIMENTAL, MXFP4, DEQUANTIZE),
         QuantSpec(QuantMode.FP4_SCALED, NVFP4, DEQUANTIZE),
         QuantSpec(QuantMode.FP4_SCALED_FAST, NVFP4, FP4_NATIVE),
+        QuantSpec(QuantMode.GGUF_Q8_0, Q8_0, DEQUANTIZE),
     )
 }
 
@@ -96,6 +98,47 @@ def storage_mode_for(dtype: torch.dtype, scaled: bool) -> QuantMode:
         return table[(dtype, bool(scaled))]
     except KeyError:
         raise CheckpointError(f"{dtype} is not an fp8 storage dtype wanstudio runs") from None
+
+
+@dataclass(frozen=True)
+class QuantMix:
+    """The quantization of a model whose layers run in different modes: a checkpoint that mixes
+    storage formats (an e5m2 base with e4m3 audio layers, a GGUF file mixing Q8_0 and K-quants)
+    loaded with ``quantization="disabled"``, each layer in the mode its file gave it.
+
+    ``model.quantization`` is a :class:`QuantMode` when every quantizable layer runs in one mode,
+    and a ``QuantMix`` otherwise. Like a mode it has a ``value`` (``"mixed"``) and is never
+    ``QuantMode.DISABLED``; :attr:`modes` counts the quantizable layers per mode (``disabled``:
+    layers dequantized to the base precision).
+    """
+
+    counts: tuple[tuple[QuantMode, int], ...]  # (mode, layers), most layers first
+
+    @classmethod
+    def of(cls, modes: dict[str, QuantMode]) -> QuantMode | QuantMix:
+        """The model's quantization from its layers' modes: one mode, or the mix."""
+        tally: dict[QuantMode, int] = {}
+        for mode in modes.values():
+            tally[mode] = tally.get(mode, 0) + 1
+        if len(tally) <= 1:
+            return next(iter(tally), QuantMode.DISABLED)
+        return cls(tuple(sorted(tally.items(), key=lambda kv: (-kv[1], kv[0].value))))
+
+    @property
+    def value(self) -> str:
+        return "mixed"
+
+    @property
+    def modes(self) -> dict[QuantMode, int]:
+        """Quantizable layers per mode."""
+        return dict(self.counts)
+
+    @property
+    def description(self) -> str:
+        return "mixed: " + ", ".join(f"{n} layers {m.value}" for m, n in self.counts)
+
+    def __str__(self) -> str:
+        return self.description
 
 
 # --- hardware -------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ fp4_experimental   ``weight_packed``          uint8 [N, K_pad / 2], two e2m1 cod
 fp4_scaled(_fast)  ``weight_packed``          uint8 [N, K_pad / 2], as above
   (NVFP4)          ``weight_scale``           float8_e4m3fn [N, K_pad / 16]
                    ``weight_scale_2``         fp32 [] (per tensor)
+gguf_q8_0          ``weight_q8``              int8 [N, K_pad], row-major
+                   ``weight_scale``           fp16 [N, K_pad / 32] (real weight = q8 * scale per
+                                              block of 32 along K: GGUF's Q8_0)
 =================  =========================  =====================================================
 
 Each format module in ``quant/formats/`` defines its tensors (``buffers``) and how a weight
@@ -54,10 +57,10 @@ def quantize_weight(
     ``weight`` may be high precision (bf16 / fp16 / fp32) or fp8 as stored in a checkpoint;
     ``scale`` is a checkpoint's stored scale for it (real weight = weight * scale). An fp8
     weight of the mode's own fp8 dtype is kept exactly as stored, with its scale. A mode that
-    contradicts the stored format (e5m2 weights in an e4m3 mode, a scaled file in a plain
-    mode) raises :class:`CheckpointError` naming the mode that fits. ``disabled`` returns the
-    weight untouched (fp8 weights need their storage mode: see :func:`storage_mode_for`).
-    The input tensors are never modified.
+    differs from the stored format (e5m2 weights in an e4m3 mode, a scaled file in a plain
+    mode, fp8 in an fp4 or Q8_0 mode) gets the weight the file means, ``weight * scale`` in
+    fp32, quantized in that mode. ``disabled`` returns the weight untouched (fp8 weights need
+    their storage mode: see :func:`storage_mode_for`). The input tensors are never modified.
     """
     spec = spec_for(mode)
     if weight.dim() != 2 or not weight.is_floating_point():

@@ -94,6 +94,7 @@ class LoadSettings:
         attention: AttentionMode | str | None = None,
         blocks_to_swap: int | None = None,
         prefetch: int | None = None,
+        loras=None,
         accuracy: bool = True,
         seed: int = 0,
     ) -> None:
@@ -104,6 +105,7 @@ class LoadSettings:
             attention=attention,
             blocks_to_swap=blocks_to_swap,
             prefetch=prefetch,
+            loras=loras,
         )
         set_ = object.__setattr__  # frozen
         for name, value in (
@@ -231,24 +233,13 @@ def load_pipeline(settings: LoadSettings | None = None, **kw) -> LoadResult:
     if settings.is_tiny:
         pipe = InfiniteTalkPipeline.tiny(seed=settings.seed, device=settings.device, dtype=settings.dtype)
         report = apply_settings(pipe.model, settings)
-        pipe.settings.update(
-            quantization=settings.quantization.value,
-            attention=settings.attention.value,
-            blocks_to_swap=settings.blocks_to_swap,
-        )
     else:
-        # TODO(merge): from_files(..., modes=settings.modes) once it takes modes=, and drop the
-        # apply_modes below (it sets what these keywords cannot: prefetch)
         pipe = InfiniteTalkPipeline.from_files(
             **settings.weights.as_kwargs(),
             config=settings.preset,
-            quantization=settings.quantization,
-            attention=settings.attention,
-            blocks_to_swap=settings.blocks_to_swap,
             device=settings.device,
-            dtype=settings.dtype,
+            modes=settings.modes,
         )
-        apply_runtime_modes(pipe.model, settings.modes, device=settings.device)
         if settings.quantization is not QuantMode.DISABLED and settings.accuracy:
             note = (
                 "real weights are quantized while they load, so there is no base-precision copy "
@@ -348,6 +339,7 @@ class ModelSummary:
     seconds: float | None = None
 
     def to_text(self) -> str:
+        """Lines of text: each component's elements and bytes per dtype, memory, and kernel paths."""
         lines = []
         for c in self.components:
             dt = ", ".join(f"{k} {gib(v)}" for k, v in sorted(c.bytes_by_dtype.items()))

@@ -14,7 +14,17 @@ import torch
 
 from .. import options
 from ..availability import Availability
-from ..options import AttentionMode, BasePrecision, Option, QuantMode, Scheduler, SizeClass, SpeakerMix
+from ..options import (
+    AttentionMode,
+    BasePrecision,
+    CacheMode,
+    GenerationPreset,
+    Option,
+    QuantMode,
+    Scheduler,
+    SizeClass,
+    SpeakerMix,
+)
 from ..studio import attention_availability, precision_availability, quant_availability
 
 SEP = " — "  # between a mode name and the reason it cannot run
@@ -26,8 +36,10 @@ REGISTRIES: dict[str, type[Option]] = {
     "Attention (`attention=`)": AttentionMode,
     "Base precision (`dtype=`)": BasePrecision,
     "Sampler (`scheduler=`)": Scheduler,
+    "Generation preset (`--preset`, the generate panel)": GenerationPreset,
     "Size class (`size_class=`)": SizeClass,
     "Two speakers (`speaker_mix=`)": SpeakerMix,
+    "Step cache (`cache=`)": CacheMode,
 }
 
 
@@ -47,26 +59,32 @@ def choices(
 
 
 def quant_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of QuantMode; labels say why a mode cannot run on ``device``."""
     return choices(QuantMode, quant_availability(device))
 
 
 def attention_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of AttentionMode; labels say why a mode cannot run on ``device``."""
     return choices(AttentionMode, attention_availability(device))
 
 
 def precision_choices(device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of BasePrecision; labels say why one cannot run on ``device``."""
     return choices(BasePrecision, precision_availability(device))
 
 
 def scheduler_choices() -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of Scheduler."""
     return choices(Scheduler)
 
 
 def size_class_choices() -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of SizeClass, labelled '480p' / '720p'."""
     return [(f"{m.value}p", m.value) for m in SizeClass]
 
 
 def speaker_mix_choices() -> list[tuple[str, str]]:
+    """(label, value) Dropdown options of SpeakerMix, labelled with their descriptions."""
     return [(f"{m.value}: {m.description}", m.value) for m in SpeakerMix]
 
 

@@ -50,6 +50,7 @@ def error_html(error: BaseException, context: str = "") -> str:
 
 
 def format_traceback(error: BaseException) -> str:
+    """The full traceback of ``error`` as one string."""
     return "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
@@ -89,10 +90,12 @@ def table_style(scope: str) -> widgets.HTML:
 
 
 def row(*children, **layout) -> widgets.HBox:
+    """An HBox of ``children``; keyword arguments become its Layout."""
     return widgets.HBox(list(children), layout=widgets.Layout(**layout) if layout else None)
 
 
 def heading(text: str) -> widgets.HTML:
+    """A small HTML heading showing ``text`` (escaped)."""
     return widgets.HTML(f"<h4 style='margin:8px 0 2px 0'>{html.escape(text)}</h4>")
 
 

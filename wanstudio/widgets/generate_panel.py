@@ -1,4 +1,5 @@
-"""GeneratePanel: image + speech in, talking video out, without blocking the kernel.
+"""GeneratePanel: image (or a video to dub) + speech in, talking video out, without blocking
+the kernel.
 
 Generate runs the pipeline in a worker thread; the pipeline's progress callback moves two
 bars (clips, steps) and is also where Cancel takes effect: after Cancel, the next progress
@@ -21,7 +22,7 @@ import ipywidgets as widgets
 
 from .. import studio
 from ..errors import PipelineError
-from ..options import Scheduler, SizeClass, SpeakerMix, parse_option
+from ..options import CacheMode, GenerationPreset, Scheduler, SizeClass, SpeakerMix, parse_option
 from ..pipeline.infinitetalk import DEFAULT_SHIFT  # the pipeline's own default shift per size
 from . import choices
 from .common import (
@@ -35,8 +36,9 @@ from .common import (
     slider_layout,
     status_html,
 )
-from .generate_request import GenerateRequest, GenerationCancelled, halves, parse_bboxes
+from .generate_request import GenerateRequest, GenerationCancelled, parse_bboxes
 from .media_view import save_upload, video_widget
+from .speaker_regions import SpeakerRegions
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,15 @@ def _resolve_pipeline(source):
 
 
 class GeneratePanel(widgets.VBox):
-    """Image and speech (upload or path; one or two speakers), prompt, sampling settings;
-    Generate in a worker thread with clip / step progress, Cancel, inline video, readable errors.
+    """Image or source video and speech (upload or path; one or two speakers, the speaker
+    regions drawn over the reference frame), prompt, sampling settings; Generate in a worker
+    thread with clip / step progress, Cancel, inline video, readable errors.
 
     Args:
         pipeline: an ``InfiniteTalkPipeline``, or a LoadPanel / LoadResult holding one
             (looked up when Generate is clicked, so the panel can be built before loading).
-        image, audio: initial paths (default: the shipped portrait and speech clip).
+        image, audio: initial paths (default: the shipped portrait and speech clip); the image
+            path may name a video (.mp4, .mov, ...): the run dubs it.
         out: the mp4 to write (default ``$WANSTUDIO_OUTPUT/infinitetalk.mp4``).
         steps, max_frames: initial values (the tiny pipeline starts with quick ones).
     """
@@ -94,9 +98,13 @@ class GeneratePanel(widgets.VBox):
 
         # --- inputs
         self.image_path = widgets.Text(
-            value=str(image), description="image", style=STYLE, layout=widgets.Layout(width="70%")
+            value=str(image),
+            description="image or video",
+            tooltip="a portrait, or a video to dub (its frames follow the new speech)",
+            style=STYLE,
+            layout=widgets.Layout(width="70%"),
         )
-        self.image_upload = widgets.FileUpload(accept="image/*", multiple=False, description="upload")
+        self.image_upload = widgets.FileUpload(accept="image/*,video/*", multiple=False, description="upload")
         self.audio_path = widgets.Text(
             value=str(audio),
             description="speech (speaker 1)",
@@ -128,9 +136,16 @@ class GeneratePanel(widgets.VBox):
             style=STYLE,
             layout=widgets.Layout(width="70%"),
             placeholder="x0,y0,x1,y1; x0,y0,x1,y1 (empty: left half, right half)",
+            continuous_update=False,
         )
+        self.regions = SpeakerRegions()  # the reference frame with the two regions tinted
         self.two_box = widgets.VBox(
-            [widgets.HBox([self.audio2_path, self.audio2_upload]), self.speaker_mix, self.bboxes]
+            [
+                widgets.HBox([self.audio2_path, self.audio2_upload]),
+                self.speaker_mix,
+                self.bboxes,
+                self.regions,
+            ]
         )
         # --- text and sampling
         self.prompt = widgets.Textarea(
@@ -156,6 +171,13 @@ class GeneratePanel(widgets.VBox):
             indent=True,
             style=STYLE,
             layout=fit_layout(display="none"),
+        )
+        self.preset = widgets.Dropdown(
+            options=choices.choices(GenerationPreset),
+            value=GenerationPreset.STANDARD.value,
+            description="preset",
+            style=STYLE,
+            tooltip="sets sampler, steps, shift and guidance; each stays editable",
         )
         self.scheduler = widgets.Dropdown(
             options=choices.scheduler_choices(),
@@ -191,6 +213,13 @@ class GeneratePanel(widgets.VBox):
             description="audio guidance",
             style=STYLE,
             layout=slider_layout(),
+        )
+        self.cache = widgets.Dropdown(
+            options=choices.choices(CacheMode),
+            value=CacheMode.NONE.value,
+            description="step cache",
+            style=STYLE,
+            tooltip="reuse the blocks' output on steps whose input barely changed (40-step runs)",
         )
         self.seed = widgets.BoundedIntText(value=42, min=0, max=2**31 - 1, description="seed", style=STYLE)
         self.max_frames = widgets.BoundedIntText(
@@ -232,10 +261,13 @@ class GeneratePanel(widgets.VBox):
         self.generate_button.on_click(lambda _b: self.generate())
         self.cancel_button.on_click(lambda _b: self.cancel())
         self.speakers.observe(lambda _c: self._speakers_changed(), "value")
+        for field in (self.image_path, self.bboxes):
+            field.observe(lambda _c: self._show_regions(), "value")
         self.own_size.observe(lambda _c: self._own_size_changed(), "value")
         self.size_class.observe(
             lambda c: setattr(self.shift, "value", DEFAULT_SHIFT[parse_option(SizeClass, c.new)]), "value"
         )
+        self.preset.observe(lambda c: self.apply_preset(c.new), "value")
         self._speakers_changed()
         self._pipeline_changed()
         if callable(getattr(pipeline, "on_loaded", None)):  # a LoadPanel: its pipeline comes later
@@ -253,11 +285,13 @@ class GeneratePanel(widgets.VBox):
                 heading("Sampling"),
                 self.size_class,
                 self.own_size,
+                self.preset,
                 self.scheduler,
                 self.steps,
                 self.shift,
                 self.text_scale,
                 self.audio_scale,
+                self.cache,
                 self.seed,
                 self.max_frames,
                 heading("Output"),
@@ -288,8 +322,23 @@ class GeneratePanel(widgets.VBox):
         """``callback(panel)`` after every run (finished, cancelled or failed), in the worker thread."""
         self._listeners.append(callback)
 
+    def apply_preset(self, name: str) -> None:
+        """Set sampler, steps, shift and guidance scales to a :class:`GenerationPreset`'s."""
+        settings = parse_option(GenerationPreset, name).settings
+        self.scheduler.value = settings.scheduler.value
+        self.steps.value = settings.steps
+        self.text_scale.value = settings.text_scale
+        self.audio_scale.value = settings.audio_scale
+        size = parse_option(SizeClass, self.size_class.value or SizeClass.P480.value)
+        self.shift.value = settings.shift if settings.shift is not None else DEFAULT_SHIFT[size]
+
     def _speakers_changed(self) -> None:
         self.two_box.layout.display = None if self.speakers.value == 2 else "none"
+        self._show_regions()
+
+    def _show_regions(self) -> None:
+        if self.speakers.value == 2:  # one speaker: no frame is read
+            self.regions.show(self.image_path.value, self.bboxes.value)
 
     def pipeline_size(self) -> tuple[int, int] | None:
         """The pipeline's own (width, height), if it has one (the tiny preset: 64x64)."""
@@ -328,18 +377,17 @@ class GeneratePanel(widgets.VBox):
                 upload.value = ()
         image, audio = self.image_path.value.strip(), self.audio_path.value.strip()
         if not image:
-            raise PipelineError("no image: give a path or upload a portrait")
+            raise PipelineError("no image or video: give a path or upload a portrait (or a video to dub)")
         if not audio:
             raise PipelineError("no speech: give a path or upload an audio file")
-        audio2 = mix = bboxes = None
+        audio2 = mix = bboxes = strengths = None
         if self.speakers.value == 2:
             audio2 = self.audio2_path.value.strip()
             if not audio2:
                 raise PipelineError("two speakers: give speaker 2's speech (path or upload)")
             mix = self.speaker_mix.value
-            bboxes = parse_bboxes(self.bboxes.value)
-            if bboxes is None and Path(image).is_file():
-                bboxes = halves(image)
+            bboxes = parse_bboxes(self.bboxes.value)  # None: the pipeline's default halves
+            strengths = self.regions.strength_values()
         out = self.out.value.strip()
         if not out:
             raise PipelineError("no output path")
@@ -351,6 +399,7 @@ class GeneratePanel(widgets.VBox):
             audio2=audio2,
             speaker_mix=mix or SpeakerMix.PARA.value,
             bboxes=bboxes,
+            speaker_strengths=strengths,
             prompt=self.prompt.value,
             negative_prompt=self.negative_prompt.value or None,
             size_class=None if self.size_class.disabled else self.size_class.value,
@@ -359,6 +408,7 @@ class GeneratePanel(widgets.VBox):
             shift=float(self.shift.value),
             text_scale=float(self.text_scale.value),
             audio_scale=float(self.audio_scale.value),
+            cache=self.cache.value,
             seed=int(self.seed.value),
             max_frames=int(self.max_frames.value),
             out=out,

@@ -31,7 +31,8 @@ class GenerateRequest:
     audio: str
     audio2: str | None = None
     speaker_mix: str = SpeakerMix.PARA.value
-    bboxes: tuple | None = None
+    bboxes: tuple | None = None  # None with two speakers: the pipeline's default halves
+    speaker_strengths: tuple | None = None  # None: 1 per speaker
     prompt: str = ""
     negative_prompt: str | None = None
     size_class: str | None = SizeClass.P480.value  # None: the pipeline's own size (tiny: 64x64)
@@ -40,6 +41,7 @@ class GenerateRequest:
     shift: float = 7.0
     text_scale: float = 5.0
     audio_scale: float = 4.0
+    cache: str = "none"  # options.CacheMode
     seed: int = 42
     max_frames: int = 1000
     out: str = "infinitetalk.mp4"
@@ -60,6 +62,9 @@ class GenerateRequest:
             kw.pop("size_class")
         if self.audio2 is None:
             kw.pop("audio2"), kw.pop("speaker_mix"), kw.pop("bboxes")
+        for key in ("bboxes", "speaker_strengths"):
+            if kw.get(key, 0) is None:
+                kw.pop(key)
         return kw
 
 
@@ -82,12 +87,3 @@ def parse_bboxes(text: str) -> tuple | None:
     if len(boxes) != 2:
         raise PipelineError(f"speaker boxes: give two boxes (speaker 1; speaker 2), got {len(boxes)}")
     return tuple(boxes)
-
-
-def halves(image: str | Path) -> tuple:
-    """Default two-speaker boxes: speaker 1 the left half of the image, speaker 2 the right."""
-    from PIL import Image
-
-    with Image.open(image) as im:
-        w, h = im.size
-    return ((0, 0, w // 2, h), (w // 2, 0, w, h))

@@ -167,6 +167,13 @@ class LoadPanel(widgets.VBox):
         self.prefetch = widgets.IntSlider(
             value=1, min=0, max=4, description="prefetch", style=STYLE, layout=slider_layout()
         )
+        self.loras = widgets.Textarea(
+            value="",
+            placeholder="one LoRA per line: path.safetensors[:strength]  (merged before quantization)",
+            description="LoRAs",
+            style=STYLE,
+            layout=widgets.Layout(width="90%", height="4em"),
+        )
         self.accuracy = widgets.Checkbox(
             value=True,
             description="measure per-layer quantization accuracy",
@@ -203,6 +210,7 @@ class LoadPanel(widgets.VBox):
                 self.attention,
                 self.blocks_to_swap,
                 self.prefetch,
+                self.loras,
                 self.accuracy,
                 self.mode_notes,
                 widgets.HBox([self.load_button]),
@@ -235,6 +243,7 @@ class LoadPanel(widgets.VBox):
         self._callbacks.append(callback)
 
     def set_weights(self, weights: WeightPaths) -> None:
+        """Fill the path fields from ``weights`` (a tuple one path per line, None empty)."""
         for name in PATH_FIELDS:
             value = getattr(weights, name)
             self.paths[name].value = "\n".join(value) if isinstance(value, tuple) else (value or "")
@@ -261,6 +270,7 @@ class LoadPanel(widgets.VBox):
             attention=self.attention.value,
             blocks_to_swap=self.blocks_to_swap.value,
             prefetch=self.prefetch.value,
+            loras=parse_loras(self.loras.value),
             accuracy=self.accuracy.value,
         )
 
@@ -341,3 +351,20 @@ class LoadPanel(widgets.VBox):
         for callback in self._callbacks:
             callback(result)
         return result
+
+
+def parse_loras(text: str) -> tuple:
+    """The LoRA box: one ``path[:strength]`` per line -> :class:`~wanstudio.LoRA` (checked)."""
+    from ..lora import LoRA
+
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        head, sep, tail = line.rpartition(":")
+        try:
+            out.append(LoRA(head, float(tail)) if sep and head else LoRA(line))
+        except ValueError:  # a ':' inside the path, no strength
+            out.append(LoRA(line))
+    return tuple(out)

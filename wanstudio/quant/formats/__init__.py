@@ -1,4 +1,4 @@
-"""Quantized storage formats, one module per format: ``fp8``, ``nvfp4``, ``mxfp4``.
+"""Quantized storage formats, one module per format: ``fp8``, ``nvfp4``, ``mxfp4``, ``q8_0``.
 
 Every mode's :class:`~wanstudio.quant.spec.QuantSpec` names its storage; the module of that
 name in this package defines the format class and binds it to ``FORMAT``. That name is the

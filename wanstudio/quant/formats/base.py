@@ -53,7 +53,7 @@ class StorageFormat(ABC):
     name: str = ""  # equals ``QuantSpec.storage`` and this format's module name
     label: str = ""  # how path details name the weight ("fp8", "NVFP4", ...)
     block_size: int = 0  # weights sharing one scale along K (0: none)
-    bits_per_weight: float = 16.0  # nominal, scales included (MODES.md)
+    bits_per_weight: float = 16.0  # nominal, scales included (docs/MODES.md)
     native_fp4: bool = False  # packed e2m1 + e4m3 block scales that FP4 tensor cores read
 
     def __init__(self, spec: QuantSpec):

@@ -3,7 +3,9 @@
 Plain modes cast the weight (saturating); ``_scaled`` modes store ``scale_weight`` fp32 per
 output channel ([N], from a quantization here) or per tensor ([] / [1], as scaled-fp8
 checkpoints store it): the real weight is ``weight.float() * scale_weight``. A checkpoint's fp8
-weight of the mode's own dtype is kept exactly as stored. The numerics are in ``quant/fp8.py``.
+weight of the mode's own dtype is kept exactly as stored; one of another storage mode (e5m2 in
+an e4m3 mode, a scaled weight in a plain mode) is dequantized with its scale and quantized in
+this mode (rounded twice). The numerics are in ``quant/fp8.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ...errors import CheckpointError
 from ...layout import LayoutContract, Operand, StrideRule
 from .. import fp8
-from ..spec import storage_mode_for
 from .base import Buffer, StorageFormat, real_weight
 
 _F32 = torch.float32
@@ -68,29 +68,25 @@ class Fp8Format(StorageFormat):
         return super().expected_shape(name, t, n, k)
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        mode = self.spec.mode.value
-        if weight.dtype in fp8.FP8_DTYPES:  # a checkpoint's fp8 weight: kept as stored
-            if weight.dtype != self.dtype:
-                fits = storage_mode_for(weight.dtype, self.scaled).value
-                raise CheckpointError(
-                    f"the checkpoint stores {weight.dtype} weights but {mode!r} stores "
-                    f"{self.dtype}; use {fits!r} (or a bf16 checkpoint to re-quantize)"
-                )
+        if self.holds_as_stored(weight, scale):  # a checkpoint's fp8 weight: kept as stored
             if not self.scaled:
-                if scale is not None and not bool((scale == 1).all()):
-                    fits = storage_mode_for(weight.dtype, True).value
-                    raise CheckpointError(
-                        f"the checkpoint stores scaled fp8 weights (a scale_weight / weight_scale "
-                        f"per tensor) that {mode!r} cannot hold; use {fits!r}"
-                    )
                 return {"weight": weight}
             stored = scale if scale is not None else torch.ones((), device=weight.device)
             return {"weight": weight, "scale_weight": stored}
+        # float, or fp8 of another storage mode (e5m2 in an e4m3 mode, scaled in a plain one):
+        # the weight the file means (stored x scale, fp32), quantized in this mode
         real = real_weight(weight, scale)
         if self.scaled:
             s = fp8.channel_scales(real, self.dtype)
             return {"weight": fp8.quantize_fp8(real, self.dtype, s), "scale_weight": s}
         return {"weight": fp8.saturating_cast(real, self.dtype)}
+
+    def holds_as_stored(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+        """Whether a checkpoint's fp8 ``weight`` (with its ``scale``) is this mode's storage as is:
+        the same fp8 dtype, and no scale other than 1 in a plain mode."""
+        if weight.dtype != self.dtype:
+            return False
+        return self.scaled or scale is None or bool((scale == 1).all())
 
     def dequantize(
         self, tensors: Mapping[str, torch.Tensor], k: int, dtype: torch.dtype, where: str

@@ -1,15 +1,9 @@
-"""Media files: read the portrait and the speech, write the mp4.
-
-Audio and video go through the ffmpeg binary bundled with imageio-ffmpeg (any format it reads);
-images through PIL. A file that cannot be read or written raises MediaError naming the file and
-what to do; an array of the wrong shape raises ShapeError.
-"""
+"""The mp4: frames and the speech written through ffmpeg atomically, and probed."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import re
 import subprocess
@@ -21,16 +15,11 @@ from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .atomic import part_path
-from .errors import MediaError, ShapeError
-from .options import SizeClass, SpeakerMix, parse_option
+from ..atomic import part_path
+from ..errors import MediaError, ShapeError
+from .common import SAMPLE_RATE, VIDEO_FPS, _ffmpeg, _ffmpeg_command, _last_line, check_input_file
 
-VIDEO_FPS = 25  # InfiniteTalk's output rate; audio features are computed per video frame
-SAMPLE_RATE = 16000  # wav2vec2's input rate
-SILENCE_PEAK = 1e-4  # peak amplitude (-80 dBFS) below which a track counts as silent
-ASSETS = Path(__file__).resolve().parent / "assets"
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")  # what VideoWriter writes: an MP4 (ISO BMFF) file
 _WRITE_ERRORS = {
     errno.EROFS: "the file system is read-only",
@@ -40,185 +29,6 @@ _WRITE_ERRORS = {
     errno.ENOTDIR: "a part of the folder path is a file",
     errno.EEXIST: "a part of the folder path is a file",
 }
-
-# InfiniteTalk's size buckets: (H / W aspect ratio, H, W). 480 class ~640^2 px, 720 ~960^2 px.
-_BUCKETS: dict[SizeClass, tuple[tuple[float, int, int], ...]] = {
-    SizeClass.P480: (
-        (0.26, 320, 1216),
-        (0.38, 384, 1024),
-        (0.50, 448, 896),
-        (0.67, 512, 768),
-        (0.82, 576, 704),
-        (1.00, 640, 640),
-        (1.22, 704, 576),
-        (1.50, 768, 512),
-        (1.86, 832, 448),
-        (2.00, 896, 448),
-        (2.50, 960, 384),
-        (2.83, 1088, 384),
-        (3.60, 1152, 320),
-        (3.80, 1216, 320),
-        (4.00, 1280, 320),
-    ),
-    SizeClass.P720: (
-        (0.22, 448, 2048),
-        (0.29, 512, 1792),
-        (0.36, 576, 1600),
-        (0.45, 640, 1408),
-        (0.55, 704, 1280),
-        (0.63, 768, 1216),
-        (0.76, 832, 1088),
-        (0.88, 896, 1024),
-        (1.00, 960, 960),
-        (1.14, 1024, 896),
-        (1.31, 1088, 832),
-        (1.50, 1152, 768),
-        (1.58, 1216, 768),
-        (1.82, 1280, 704),
-        (1.91, 1344, 704),
-        (2.20, 1408, 640),
-        (2.30, 1472, 640),
-        (2.67, 1536, 576),
-        (2.89, 1664, 576),
-        (3.62, 1856, 512),
-        (3.75, 1920, 512),
-    ),
-}
-
-
-# --- images ---------------------------------------------------------------------------------
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An image file -> RGB PIL image, EXIF orientation applied, transparency over white."""
-    path = _existing_file(path, "image")
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except UnidentifiedImageError as err:
-        raise MediaError(
-            f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...). Pass a picture file."
-        ) from err
-    except OSError as err:
-        raise MediaError(f"{path}: the image could not be decoded ({err}); it may be truncated.") from err
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    return image.convert("RGB")
-
-
-def choose_bucket(width: int, height: int, size_class: str | int | SizeClass) -> tuple[int, int]:
-    """(W, H) of the bucket whose aspect ratio (H / W) is nearest the image's."""
-    if width < 1 or height < 1:
-        raise MediaError(f"image size must be positive, got {width} x {height}.")
-    buckets = _BUCKETS[parse_option(SizeClass, str(size_class))]
-    ratio = height / width
-    _, h, w = min(buckets, key=lambda b: abs(b[0] - ratio))  # first of equals, as InfiniteTalk
-    return w, h
-
-
-def resize_and_crop(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Cover-resize (bilinear) to ``size`` = (W, H), centre-crop -> [3, H, W] float32 in [-1, 1]."""
-    width, height = size
-    scale = max(width / image.width, height / image.height)
-    resized_w, resized_h = math.ceil(scale * image.width), math.ceil(scale * image.height)
-    resized = image.convert("RGB").resize((resized_w, resized_h), Image.BILINEAR)
-    top, left = round((resized_h - height) / 2), round((resized_w - width) / 2)
-    cropped = resized.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.uint8).copy())  # (H, W, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
-
-
-# --- audio ----------------------------------------------------------------------------------
-
-
-def load_audio(
-    path: str | os.PathLike,
-    sample_rate: int = SAMPLE_RATE,
-    *,
-    min_seconds: float = 1 / VIDEO_FPS,
-) -> np.ndarray:
-    """Any file ffmpeg reads (wav, mp3, m4a, a video's sound, ...) -> float32 mono [N] at ``sample_rate``.
-
-    Channels are averaged. Refused: no audio stream, no samples, non-finite samples, silence
-    (peak below -80 dBFS), or shorter than ``min_seconds`` (default one video frame, 1/25 s).
-    """
-    path = _existing_file(path, "audio")
-    result = _ffmpeg(
-        ["-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
-    )
-    if result.returncode != 0:
-        log = result.stderr.decode(errors="replace")
-        if "matches no streams" in log:
-            raise MediaError(f"{path} has no audio stream. Pass a speech recording.")
-        raise MediaError(
-            f"{path} is not an audio file ffmpeg can read ({_last_line(log)}). "
-            f"Pass a wav, mp3, m4a or other audio file."
-        )
-    wave = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
-    _check_wave(wave, sample_rate, min_seconds, str(path))
-    return wave
-
-
-def _check_wave(wave: np.ndarray, sample_rate: int, min_seconds: float, name: str) -> None:
-    if wave.size == 0:
-        raise MediaError(f"{name} contains no audio samples. Pass a recording with sound.")
-    if not np.isfinite(wave).all():
-        raise MediaError(f"{name} contains NaN or infinite samples; re-export the recording.")
-    seconds = wave.size / sample_rate
-    if seconds < min_seconds:
-        raise MediaError(
-            f"{name} lasts {seconds:.4f} s, shorter than {min_seconds:.4f} s (one video frame at "
-            f"{VIDEO_FPS} fps). Pass a longer recording."
-        )
-    peak = float(np.abs(wave).max())
-    if peak < SILENCE_PEAK:
-        raise MediaError(
-            f"{name} is silent (peak amplitude {peak:.2e}); the video is driven by speech. "
-            f"Pass a recording with a voice in it."
-        )
-
-
-def loudness_normalize(
-    wave: np.ndarray, sample_rate: int = SAMPLE_RATE, target_lufs: float = -23.0
-) -> np.ndarray:
-    """Scale to ``target_lufs`` integrated loudness (ITU-R BS.1770, pyloudnorm) -> new float32 array.
-
-    Left as is, like InfiniteTalk, when the loudness cannot be measured: non-finite or
-    |L| > 100 LUFS (near silence), or shorter than the meter's 0.4 s gating block.
-    """
-    wave = np.asarray(wave, dtype=np.float64)
-    if wave.ndim != 1:
-        raise ShapeError(f"loudness_normalize wants mono audio [N]; got shape {wave.shape}.")
-    import pyloudnorm  # imported on use: wanstudio.media loads on machines without it
-
-    meter = pyloudnorm.Meter(sample_rate)
-    if wave.size < meter.block_size * sample_rate:
-        return wave.astype(np.float32)
-    loudness = meter.integrated_loudness(wave)
-    if not math.isfinite(loudness) or abs(loudness) > 100:
-        return wave.astype(np.float32)
-    return pyloudnorm.normalize.loudness(wave, loudness, target_lufs).astype(np.float32)
-
-
-def mix_speakers(
-    a1: np.ndarray, a2: np.ndarray, mode: str | SpeakerMix = SpeakerMix.PARA
-) -> tuple[np.ndarray, np.ndarray]:
-    """Two speakers' tracks -> two tracks of one common length (new arrays).
-
-    'para': both talk at once; the shorter is zero-padded at the end.
-    'add': speaker 1 talks, then speaker 2; each track is silent while the other talks.
-    """
-    mix = parse_option(SpeakerMix, mode)
-    a1, a2 = np.asarray(a1, dtype=np.float32), np.asarray(a2, dtype=np.float32)
-    if a1.ndim != 1 or a2.ndim != 1:
-        raise ShapeError(f"mix_speakers wants two mono tracks [N]; got {a1.shape} and {a2.shape}.")
-    if mix is SpeakerMix.ADD:
-        return np.pad(a1, (0, a2.size)), np.pad(a2, (a1.size, 0))
-    length = max(a1.size, a2.size)
-    return np.pad(a1, (0, length - a1.size)), np.pad(a2, (0, length - a2.size))
-
 
 # --- video ----------------------------------------------------------------------------------
 
@@ -482,14 +292,15 @@ def _to_rgb24(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(rgb.numpy())
 
 
-def probe_media(path: str | os.PathLike) -> dict:
+def probe_media(path: str | os.PathLike, *, count_frames: bool = True) -> dict:
     """What ffmpeg reads from a media file.
 
     Keys: ``duration`` (s), ``has_video``, ``has_audio``; with video: ``video_codec``,
-    ``pix_fmt``, ``width``, ``height``, ``fps``, ``frames`` (counted by demuxing); with audio:
+    ``pix_fmt``, ``width``, ``height``, ``fps``, ``frames`` (counted by demuxing the whole file;
+    None with ``count_frames=False``, which reads the header only); with audio:
     ``audio_codec``, ``sample_rate``.
     """
-    path = _existing_file(path, "media")
+    path = check_input_file(path, "media")
     # With no output file ffmpeg prints the input's header and stops.
     header = _ffmpeg(["-i", str(path)], loglevel="info").stderr.decode(errors="replace")
     if "Input #0" not in header:
@@ -511,7 +322,7 @@ def probe_media(path: str | os.PathLike) -> dict:
             width=int(size[1]) if size else None,
             height=int(size[2]) if size else None,
             fps=float(fps[1]) if fps else None,
-            frames=_count_frames(path),
+            frames=_count_frames(path) if count_frames else None,
         )
     audio = re.search(r"Stream #0:\d+.*?: Audio: (.*)", header)
     if audio:
@@ -540,46 +351,3 @@ def _split_fields(text: str) -> list[str]:
             fields.append(text[start:i].strip())
             start = i + 1
     return [*fields, text[start:].strip()]
-
-
-# --- shared ---------------------------------------------------------------------------------
-
-
-def asset_path(name: str) -> Path:
-    """A sample file shipped in wanstudio/assets: 'portrait.png' or 'speech.wav'."""
-    path = ASSETS / name
-    if not path.is_file():
-        shipped = sorted(p.name for p in ASSETS.iterdir() if p.suffix != ".md")
-        raise MediaError(f"no asset {name!r}; wanstudio ships {', '.join(shipped)}.")
-    return path
-
-
-def _existing_file(path: str | os.PathLike, kind: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise MediaError(f"{kind} file not found: {path}. Check the path.")
-    if not path.is_file():
-        raise MediaError(f"{path} is a folder, not an {kind} file.")
-    if not os.access(path, os.R_OK):
-        raise MediaError(f"{path} is not readable (permission denied). Check its permissions.")
-    return path
-
-
-def _ffmpeg_command(args: list[str], *, reads_stdin: bool = False, loglevel: str = "error") -> list[str]:
-    """The bundled ffmpeg with ``args``; stdin stays closed unless the command reads it."""
-    quiet = [] if reads_stdin else ["-nostdin"]
-    import imageio_ffmpeg  # imported on use: the DiT and encoders load on GPU boxes without ffmpeg
-
-    return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-v", loglevel, *quiet, *args]
-
-
-def _ffmpeg(
-    args: list[str], *, stdin: bytes | None = None, loglevel: str = "error"
-) -> subprocess.CompletedProcess:
-    command = _ffmpeg_command(args, reads_stdin=stdin is not None, loglevel=loglevel)
-    return subprocess.run(command, input=stdin, capture_output=True, check=False)
-
-
-def _last_line(log: str) -> str:
-    lines = [line.strip() for line in log.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"
