@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from wanstudio.train.weights import tiny_weights_available
+from wanstudio.pipeline.tiny_weights import tiny_weights_available
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,8 +24,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def results():
     from wanstudio.pipeline import InfiniteTalkPipeline
+    from wanstudio.pipeline.tiny_weights import load_tiny_trained
     from wanstudio.train.evaluate import eval_portraits, heldout_speech, score_video
-    from wanstudio.train.weights import load_tiny_trained
 
     pipe = InfiniteTalkPipeline.tiny(seed=0)
     load_tiny_trained(pipe.model, pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.audio_encoder)

@@ -13,9 +13,9 @@ import torch
 from wanstudio.errors import CheckpointError
 from wanstudio.pipeline import InfiniteTalkPipeline
 from wanstudio.pipeline.sampler import EulerSampler
+from wanstudio.pipeline.tiny_weights import load_tiny_trained, save_tiny_trained, tiny_weights_available
 from wanstudio.train import dataset
 from wanstudio.train.train import Pool, dit_batch, pixel_weights, sample_sigmas
-from wanstudio.train.weights import load_tiny_trained, save_tiny_trained, tiny_weights_available
 
 
 def _pool(n=8, first=None):

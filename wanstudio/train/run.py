@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
+from ..pipeline.tiny_weights import WEIGHT_FILES, load_tiny_trained, save_tiny_trained, set_latent_stats
 from . import dataset
 from .train import PLANS, Budget, Log, build_pool, latent_stats, train_dit, train_vae
-from .weights import WEIGHT_FILES, load_tiny_trained, save_tiny_trained, set_latent_stats
 
 
 def _plan(args) -> dict:
