@@ -1,0 +1,102 @@
+"""Run trained tiny parts through ``InfiniteTalkPipeline`` and score the videos.
+
+The same check as tests/test_tiny_trained.py: held-out speech (a voice and sentences never
+trained on, with a one-second pause), the shipped portrait and a second, differently drawn
+one; lip sync, pause stillness and identity from :mod:`wanstudio.eval`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .. import eval as scores
+from .faces import FaceStyle, draw_portrait
+
+# what the tests hold the shipped weights to (see tests/test_tiny_trained.py)
+BARS = dict(sync=0.5, pause=0.3, identity_db=20.0)
+GUIDANCE = {"default": (5.0, 4.0), "audio_only": (1.0, 4.0)}  # (text_scale, audio_scale)
+
+
+def heldout_speech(pause_s: float = 1.0) -> tuple[np.ndarray, tuple[float, float]]:
+    """The shipped ``speech.wav`` (en-us, a voice and sentence training never uses) with a
+    ``pause_s`` silence inserted at its quietest point in the middle third (the comma after
+    "picture"). -> (16 kHz float32 wave, (pause start, pause end) in seconds)."""
+    import wave as wavefile
+
+    from ..media import asset_path
+
+    with wavefile.open(str(asset_path("speech.wav"))) as w:
+        if w.getframerate() != scores.SAMPLE_RATE or w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise ValueError("assets/speech.wav is expected to be 16 kHz mono 16-bit PCM")
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
+    hop = scores.SAMPLE_RATE // scores.FPS
+    frames = len(x) // hop
+    energy = (x[: frames * hop].reshape(frames, hop) ** 2).mean(1)
+    a, b = frames // 3, 2 * frames // 3
+    cut = (a + int(np.argmin(energy[a:b]))) * hop + hop // 2
+    gap = np.zeros(int(pause_s * scores.SAMPLE_RATE), np.float32)
+    wave = np.concatenate([x[:cut], gap, x[cut:]])
+    return wave, (cut / scores.SAMPLE_RATE, cut / scores.SAMPLE_RATE + pause_s)
+
+
+def eval_portraits() -> dict[str, Image.Image]:
+    """The shipped portrait and the held-out drawn one (384 x 448, like the shipped file)."""
+    from ..media import asset_path
+
+    return {
+        "shipped": Image.open(asset_path("portrait.png")).convert("RGB"),
+        "drawn": Image.fromarray(draw_portrait(FaceStyle.held_out())),
+    }
+
+
+def score_video(frames, wave, portrait, pause) -> dict[str, float]:
+    """sync, pause ratio and identity PSNR of one generated video."""
+    return dict(
+        sync=round(scores.sync_score(frames, wave, reference=portrait), 4),
+        pause=round(scores.pause_ratio(frames, wave, pause, reference=portrait), 4),
+        identity_db=round(scores.identity_psnr(frames, portrait), 2),
+    )
+
+
+def evaluate(
+    pipe, wave: np.ndarray, pause: tuple[float, float], *, steps: int = 8, guidance=None, loudness=-23.0
+):
+    """Generate and score a video per (portrait, guidance). Returns (metrics, frames of the
+    shipped portrait at the default guidance)."""
+    metrics, keep = {}, None
+    for name, portrait in eval_portraits().items():
+        for label, (text_scale, audio_scale) in (guidance or GUIDANCE).items():
+            result = pipe(
+                portrait,
+                wave,
+                steps=steps,
+                text_scale=text_scale,
+                audio_scale=audio_scale,
+                motion_frame=5,
+                seed=42,
+                progress=False,
+                loudness=loudness,
+            )
+            frames = result.frames.numpy()
+            metrics[f"{name}/{label}"] = score_video(frames, wave, portrait, pause)
+            if keep is None:
+                keep = frames
+    return metrics, keep
+
+
+def preview(frames: np.ndarray, wave: np.ndarray, path, columns: int = 16) -> None:
+    """A PNG contact sheet: every second frame, rows of ``columns``, a loudness bar under each."""
+    env = scores.loudness_envelope(wave, frames=len(frames))
+    picked = list(range(0, len(frames), 2))
+    rows = []
+    for a in range(0, len(picked), columns):
+        tiles = []
+        for i in picked[a : a + columns]:
+            tile = np.concatenate([frames[i], np.zeros((6, frames.shape[2], 3), np.uint8)], 0)
+            tile[-5:, : int(round(env[i] * frames.shape[2]))] = (240, 190, 40)
+            tiles.append(tile)
+        while len(tiles) < columns:
+            tiles.append(np.zeros_like(tiles[0]))
+        rows.append(np.concatenate(tiles, 1))
+    Image.fromarray(np.concatenate(rows, 0)).save(path)

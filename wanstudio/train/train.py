@@ -1,0 +1,262 @@
+"""Train the tiny preset: ``python -m wanstudio.train data ...`` then ``... fit ...``.
+
+``fit`` trains, with the project's own classes at the 'tiny-infinitetalk' shapes:
+
+1. the VAE (``VAE.tiny()``: diffusers' AutoencoderKLWan, base width 8, z 16) as an
+   autoencoder on 17-frame face clips (L1 + L2, the mouth weighted x5, a little latent noise
+   so the decoder tolerates the DiT's errors); then its latents' per-channel mean / std replace
+   the real Wan VAE's constants;
+2. the DiT by flow matching exactly as the pipeline samples (WAN_SPEC.md §6, pipeline/sampler.py):
+   ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, ``t = 1000 s`` with ``s`` drawn half
+   uniform, half with the pipeline's shift 7; the clip's head latents (1: the reference frame of
+   a first clip; 2-3: motion frames of a later clip) are clean, as the pipeline overwrites them,
+   and carry no loss; ``y`` = 4-channel mask on latent frame 0 + VAE latents of [reference,
+   zeros]; CLIP features of the reference; the pipeline's audio windows; audio dropped 10% of
+   the time (the ¬A of audio guidance) and the prompt drawn from PROMPTS (incl. the default
+   negative prompt), so the model learns to ignore the random umT5.
+
+The tiny umT5 / CLIP / wav2vec2 stay as seeded (random) and are copied to the output. Then
+the trained parts run through ``InfiniteTalkPipeline`` itself on the held-out speech with the
+shipped portrait and a second drawn one, and the scores of :mod:`wanstudio.eval` are written.
+
+Output folder (at most 7 files): dit / vae / encoders .safetensors, loss.csv, metrics.json,
+PROVENANCE.md, preview.png.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import dataset
+
+TIME_SHIFT = 7.0  # the pipeline's default shift (480 class, the tiny preset's size class)
+
+
+@dataclass
+class Budget:
+    """Steps and seconds of one stage; the stage ends at whichever comes first."""
+
+    steps: int
+    seconds: float
+    batch: int
+    lr: float
+
+    def progress(self, step: int, elapsed: float) -> float:
+        return max(step / self.steps, elapsed / self.seconds)
+
+
+def lr_at(budget: Budget, step: int, elapsed: float, warmup: int) -> float:
+    """Linear warm-up, then cosine from lr to lr / 10 over the budget."""
+    p = min(1.0, budget.progress(step, elapsed))
+    warm = min(1.0, (step + 1) / warmup)
+    return budget.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class Log:
+    """Loss rows for loss.csv and a printed line now and then."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.rows: list[tuple] = []
+        self.every_s = every_s
+        self.t0 = time.perf_counter()
+        self._last = -1e9
+
+    def add(self, stage: str, step: int, loss: float, lr: float, **extra) -> None:
+        now = time.perf_counter() - self.t0
+        self.rows.append((stage, step, round(now, 2), loss, lr))
+        if now - self._last >= self.every_s:
+            self._last = now
+            more = "".join(f" {k} {v:.4f}" for k, v in extra.items())
+            print(f"[{now:7.1f}s] {stage} step {step:5d} loss {loss:.5f} lr {lr:.2e}{more}", flush=True)
+
+    def csv(self) -> str:
+        lines = ["stage,step,seconds,loss,lr"]
+        lines += [f"{s},{i},{t},{loss:.6f},{lr:.3e}" for s, i, t, loss, lr in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+# --- the VAE --------------------------------------------------------------------------------------
+def pixel_weights(mouth_xy: torch.Tensor, size: int, boost: float = 4.0, sigma: float = 6.0) -> torch.Tensor:
+    """[B, 1, 1, size, size]: 1 + boost * a Gaussian around each clip's mouth."""
+    ax = torch.arange(size, device=mouth_xy.device, dtype=torch.float32) + 0.5
+    dx = (ax[None, :] - mouth_xy[:, :1]) ** 2  # (B, W)
+    dy = (ax[None, :] - mouth_xy[:, 1:]) ** 2  # (B, H)
+    g = torch.exp(-(dy[:, :, None] + dx[:, None, :]) / (2 * sigma**2))
+    return (1 + boost * g)[:, None, None]
+
+
+def train_vae(
+    vae,
+    sampler: dataset.ClipSampler,
+    rng,
+    budget: Budget,
+    log: Log,
+    latent_noise: float = 0.1,
+    warm: dataset.ClipSampler | None = None,
+    warm_fraction: float = 0.35,
+) -> int:
+    """Autoencoder training of ``vae.model`` on sampled clips; returns the steps taken.
+
+    With ``warm`` (a sampler of short clips), the first ``warm_fraction`` of the budget trains
+    on those, three times as many per step: faces are learnt faster from 5-frame clips, the
+    later latent frames of a 17-frame clip afterwards.
+    """
+    model = vae.model
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    t0, step = time.perf_counter(), 0
+    while budget.progress(step, time.perf_counter() - t0) < 1:
+        lr = lr_at(budget, step, time.perf_counter() - t0, warmup=50)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        warming = warm is not None and budget.progress(step, time.perf_counter() - t0) < warm_fraction
+        clip = warm.sample(rng, 3 * budget.batch) if warming else sampler.sample(rng, budget.batch)
+        x = clip.video
+        mu = model.encode(x).latent_dist.mean
+        noise = latent_noise * mu.detach().std() * torch.randn_like(mu)  # relative to the latents' scale
+        rec = model.decode(mu + noise).sample
+        w = pixel_weights(clip.mouth_xy, x.shape[-1])
+        err = rec - x
+        loss = (w * err.abs()).mean() + (w * err**2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.add("vae", step, loss.item(), lr, l1=err.detach().abs().mean().item())
+        step += 1
+    model.eval().requires_grad_(False)
+    return step
+
+
+@torch.no_grad()
+def latent_stats(vae, sampler, rng, batches: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean / std of the VAE's raw latents (posterior means) over sampled clips."""
+    zs = []
+    for _ in range(batches):
+        zs.append(vae.model.encode(sampler.sample(rng, batch).video).latent_dist.mean.float())
+    z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, everything else)
+    return z.mean(1), z.std(1).clamp_min(1e-3)
+
+
+# --- the DiT --------------------------------------------------------------------------------------
+@dataclass
+class Pool:
+    """Encoded training clips, on the training device."""
+
+    x0: torch.Tensor  # (N, z, F_lat, h, w) normalised latents
+    y: torch.Tensor  # (N, z, F_lat, h, w) latents of [reference, zeros]
+    clip: torch.Tensor  # (N, tokens, clip_dim) float16
+    audio: torch.Tensor  # (N, 1, F, window, layers, dim) float16
+    first: torch.Tensor  # (N,) bool: the clip starts at the utterance's frame 0
+    mouth: torch.Tensor  # (N, 2) mouth centre on the latent grid (x, y)
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+
+@torch.no_grad()
+def build_pool(vae, image_encoder, sampler: dataset.ClipSampler, rng, size: int, batch: int) -> Pool:
+    """Draw and encode ``size`` clips: latents, reference latents, CLIP features, audio."""
+    parts: dict[str, list] = {k: [] for k in ("x0", "y", "clip", "audio", "first", "mouth")}
+    stride = vae.spatial_stride
+    while sum(len(p) for p in parts["x0"]) < size:
+        c = sampler.sample(rng, batch)
+        parts["x0"].append(vae.encode(c.video).clone())
+        video0 = torch.zeros_like(c.video)
+        video0[:, :, 0] = c.reference
+        parts["y"].append(vae.encode(video0).clone())
+        parts["clip"].append(image_encoder.encode(c.reference).half().clone())
+        parts["audio"].append(c.audio.half())
+        parts["first"].append(c.start == 0)
+        parts["mouth"].append(c.mouth_xy / stride)
+    return Pool(**{k: torch.cat(v)[:size] for k, v in parts.items()})
+
+
+def sample_sigmas(n: int, device, generator: torch.Generator) -> torch.Tensor:
+    """Half uniform in (0, 1), half uniform pushed through the pipeline's shift (high noise)."""
+    u = torch.rand(n, generator=generator).clamp(1e-3, 1 - 1e-3)
+    shifted = TIME_SHIFT * u / (1 + (TIME_SHIFT - 1) * u)
+    pick = torch.rand(n, generator=generator) < 0.5
+    return torch.where(pick, shifted, u).to(device)
+
+
+def dit_batch(pool: Pool, contexts: torch.Tensor, idx: torch.Tensor, g: torch.Generator, cond_dim: int):
+    """One flow-matching batch: (model kwargs, target, loss weights [B, 1, F_lat, h, w])."""
+    dev = pool.x0.device
+    B = len(idx)
+    x0 = pool.x0[idx].float()
+    _, z, n_lat, h, w = x0.shape
+    # clean head latents: a first clip has the reference (1) or 2 frames; a later clip 2-3
+    r = torch.rand(B, generator=g).to(dev)
+    n_head = torch.where(pool.first[idx], 1 + (r > 0.75).long(), 2 + (r > 0.75).long())
+    head = (torch.arange(n_lat, device=dev)[None, :] < n_head[:, None]).view(B, 1, n_lat, 1, 1)
+    sigma = sample_sigmas(B, dev, g).view(B, 1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=g).to(dev)
+    xt = torch.where(head, x0, (1 - sigma) * x0 + sigma * noise)
+    mask = torch.zeros(B, cond_dim - z, n_lat, h, w, device=dev)
+    mask[:, :, 0] = 1
+    keep_audio = (torch.rand(B, generator=g) > 0.1).to(dev).view(B, 1, 1, 1, 1, 1)
+    prompt = torch.randint(0, len(contexts), (B,), generator=g).to(dev)
+    kwargs = dict(
+        x=xt,
+        t=sigma.flatten() * 1000,
+        context=contexts[prompt],
+        clip_fea=pool.clip[idx].float(),
+        y=torch.cat([mask, pool.y[idx].float()], dim=1),
+        audio=pool.audio[idx].float() * keep_audio,
+    )
+    ys = torch.arange(h, device=dev, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, device=dev, dtype=torch.float32) + 0.5
+    m = pool.mouth[idx]
+    bump = torch.exp(
+        -((ys[None, :, None] - m[:, 1, None, None]) ** 2 + (xs[None, None, :] - m[:, 0, None, None]) ** 2) / 2
+    )
+    weight = (1 + 3 * bump)[:, None, None] * (~head).float()  # (B, 1, F_lat, h, w)
+    return kwargs, noise - x0, weight
+
+
+def train_dit(model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Log, seed: int) -> int:
+    """Flow-matching training of the DiT on the pool; returns the steps taken."""
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    cond_dim = model.config.cond_dim
+    t0, step = time.perf_counter(), 0
+    while budget.progress(step, time.perf_counter() - t0) < 1:
+        lr = lr_at(budget, step, time.perf_counter() - t0, warmup=200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(pool), (budget.batch,), generator=g).to(pool.x0.device)
+        kwargs, target, weight = dit_batch(pool, contexts, idx, g, cond_dim)
+        v = model(**kwargs)
+        loss = (weight * (v - target) ** 2).sum() / (weight.sum() * v.shape[1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.add("dit", step, loss.item(), lr)
+        step += 1
+    model.eval().requires_grad_(False)
+    return step
+
+
+# (steps, seconds, batch, lr) per stage; the pool size; frames of the VAE's training clips: the
+# pipeline's 17 (a VAE trained on 5-frame clips decodes latent frames 3..5 of a clip as grey
+# mush: its causal caches differ there); the smoke run alone uses 5
+PLANS = {
+    "gpu": dict(
+        vae=(100000, 140.0, 32, 2e-3),
+        dit=(100000, 200.0, 256, 5e-4),
+        pool=8192,
+        pool_batch=256,
+        vae_frames=17,
+    ),
+    "cpu": dict(
+        vae=(2000, 900.0, 2, 2e-3), dit=(4000, 900.0, 16, 5e-4), pool=1024, pool_batch=32, vae_frames=17
+    ),
+    "quick": dict(vae=(6, 60.0, 2, 2e-3), dit=(40, 40.0, 4, 5e-4), pool=16, pool_batch=8, vae_frames=5),
+}
