@@ -150,7 +150,7 @@ def test_generate_panel_in_jupyterlab(jupyter_lab, page, screenshots):
     cancel = panel.locator("button", has_text="Cancel")
     assert generate.is_enabled() and cancel.is_disabled()
     for label in (
-        "image",
+        "image or video",
         "speech (speaker 1)",
         "speakers",
         "prompt",
