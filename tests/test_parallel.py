@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -67,9 +68,28 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     fn(rank, *args)
 
 
+RANK_TIMEOUT_S = 300  # well under pytest's timeout, so a hung rank fails here, not there
+
+
 def launch(world: int, fn, *args) -> None:
-    """Run ``fn(rank, *args)`` in ``world`` forked processes with torchrun's environment."""
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="fork")
+    """Run ``fn(rank, *args)`` in ``world`` forked processes with torchrun's environment.
+
+    Ranks that are still running after RANK_TIMEOUT_S are killed: a hung rank must fail the
+    test, never outlive it (orphans holding the output pipe kept a CI run open for hours).
+    """
+    ctx = mp.start_processes(
+        _entry, args=(world, _free_port(), fn, args), nprocs=world, start_method="fork", join=False
+    )
+    deadline = time.monotonic() + RANK_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks still running after {RANK_TIMEOUT_S} s")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def results(path, world: int) -> list:
@@ -177,6 +197,11 @@ def test_ulysses_with_quantization_block_swap_and_strict_layout(tmp_path):
 
 
 def _compiled_rank(rank, model, inputs, out_dir):
+    # Inductor's compile pools were created by the parent (earlier tests); a forked rank has
+    # the pool objects without their threads and would wait on them forever. Compile inline.
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1
     ws.apply_modes(model, ws.RuntimeModes(precision="fp32", compile=True))
     with init_parallel("ulysses", timeout_s=300) as ctx:
         ctx.prepare_model(model)
