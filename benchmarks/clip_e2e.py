@@ -53,7 +53,18 @@ def random_lora(model: ws.WanModel, rank: int, path: str) -> str:
     return path
 
 
-def build_pipeline(quant: str, compile_blocks: bool, lora_rank: int = 0) -> ws.InfiniteTalkPipeline:
+def build_pipeline(
+    quant: str,
+    compile_blocks: bool,
+    lora_rank: int = 0,
+    *,
+    blocks_to_swap: int = 0,
+    text_quant: str | None = None,
+    **pipeline_kwargs,
+) -> ws.InfiniteTalkPipeline:
+    """Every part at its real size with random weights on the GPU; the DiT configured by
+    ``apply_modes`` (quantization, block swap, compiled blocks), umT5 stored in ``text_quant``
+    when given; ``pipeline_kwargs`` go to InfiniteTalkPipeline (offload_encoders, ...)."""
     from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPVisionConfig,
@@ -80,11 +91,8 @@ def build_pipeline(quant: str, compile_blocks: bool, lora_rank: int = 0) -> ws.I
             f"LoRA rank {lora_rank} merged into {len(ws.lora.LoraSet([ws.LoRA(path)], {k: tuple(v.shape) for k, v in model.state_dict().items()}).targets)} weights in {time.perf_counter() - t0:.1f} s",
             flush=True,
         )
-    ws.quantize(model, quant)
-    if compile_blocks:
-        from wanstudio.fusion import compile_blocks as compile_model_blocks
-
-        compile_model_blocks(model)
+    modes = ws.RuntimeModes(quantization=quant, compile=compile_blocks, blocks_to_swap=blocks_to_swap)
+    ws.apply_modes(model, modes, device="cuda")
     with torch.device("cuda"):
         vae = VAE(AutoencoderKLWan.from_config(config("wan2.1-vae.json")).eval().requires_grad_(False))
         text = TextEncoder(
@@ -94,6 +102,8 @@ def build_pipeline(quant: str, compile_blocks: bool, lora_rank: int = 0) -> ws.I
             .requires_grad_(False),
             tiny_tokenizer(),
         )
+        if text_quant:
+            text.quantize(text_quant)
         clip = ImageEncoder(
             CLIPVisionModel(CLIPVisionConfig.from_dict(config("clip-vit-h-14.json")))
             .to(torch.float16)
@@ -114,6 +124,7 @@ def build_pipeline(quant: str, compile_blocks: bool, lora_rank: int = 0) -> ws.I
         identity=f"random infinitetalk-14b ({quant})",
         frame_num=81,
         size=(832, 480),
+        **pipeline_kwargs,
     )
 
 

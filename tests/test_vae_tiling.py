@@ -230,6 +230,46 @@ def test_auto_warns_and_uses_the_smallest_tiles_when_nothing_fits(vae, caplog):
         ) == (VAETiling(3, 1))
 
 
+def _oom_above(part: torch.nn.Module, width: int) -> list[int]:
+    """Make ``part`` (encoder / decoder) run out of memory on inputs wider than ``width`` once
+    its causal cache holds something (a second chunk: the first filled the cache); the widths
+    it was called with are recorded."""
+    calls, forward = [], part.forward
+
+    def limited(x, *args, feat_cache, **kwargs):
+        calls.append(x.shape[-1])
+        if x.shape[-1] > width and any(c is not None for c in feat_cache):
+            raise torch.OutOfMemoryError(f"fake: {x.shape[-1]} > {width}")
+        return forward(x, *args, feat_cache=feat_cache, **kwargs)
+
+    part.forward = limited
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_auto_retries_in_smaller_tiles_when_the_device_runs_out(kind, monkeypatch, caplog):
+    """The estimate can miss (cuDNN workspaces, fragmentation): "auto" then steps down the tile
+    sizes until one runs, giving exactly what tiled=True with that tiling gives."""
+    monkeypatch.setattr("wanstudio.encoders.vae_tiling.AUTO_TILES", (4, 2))
+    vae, x = VAE.tiny(), _latents(2, 6, 6) if kind == "decode" else _video(5, 48, 48)
+    expected = getattr(vae, kind)(x, tiled=True, tiling=VAETiling(2, 1))
+    part, limit = (vae.model.decoder, 2) if kind == "decode" else (vae.model.encoder, 16)
+    calls = _oom_above(part, limit)
+    with caplog.at_level("WARNING"):
+        out = getattr(vae, kind)(x, tiled="auto", memory_budget_bytes=2**40)  # untiled first
+    assert torch.equal(out, expected)
+    assert calls[0] > limit  # the untiled attempt, then 4-latent tiles, then 2-latent ones
+    assert "untiled; retrying in 32-px tiles" in caplog.text
+    assert "in 32-px tiles; retrying in 16-px tiles" in caplog.text
+    # the failed untiled attempt's causal cache (diffusers keeps it on the model) is dropped
+    assert all(c is None for c in vae.model._feat_map + vae.model._enc_feat_map)
+    with pytest.raises(torch.OutOfMemoryError):  # asked for untiled: no second guess
+        getattr(vae, kind)(x, tiled=False)
+    _oom_above(part, 0)
+    with pytest.raises(torch.OutOfMemoryError):  # nothing smaller left
+        getattr(vae, kind)(x, tiled="auto", memory_budget_bytes=2**40)
+
+
 # --- memory --------------------------------------------------------------------------------------
 def _chunk_peak(model, kind: str, height_px: int, width_px: int, dtype) -> int:
     """Traced peak of the third (steady-state) chunk, cache of the earlier ones included."""

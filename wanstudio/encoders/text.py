@@ -103,6 +103,7 @@ class TextEncoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         config: ConfigSource | None = None,
+        quantization: str | None = None,
     ) -> TextEncoder:
         """Load umT5 weights: an HF folder / file, or the official Wan file (.pth or .safetensors).
 
@@ -110,6 +111,7 @@ class TextEncoder:
         tokenizer (a folder with ``spiece.model`` or ``tokenizer.json``, or a tokenizer object);
         it defaults to ``path`` when that folder holds tokenizer files. ``config`` overrides the
         shipped umT5-XXL architecture (a dict, config object or config.json).
+        ``quantization`` (e.g. 'fp8_e4m3fn') stores the block Linears that way (:meth:`quantize`).
         """
         tok = _load_tokenizer(tokenizer if tokenizer is not None else path)
         state = read_component(path, "text", dtype)
@@ -121,7 +123,21 @@ class TextEncoder:
             what="umT5 encoder",
             source=path,
         )
-        return cls(model, tok)
+        encoder = cls(model, tok)
+        return encoder if quantization is None else encoder.quantize(quantization)
+
+    def quantize(self, mode: str) -> TextEncoder:
+        """Store the attention and gated-FFN input Linears of every block in ``mode`` (a
+        :class:`~wanstudio.options.QuantMode` name; 'fp8_e4m3fn' halves them); returns self.
+
+        The token embedding and each FFN's output projection ``wo`` stay in the base dtype:
+        umT5 casts the FFN's hidden state to ``wo.weight.dtype`` before ``wo``, which an 8-bit
+        weight would break. umT5-XXL in bf16: 11.4 GB; in fp8: 7.7 GB.
+        """
+        from ..quant import quantize
+
+        quantize(self.model, mode, keep=(".wo",), only_under="encoder.block.")
+        return self
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -14,9 +16,12 @@ from .vae_tiling import (
     decode_tiles,
     encode_tiles,
     free_device_bytes,
+    smaller_tiling,
     working_set_bytes,
 )
 from .weights import ConfigSource, empty_model, load_into, read_component, read_config
+
+log = logging.getLogger(__name__)
 
 
 class VAE:
@@ -125,8 +130,9 @@ class VAE:
         ``VAETiling()``: 256 px every 192 px at most) and blends them; the video may then stay
         on the host, each chunk of each tile moves to the device when it runs. ``"auto"`` tiles
         only when the untiled working set would not fit ``memory_budget_bytes`` (default: the
-        free memory of a CUDA device; never on the CPU). One tile covering the frame gives the
-        untiled result exactly.
+        free memory of a CUDA device; never on the CPU), and should the device run out of
+        memory anyway, retries in smaller tiles. One tile covering the frame gives the untiled
+        result exactly.
         """
         t, s = self.temporal_stride, self.spatial_stride
         if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % t:
@@ -141,10 +147,14 @@ class VAE:
             )
         param = next(self.model.parameters())
         chosen = self._choose_tiling("encode", tuple(video.shape), tiled, tiling, memory_budget_bytes, param)
-        if chosen is None:
-            mu = self.model.encode(video.to(param.device, param.dtype)).latent_dist.mode()
-        else:
-            mu = encode_tiles(self.model, video, chosen, device=param.device, dtype=param.dtype)
+
+        def run(chosen: VAETiling | None) -> torch.Tensor:
+            if chosen is None:
+                return self.model.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+            return encode_tiles(self.model, video, chosen, device=param.device, dtype=param.dtype)
+
+        latent_hw = (video.shape[3] // s, video.shape[4] // s)
+        mu = self._run_auto("encode", run, chosen, latent_hw, retry=tiled == "auto")
         mean, std = self._normalisation(mu.device)
         return (mu.float() - mean) / std
 
@@ -163,7 +173,8 @@ class VAE:
         ``tiled=True`` decodes overlapping spatial tiles (``tiling``, default ``VAETiling()``)
         blended with linear ramps, each decoded chunk added into the output at once;
         ``"auto"`` tiles only when the untiled working set would not fit
-        ``memory_budget_bytes`` (default: free CUDA memory; never on the CPU). One tile covering
+        ``memory_budget_bytes`` (default: free CUDA memory; never on the CPU) and retries in
+        smaller tiles should the device run out of memory anyway. One tile covering
         the frame gives the untiled result exactly. ``out_device`` (tiled path) is where the
         video is assembled, e.g. 'cpu' to keep it off the GPU.
         """
@@ -178,7 +189,42 @@ class VAE:
         chosen = self._choose_tiling(
             "decode", tuple(latents.shape), tiled, tiling, memory_budget_bytes, param
         )
-        if chosen is None:
-            video = self.model.decode(z).sample.float()  # diffusers clamps to [-1, 1]
-            return video if out_device is None else video.to(out_device)
-        return decode_tiles(self.model, z, chosen, out_device=out_device)
+
+        def run(chosen: VAETiling | None) -> torch.Tensor:
+            if chosen is None:
+                video = self.model.decode(z).sample.float()  # diffusers clamps to [-1, 1]
+                return video if out_device is None else video.to(out_device)
+            return decode_tiles(self.model, z, chosen, out_device=out_device)
+
+        return self._run_auto("decode", run, chosen, tuple(z.shape[3:]), retry=tiled == "auto")
+
+    def _run_auto(
+        self,
+        kind: str,
+        run: Callable[[VAETiling | None], torch.Tensor],
+        chosen: VAETiling | None,
+        latent_hw: tuple[int, int],
+        *,
+        retry: bool,
+    ) -> torch.Tensor:
+        """``run(chosen)``; with ``retry`` (``tiled="auto"``) a device out-of-memory error
+        retries with the next smaller tiles (:func:`smaller_tiling`) until none is left."""
+        while True:
+            try:
+                return run(chosen)
+            except torch.OutOfMemoryError:
+                smaller = smaller_tiling(chosen, *latent_hw) if retry else None
+                if smaller is None:
+                    raise
+            # outside the except block, so the failed attempt's frames (and tensors) are freed;
+            # diffusers keeps its causal cache on the model and clears it only on the next call
+            self.model.clear_cache()
+            log.warning(
+                "VAE %s ran out of device memory %s; retrying in %d-px tiles",
+                kind,
+                "untiled" if chosen is None else f"in {chosen.tile * self.spatial_stride}-px tiles",
+                smaller.tile * self.spatial_stride,
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            chosen = smaller

@@ -52,6 +52,7 @@ __all__ = [
     "decode_tiles",
     "encode_tiles",
     "free_device_bytes",
+    "smaller_tiling",
     "working_set_bytes",
 ]
 
@@ -338,3 +339,15 @@ def auto_tiling(
         budget_bytes / 2**20,
     )
     return tiling
+
+
+def smaller_tiling(current: VAETiling | None, height: int, width: int) -> VAETiling | None:
+    """The next tiling "auto" falls back to when ``current`` ran out of device memory anyway
+    (the estimate cannot see cuDNN workspaces or a fragmented cache): the largest of
+    :data:`AUTO_TILES` smaller than ``current``'s tile, or than the ``height`` x ``width``
+    latent frame when ``current`` is None (untiled). None when nothing smaller is left."""
+    limit = current.tile if current is not None else max(height, width)
+    for tile in AUTO_TILES:
+        if tile < limit:
+            return VAETiling(tile, max(1, min(8, tile // 4)))
+    return None

@@ -80,7 +80,7 @@ class ClipSampling:
     shift: float
     scheduler: Scheduler
     guidance: GuidanceConfig
-    tiled_vae: bool = False  # the VAE decodes in tiles
+    tiled_vae: bool | str = "auto"  # VAE in tiles: True, False, "auto" (when it would not fit)
     cache: CacheMode = CacheMode.NONE  # step cache over the DiT calls (cache.py)
     cache_threshold: float | None = None  # None: the mode's default
     # what the last call's cache did, for the result's summary (set by run_clips)
@@ -188,7 +188,8 @@ def sample_clip(
         if k == 0:
             head = cond.first_latent  # clean latents of the reference frame
         else:  # clean latents of the previous clip's last m frames: 1 + (m - 1) / 4 of them
-            head = vae.encode(motion[None].to(device_of(vae))).float().to(device)
+            head = pipe.encoders.vae(vae, "encode", motion[None].to(device_of(vae)), sampling.tiled_vae)
+            head = head.float().to(device)
         clip_fea, y = cond.image_condition(pipe, plan, k)  # a source video's frame at the clip's start
         audio = cond.clip_audio(plan, k, pipe.config.audio_window, device)  # (1, P, F, window, layers, dim)
         null_audio = torch.zeros_like(audio[:, :1])  # ¬A: one silent speaker, as the reference
@@ -225,7 +226,7 @@ def sample_clip(
                 )
             clock.step(k + 1, step)
         step = 0
-        video = vae.decode(latent, tiled=sampling.tiled_vae)  # (1, 3, F, H, W) in [-1, 1]
+        video = pipe.encoders.vae(vae, "decode", latent, sampling.tiled_vae)  # (1, 3, F, H, W) in [-1, 1]
         if n_head < 1 or video.shape[2] != plan.frame_num:
             raise PipelineError(
                 f"the VAE decoded {video.shape[2]} frames from {n_lat} latents; expected {plan.frame_num}"
@@ -252,10 +253,15 @@ def oom_error(pipe, where: str, work: WorkFolder, vae_hint: bool) -> PipelineErr
     modes = pipe.modes
     swap = modes.blocks_to_swap
     layers = pipe.config.num_layers
-    hints = [f"blocks_to_swap={min(layers - 1, swap + max(1, layers // 4))} (now {swap})"]
+    hints = (
+        [f"blocks_to_swap={min(layers, swap + max(1, layers // 4))} (now {swap})"] if swap < layers else []
+    )
     if modes.quantization is QuantMode.DISABLED:
         hints.append(f"quantization='{QuantMode.FP8_E4M3FN_SCALED.value}' (halves the DiT weights)")
-    hints.append("tiled_vae=True (the VAE decodes in tiles)" if vae_hint else "a smaller size")
+    runner = getattr(pipe, "encoders", None)
+    if vae_hint and runner is not None and not runner.offload:
+        hints.append("offload_encoders=True (encoders on the GPU only while they run)")
+    hints.append("tiled_vae=True (the VAE works in tiles)" if vae_hint else "a smaller size")
     return PipelineError(
         f"CUDA out of memory in {where}.{mem} Try {'; or '.join(hints)}. {resume_hint(work)}"
     )

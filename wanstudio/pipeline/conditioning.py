@@ -44,6 +44,7 @@ class Conditioning:
     masks: torch.Tensor | None  # (3, h, w) 0/1: speaker 1, speaker 2, background; None for one speaker
     source: SourceFrames | None = None  # dubbing: the source video; clip_fea / y follow its frames
     source_index: int = 0  # the source frame clip_fea and y were computed from
+    tiled_vae: bool | str = False  # how the VAE encodes a source video's frames (as the call says)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -73,23 +74,25 @@ class Conditioning:
         if self.source is not None:
             index, frame = self.source.read(plan.start(k))
             if index != self.source_index:
-                self.clip_fea, self.y = encode_image_condition(pipe, frame, plan.frame_num)
+                self.clip_fea, self.y = encode_image_condition(pipe, frame, plan.frame_num, self.tiled_vae)
                 self.source_index = index
         return self.clip_fea, self.y
 
 
-def encode_image_condition(pipe, frame: torch.Tensor, frame_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_image_condition(
+    pipe, frame: torch.Tensor, frame_num: int, tiled: bool | str = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(clip_fea (1, N, clip_dim), y (1, 4 + z, n, h, w)) of one conditioning frame [3, H, W]:
     its CLIP features, and the 4-channel mask (1 on latent frame 0) + the latents of
     [frame, frame_num - 1 zero frames]; fp32 on the DiT's device."""
     cfg, vae, device = pipe.config, pipe.vae, pipe.device
     n_lat = (frame_num - 1) // vae.temporal_stride + 1
-    clip_fea = pipe.image_encoder.encode(frame[None].to(device_of(pipe.image_encoder)))
+    clip_fea = pipe.encoders.run(pipe.image_encoder, frame[None])
     clip_fea = clip_fea.float().to(device)  # (1, tokens, clip_dim)
     vdev = device_of(vae)
     video = torch.zeros(1, 3, frame_num, *frame.shape[1:], device=vdev)
     video[:, :, 0] = frame.to(vdev)
-    image_latents = vae.encode(video).float().to(device)  # (1, z, n_lat, h, w)
+    image_latents = pipe.encoders.vae(vae, "encode", video, tiled).float().to(device)  # (1, z, n_lat, h, w)
     h, w = image_latents.shape[-2:]
     mask = torch.zeros(1, cfg.cond_dim - image_latents.shape[1], n_lat, h, w, device=device)
     mask[:, :, 0] = 1
@@ -108,6 +111,7 @@ def build_conditioning(
     *,
     strengths=None,
     source: SourceFrames | None = None,
+    tiled: bool | str = False,
 ) -> Conditioning:
     """The :class:`Conditioning` of a call: text, CLIP, image latents + mask, audio features.
 
@@ -119,14 +123,19 @@ def build_conditioning(
         target_masks: (3, h, w) speaker masks, or None for one speaker.
         strengths: per speaker, a factor on its audio features (None: 1 each).
         source: the source video's frames (dubbing); None for a still image.
+        tiled: the VAE's tiling (True, False, "auto"); the encoders run through
+            ``pipe.encoders`` (on the GPU only while they run when offloading).
     """
     vae, device = pipe.vae, pipe.device
-    texts = pipe.text_encoder.encode([prompt, negative_prompt])
+    texts = pipe.encoders.run(pipe.text_encoder, [prompt, negative_prompt])
     context = [t[: pipe.config.text_len].float()[None].to(device) for t in texts]  # 2 x (1, L, text_dim)
-    clip_fea, y = encode_image_condition(pipe, ref, frame_num)
-    first_latent = vae.encode(ref[None, :, None].to(device_of(vae))).float().to(device)  # (1, z, 1, h, w)
+    clip_fea, y = encode_image_condition(pipe, ref, frame_num, tiled)
+    first_latent = pipe.encoders.vae(vae, "encode", ref[None, :, None].to(device_of(vae)), tiled)
+    first_latent = first_latent.float().to(device)  # (1, z, 1, h, w)
     features = [
-        pipe.audio_encoder.encode(t, sample_rate=SAMPLE_RATE, num_frames=audio_frames).float().cpu()
+        pipe.encoders.run(pipe.audio_encoder, t, sample_rate=SAMPLE_RATE, num_frames=audio_frames)
+        .float()
+        .cpu()
         for t in tracks
     ]  # per speaker (T, layers, dim)
     for f in features:
@@ -145,6 +154,7 @@ def build_conditioning(
         features=features,
         masks=None if target_masks is None else target_masks.to(device),
         source=source,
+        tiled_vae=tiled,
     )
 
 

@@ -34,6 +34,7 @@ from ..atomic import remove_stale_parts
 from ..cache import check_cache_for_steps
 from ..errors import PipelineError
 from ..modes import RuntimeModes
+from ..offload.planner import GiB
 from ..options import BasePrecision, CacheMode, QuantMode, Scheduler, SizeClass, SpeakerMix, parse_option
 from . import loading
 from .clips import ClipPlan, ClipSampling, oom_error, overwrite_head, resume_hint, run_clips, to_uint8_frames
@@ -55,6 +56,7 @@ from .conditioning import (
 )
 from .guidance import GuidanceConfig
 from .loading import check_components
+from .memory import EncoderRunner, check_tiled, default_offload
 from .progress import resolve_progress
 from .resume import WorkFolder, environment_fingerprint, tensor_digest
 from .sampler import check_schedule_args
@@ -146,6 +148,12 @@ class InfiniteTalkPipeline:
         size: (width, height) used instead of the size-class bucket when a call does not say.
         settings: free-form notes a caller keeps with the pipeline (not read by it; how the
             DiT runs is :attr:`modes`).
+        offload_encoders: keep the encoders on the host and move each to the GPU only while it
+            runs (None: when the DiT swaps blocks or the card has < 48 GiB; pipeline/memory.py).
+        text_encoder_device: 'cpu' runs the text encoder there always; None on the GPU when it
+            fits beside the DiT at the time (else on the CPU for that call).
+        vram_budget_gb: the device memory a call may use (None: the free memory), for the text
+            encoder's placement and the VAE's ``tiled="auto"``.
     """
 
     def __init__(
@@ -160,6 +168,9 @@ class InfiniteTalkPipeline:
         frame_num: int = 81,
         size: tuple[int, int] | None = None,
         settings: dict | None = None,
+        offload_encoders: bool | None = None,
+        text_encoder_device: str | None = None,
+        vram_budget_gb: float | None = None,
     ):
         self.model = model
         self.vae = vae
@@ -177,6 +188,15 @@ class InfiniteTalkPipeline:
             image_encoder=image_encoder,
             audio_encoder=audio_encoder,
         )
+        if offload_encoders is None:
+            offload_encoders = default_offload(model, model.device)
+        self.encoders = EncoderRunner(
+            model.device,
+            offload=offload_encoders,
+            text_device=text_encoder_device,
+            budget_bytes=None if vram_budget_gb is None else int(vram_budget_gb * GiB),
+        )
+        self.encoders.prepare(text_encoder, image_encoder, audio_encoder)
 
     @property
     def config(self):
@@ -252,7 +272,7 @@ class InfiniteTalkPipeline:
         keep_frames: bool = True,
         cache: CacheMode | str = CacheMode.NONE,
         cache_threshold: float | None = None,
-        tiled_vae: bool = False,
+        tiled_vae: bool | str = "auto",
         loudness: float | None = -23.0,
     ) -> GeneratedVideo:
         """Generate a talking video, from a still image or by dubbing a source video.
@@ -298,7 +318,9 @@ class InfiniteTalkPipeline:
             cache / cache_threshold: a step cache (``none`` / ``teacache`` / ``magcache``, cache.py)
                 that reuses the blocks' residual on steps whose input barely changed; threshold
                 None takes the mode's default. Refused below 10 steps (the distilled setting).
-            tiled_vae: decode with the VAE's tiling (less memory at high resolution).
+            tiled_vae: encode and decode with the VAE in tiles (less memory at high resolution;
+                one tile covering the frame is exact); "auto" tiles when the untiled working
+                set would not fit what is left of the budget (never on the CPU).
             loudness: LUFS target for each speech track (None skips the normalisation).
 
         Returns:
@@ -318,6 +340,7 @@ class InfiniteTalkPipeline:
         shift = DEFAULT_SHIFT[size_class] if shift is None else shift
         check_schedule_args(steps, shift)
         guidance_cfg = GuidanceConfig(text_scale=text_scale, audio_scale=audio_scale, apg=bool(apg))
+        tiled_vae = check_tiled(tiled_vae)
         cache = parse_option(CacheMode, cache)
         check_cache_for_steps(cache, steps)  # the distilled 4-8 steps: nothing to skip, say so
         sampling = ClipSampling(
@@ -433,7 +456,7 @@ class InfiniteTalkPipeline:
             seed=seed,
             max_frames=max_frames,
             color_correction=float(color_correction),
-            tiled_vae=bool(tiled_vae),
+            tiled_vae=tiled_vae,
             cache=cache.value,
             cache_threshold=cache_threshold,
         )
@@ -472,6 +495,7 @@ class InfiniteTalkPipeline:
                     target_masks,
                     strengths=strengths,
                     source=source,
+                    tiled=tiled_vae,
                 )
             except torch.cuda.OutOfMemoryError as e:
                 where = "the encoders (text / CLIP / VAE / wav2vec2)"

@@ -17,6 +17,7 @@ import torch
 from ..errors import PipelineError
 from ..modes import RuntimeModes, apply_modes
 from ..options import AttentionMode, QuantMode
+from .memory import check_text_device, dit_budget_gb, is_small_card
 
 
 def tiny(
@@ -90,6 +91,10 @@ def from_files(
     config=None,
     compile_blocks: bool | None = None,
     strict_layout: bool | None = None,
+    offload_encoders: bool | None = None,
+    text_encoder_device: str | None = None,
+    text_encoder_quantization: str | None = None,
+    vram_budget_gb: float | None = None,
 ):
     """Load every part from local files.
 
@@ -112,6 +117,16 @@ def from_files(
         device: default CUDA when available.
         vae_dtype: the VAE's dtype (fp32 as in the reference code).
         config: a WanConfig or preset name; None infers it from the DiT file headers.
+        offload_encoders / text_encoder_device: where the encoders wait and run
+            (:mod:`wanstudio.pipeline.memory`); parked encoders are loaded into host memory and
+            never sit on the GPU all at once. None: park them when blocks are swapped or the
+            card has < 48 GiB.
+        text_encoder_quantization: e.g. 'fp8_e4m3fn_scaled' stores umT5's block Linears in
+            8 bits (11.4 -> 7.7 GB; ``TextEncoder.quantize``).
+        vram_budget_gb: the device memory the whole pipeline may use (default: the free
+            memory). With ``blocks_to_swap="auto"`` the DiT plans for this budget less the VAE
+            and room for the largest of CLIP and wav2vec2 while it runs; the text encoder runs on
+            the GPU when it fits beside the DiT, else on the CPU.
 
     Bad modes fail before any file is read. The DiT's shapes are read from the file headers
     first, and each encoder is checked against them as soon as it is loaded, so mismatched
@@ -134,6 +149,11 @@ def from_files(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modes.check_device(device)
     dtype, vae_dtype = modes.dtype, parse_dtype(vae_dtype)
+    text_encoder_device = check_text_device(text_encoder_device)
+    if offload_encoders is None:  # decided before loading: parked encoders load to the host
+        offload_encoders = device.type == "cuda" and (modes.blocks_to_swap != 0 or is_small_card(device))
+    enc_device = "cpu" if offload_encoders else device
+    text_device = "cpu" if offload_encoders or text_encoder_device == "cpu" else device
     paths = as_list(dit) + ([infinitetalk] if infinitetalk is not None else [])
     if not paths:
         raise PipelineError("dit= needs at least one checkpoint file")
@@ -150,21 +170,41 @@ def from_files(
             f"infinitetalk="
         )
     # small parts first, each checked against the DiT's shapes before the next loads
-    audio_enc = AudioEncoder.from_files(wav2vec, device=device, dtype=torch.float32)
+    audio_enc = AudioEncoder.from_files(wav2vec, device=enc_device, dtype=torch.float32)
     check_components(cfg, audio_encoder=audio_enc)
-    image_enc = ImageEncoder.from_files(clip, device=device, dtype=dtype)
+    image_enc = ImageEncoder.from_files(clip, device=enc_device, dtype=dtype)
     check_components(cfg, image_encoder=image_enc)
     vae_m = VAE.from_files(vae, device=device, dtype=vae_dtype)
     check_components(cfg, vae=vae_m)
-    text_enc = TextEncoder.from_files(text_encoder, tokenizer=tokenizer, device=device, dtype=dtype)
+    text_enc = TextEncoder.from_files(
+        text_encoder,
+        tokenizer=tokenizer,
+        device=text_device,
+        dtype=dtype,
+        quantization=text_encoder_quantization,
+    )
     check_components(cfg, text_encoder=text_enc)
+    if modes.blocks_to_swap == "auto" and device.type == "cuda":
+        modes = modes.replace(
+            vram_budget_gb=dit_budget_gb(device, vram_budget_gb, vae_m, [image_enc, audio_enc])
+        )
 
     # load_model quantizes tensor by tensor while streaming, reads swapped blocks to pinned
     # host memory (never the GPU), then applies the rest of the modes
     model = load_model(paths, config=cfg, device=device, modes=modes)
     model.eval().requires_grad_(False)
     identity = "dit=" + ",".join(file_id(p) for p in paths)
-    return cls(model, vae_m, text_enc, image_enc, audio_enc, identity=identity)
+    return cls(
+        model,
+        vae_m,
+        text_enc,
+        image_enc,
+        audio_enc,
+        identity=identity,
+        offload_encoders=offload_encoders,
+        text_encoder_device=text_encoder_device,
+        vram_budget_gb=vram_budget_gb,
+    )
 
 
 def check_components(cfg, *, vae=None, text_encoder=None, image_encoder=None, audio_encoder=None) -> None:
