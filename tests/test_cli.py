@@ -11,6 +11,7 @@ import torch
 
 import wanstudio as ws
 from wanstudio.cli import build_parser, main
+from wanstudio.errors import ConfigError
 from wanstudio.options import SCHEDULERS, BasePrecision, SizeClass, SpeakerMix
 
 
@@ -52,6 +53,7 @@ def test_doctor_reports_every_mode(capsys):
     for mode in ws.QUANT_MODES + ws.ATTENTION_MODES:
         assert f"\n  {mode} " in text
     assert "needs a CUDA GPU" in text or "ok" in text.split("attention:")[1]
+    assert "memory (README 'Small cards'):\n  cpu: no CUDA device" in text
 
 
 @pytest.mark.parametrize(
@@ -144,7 +146,7 @@ def test_negative_blocks_to_swap_is_refused_at_parse_time_with_the_range(capsys)
         main(["infinitetalk", "--tiny", "--image", "a", "--audio", "b", "--blocks-to-swap", "-1"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert "--blocks-to-swap: expected a number of DiT blocks from 0" in err and "got '-1'" in err
+    assert "--blocks-to-swap: expected 'auto' or a number of DiT blocks from 0" in err and "got '-1'" in err
 
 
 def _help(subcommand: str, capsys) -> str:
@@ -420,6 +422,60 @@ def test_infinitetalk_uses_the_weights_env_var_and_says_so(tmp_path, monkeypatch
     assert seen["modes"].quantization is ws.QuantMode.FP8_E4M3FN
     out = capsys.readouterr()
     assert f"from $WANSTUDIO_WEIGHTS={folder}" in out.out and "stopped before loading" in out.err
+
+
+def test_memory_flags_reach_the_loader_and_the_call(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANSTUDIO_WEIGHTS", str(_weights_folder(tmp_path)))
+    seen = _capture_from_files(monkeypatch)
+    flags = ["--blocks-to-swap", "auto", "--vram-budget-gb", "11.5", "--offload-encoders", "on"]
+    flags += ["--text-encoder-device", "CPU", "--text-encoder-quantization", "fp8_e4m3fn_scaled"]
+    assert main(["infinitetalk", *_media_args(), *flags]) == 2
+    assert seen["modes"].blocks_to_swap == "auto" and seen["vram_budget_gb"] == 11.5
+    assert seen["offload_encoders"] == "on" and seen["text_encoder_device"] == "cpu"
+    assert seen["text_encoder_quantization"] == "fp8_e4m3fn_scaled"
+    assert main(["infinitetalk", *_media_args()]) == 2  # the defaults: decide, GPU when it fits, bf16
+    assert seen["offload_encoders"] == "auto" and seen["text_encoder_device"] == "auto"
+    assert seen["text_encoder_quantization"] is None and seen["vram_budget_gb"] is None
+    args = build_parser().parse_args(["infinitetalk", "--image", "a", "--audio", "b"])
+    assert args.tiled_vae == "auto"
+    args = build_parser().parse_args(["infinitetalk", "--image", "a", "--audio", "b", "--tiled-vae"])
+    assert args.tiled_vae == "on"  # the old bare flag still means tiles
+    for bad, message in (
+        (["--vram-budget-gb", "0"], "expected a number of GiB > 0"),
+        (["--offload-encoders", "yes"], "--offload-encoders"),
+        (["--tiled-vae", "sometimes"], "--tiled-vae"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["infinitetalk", *_media_args(), *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_memory_settings_accept_the_registry_names():
+    from wanstudio.pipeline.memory import check_offload, check_text_device, check_tiled
+
+    assert [check_offload(v) for v in ("auto", "ON", "off", None, True, False)] == [
+        None,
+        True,
+        False,
+        None,
+        True,
+        False,
+    ]
+    assert [check_text_device(v) for v in ("auto", "cpu", None, torch.device("cpu"))] == [
+        None,
+        "cpu",
+        None,
+        "cpu",
+    ]
+    assert [check_tiled(v) for v in ("auto", "on", "off", True, False)] == ["auto", True, False, True, False]
+    for check, bad in (
+        (check_offload, "maybe"),
+        (check_text_device, "cuda"),
+        (check_tiled, None),
+        (check_offload, 2),
+    ):
+        with pytest.raises(ConfigError):
+            check(bad)
 
 
 def test_explicit_flags_win_over_a_wanstudio_toml(tmp_path, monkeypatch, capsys):

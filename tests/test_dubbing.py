@@ -359,6 +359,9 @@ def test_official_json_one_speaker_image_and_video(scene):
     pipe, dit, _, image_encoder = recording_pipe()
     out = pipe(**kw, size=(48, 32), **FAST)
     assert out.num_frames == 12 and frame_number(image_encoder.seen[0][0]) == 0
+    assert any(n.startswith("source video scene.mkv: ") and "read at 25 fps" in n for n in out.notes)
+    again = pipe.from_json(path, size=(48, 32), **FAST)  # the same call, the file read for us
+    assert torch.equal(again.frames, out.frames) and again.notes == out.notes
 
 
 def test_official_json_two_speakers_with_boxes_on_a_non_square_frame(scene):

@@ -167,3 +167,20 @@ def test_out_of_memory_advice_names_only_settings_that_would_help():
     text = advice(40, QuantMode.FP8_E4M3FN_SCALED, offload=True, vae_hint=False)
     assert "blocks_to_swap" not in text and "quantization" not in text and "offload_encoders" not in text
     assert "Try a smaller size." in text
+
+
+@pytest.mark.parametrize("card_gib, parked", [(24, True), (80, False)])
+def test_memory_report_says_what_auto_does_on_this_card(monkeypatch, card_gib, parked):
+    from types import SimpleNamespace
+
+    from wanstudio.pipeline import memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=card_gib * GiB)
+    )
+    monkeypatch.setattr(memory, "free_device_bytes", lambda d: (card_gib - 1) * GiB)
+    first, second, _host = memory.memory_report("cuda:0")
+    assert f"{card_gib:.1f} GiB, {card_gib - 1:.1f} free" in first
+    assert ("only while they run" in first) is parked and ("stay on the GPU" in first) is not parked
+    assert f"default the {card_gib - 1:.1f} GiB free" in second

@@ -337,6 +337,46 @@ def test_load_panel_real_paths_are_validated_and_passed_on(tiny_model, tmp_path)
     assert settings.weights.dit == (str(files["dit.safetensors.index.json"]),)
     assert settings.weights.infinitetalk == str(files["infinitetalk.safetensors"])
     assert settings.weights.tokenizer is None
+    assert settings.memory_kwargs() == dict(  # the defaults: decide at load time
+        offload_encoders=None, text_encoder_device=None, text_encoder_quantization=None, vram_budget_gb=None
+    )
+    panel.vram_budget.value = 11.5
+    panel.offload_encoders.value = "on"
+    panel.text_encoder_device.value = "cpu"
+    panel.text_encoder_quantization.value = "fp8_e4m3fn_scaled"
+    assert "always the CPU" in panel.memory_notes.value
+    panel.load_button.click()
+    assert loader.calls[-1].memory_kwargs() == dict(
+        offload_encoders=True,
+        text_encoder_device="cpu",
+        text_encoder_quantization="fp8_e4m3fn_scaled",
+        vram_budget_gb=11.5,
+    )
+
+
+def test_load_settings_memory_choices_reach_from_files(monkeypatch, tmp_path):
+    from wanstudio.studio import session
+
+    seen = {}
+
+    def from_files(**kw):
+        seen.update(kw)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(session.InfiniteTalkPipeline, "from_files", staticmethod(from_files))
+    weights = WeightPaths(
+        dit=("d.safetensors",), vae="v.pth", text_encoder="t.pth", clip="c.pth", wav2vec="w", source="test"
+    )
+    settings = LoadSettings(
+        "infinitetalk-14b", weights, blocks_to_swap="auto", vram_budget_gb=11, offload_encoders="off"
+    )
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        session.load_pipeline(settings)
+    assert seen["modes"].blocks_to_swap == "auto" and seen["vram_budget_gb"] == 11.0
+    assert seen["offload_encoders"] is False and seen["text_encoder_device"] is None
+    for bad in (dict(vram_budget_gb=0), dict(offload_encoders="sometimes"), dict(blocks_to_swap=99)):
+        with pytest.raises(ws.WanstudioError):  # ConfigError / UnknownOptionError / BlockSwapError
+            LoadSettings("infinitetalk-14b", weights, **bad)
 
 
 def test_check_path(tmp_path):

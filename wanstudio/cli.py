@@ -21,6 +21,7 @@ from .cli_support import (
     add_generation_args,
     add_option,
     block_count,
+    gib_amount,
     infinitetalk_inputs,
     lora_arg,
     sampling_settings,
@@ -30,8 +31,10 @@ from .errors import WanstudioError
 from .options import (
     AttentionMode,
     BasePrecision,
+    EncoderOffload,
     QuantMode,
     SpeakerMix,
+    TextEncoderDevice,
 )
 
 DEMO_PROMPT = "a person talking to the camera"
@@ -137,7 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=block_count,
         default=0,
         metavar="N",
-        help="DiT blocks kept in host memory and streamed to the GPU (0 to the block count: 40 for 14B)",
+        help="DiT blocks kept in host memory and streamed to the GPU (0 to the block count: 40 for "
+        "14B), or 'auto': as many as --vram-budget-gb needs",
+    )
+    m = it.add_argument_group(
+        "memory", "where the parts of a pipeline loaded from files live (README 'Small cards')"
+    )
+    m.add_argument(
+        "--vram-budget-gb",
+        type=gib_amount,
+        default=None,
+        metavar="GIB",
+        help="device memory the whole pipeline may use (default: the free memory); "
+        "--blocks-to-swap auto plans the DiT for it",
+    )
+    add_option(m, "--offload-encoders", EncoderOffload, EncoderOffload.AUTO.value, "encoders", metavar="WHEN")
+    add_option(
+        m, "--text-encoder-device", TextEncoderDevice, TextEncoderDevice.AUTO.value, "umT5", metavar="WHERE"
+    )
+    add_option(
+        m,
+        "--text-encoder-quantization",
+        QuantMode,
+        QuantMode.DISABLED.value,
+        "umT5's block Linears (fp8_e4m3fn_scaled: 11.4 -> 7.7 GB)",
+        metavar="MODE",
     )
     r.add_argument(
         "--compile",
@@ -312,7 +339,17 @@ def cmd_infinitetalk(args) -> int:
         pipe = InfiniteTalkPipeline.tiny(seed=0, device=device, modes=modes)
     else:
         print(f"wanstudio infinitetalk: {said}", flush=True)
-        pipe = InfiniteTalkPipeline.from_files(**weights, device=args.device, modes=modes)
+        pipe = InfiniteTalkPipeline.from_files(
+            **weights,
+            device=args.device,
+            modes=modes,
+            vram_budget_gb=args.vram_budget_gb,
+            offload_encoders=args.offload_encoders,
+            text_encoder_device=args.text_encoder_device,
+            text_encoder_quantization=None
+            if args.text_encoder_quantization == QuantMode.DISABLED.value
+            else args.text_encoder_quantization,
+        )
     kw = _generation_kwargs(args)
     if inputs.get("prompt") is not None and not args.prompt:  # the JSON's prompt unless --prompt
         kw["prompt"] = inputs["prompt"]
@@ -352,6 +389,10 @@ def cmd_doctor(args) -> int:
     lines += [f"  {line}" for line in _attention_report(device)]
     swap = "available" if device.type == "cuda" else "not available: it streams blocks to a CUDA GPU"
     lines.append(f"block swap (--blocks-to-swap): {swap}")
+    from .pipeline.memory import memory_report
+
+    lines.append("memory (README 'Small cards'):")
+    lines += [f"  {line}" for line in memory_report(device)]
     lines.append("weights (what `wanstudio infinitetalk` uses for parts given no flag):")
     lines += [f"  {line}" for line in weights_report()]
     if args.file:

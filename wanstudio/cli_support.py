@@ -11,7 +11,7 @@ import argparse
 import os
 
 from .errors import UnknownOptionError, WanstudioError
-from .options import Option, parse_option
+from .options import Option, VAETilingMode, parse_option
 
 # --tiny on a CPU: 181 s for its defaults on the shipped 3.8 s clip (11 clips x 40 steps x 3 calls)
 TINY_CPU_SECONDS_PER_CALL = 181 / (11 * 40 * 3)
@@ -76,8 +76,9 @@ def option_type(kind: type[Option]):
     return parse
 
 
-def add_option(group, flag: str, kind: type[Option], default, what: str, *, metavar: str) -> None:
-    """A choice from the options registry; its help lists the names (short lists: and meanings)."""
+def add_option(group, flag: str, kind: type[Option], default, what: str, *, metavar: str, **extra) -> None:
+    """A choice from the options registry; its help lists the names (short lists: and meanings).
+    ``extra`` goes to ``add_argument`` (e.g. ``nargs="?", const=...``)."""
     if len(kind) <= 4:
         names = "; ".join(f"{m.value} = {m.description}" for m in kind)
     else:
@@ -88,22 +89,39 @@ def add_option(group, flag: str, kind: type[Option], default, what: str, *, meta
         choices=kind.names(),
         default=default,
         metavar=metavar,
-        help=f"{what}. One of: {names}",
+        help=f"{what}. One of: {names}".replace("%", "%%"),  # argparse formats help with %
+        **extra,
     )
 
 
-def block_count(text: str) -> int:
-    """``--blocks-to-swap``: a count >= 0 (the upper bound is the model's, checked when it loads)."""
+def block_count(text: str) -> int | str:
+    """``--blocks-to-swap``: a count >= 0 (the upper bound is the model's, checked when it loads)
+    or 'auto' (planned for the VRAM budget)."""
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         n = int(text)
     except ValueError:
         n = -1
     if n < 0:
         raise argparse.ArgumentTypeError(
-            f"expected a number of DiT blocks from 0 (none swapped) to the model's block count "
-            f"(40 for Wan2.1-14B, 2 for --tiny), got {text!r}"
+            f"expected 'auto' or a number of DiT blocks from 0 (none swapped) to the model's block "
+            f"count (40 for Wan2.1-14B, 2 for --tiny), got {text!r}"
         )
     return n
+
+
+def gib_amount(text: str) -> float:
+    """``--vram-budget-gb``: a finite number of GiB > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of GiB > 0 (e.g. 11.5 for a 12 GB card), got {text!r}"
+        )
+    return value
 
 
 # --- weights ---------------------------------------------------------------------------------------
@@ -358,7 +376,16 @@ def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) 
         action="store_true",
         help="delete the finished clips of an earlier run in the work folder and start again",
     )
-    g.add_argument("--tiled-vae", action="store_true", help="decode with VAE tiling (less memory)")
+    add_option(
+        g,
+        "--tiled-vae",
+        VAETilingMode,
+        VAETilingMode.AUTO.value,
+        "VAE encode / decode in spatial tiles (a bare --tiled-vae is 'on')",
+        metavar="WHEN",
+        nargs="?",
+        const=VAETilingMode.ON.value,
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

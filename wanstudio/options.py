@@ -198,6 +198,42 @@ class Scheduler(Option):
     )
 
 
+class EncoderOffload(Option):
+    """Where umT5, CLIP and wav2vec2 wait between their uses (``offload_encoders=``)."""
+
+    AUTO = ("auto", "on when blocks are swapped or the card has less than 48 GiB, else off")
+    ON = ("on", "each encoder is on the GPU only while it runs (host copy pinned)")
+    OFF = ("off", "the encoders stay on the device")
+
+    @property
+    def setting(self) -> bool | None:
+        """The pipeline keyword's value: None (decide), True or False."""
+        return {"auto": None, "on": True, "off": False}[self.value]
+
+
+class TextEncoderDevice(Option):
+    """Where umT5 runs (``text_encoder_device=``)."""
+
+    AUTO = ("auto", "the GPU when it fits beside the DiT now, else the CPU for that call")
+    CPU = ("cpu", "always the CPU (the official --t5_cpu): slower, no GPU memory")
+
+    @property
+    def setting(self) -> str | None:
+        return None if self is TextEncoderDevice.AUTO else "cpu"
+
+
+class VAETilingMode(Option):
+    """Whether the VAE encodes and decodes in spatial tiles (``tiled_vae=``)."""
+
+    AUTO = ("auto", "tiles when the untiled working set would not fit, or the device runs out")
+    ON = ("on", "always tiles (least memory; blended seams)")
+    OFF = ("off", "never tiles (the reference result)")
+
+    @property
+    def setting(self) -> bool | str:
+        return {"auto": "auto", "on": True, "off": False}[self.value]
+
+
 class SizeClass(Option):
     """The resolution class whose bucket sizes a clip is generated at (``size_class=``)."""
 

@@ -56,7 +56,8 @@ from .conditioning import (
 )
 from .guidance import GuidanceConfig
 from .loading import check_components
-from .memory import EncoderRunner, check_tiled, default_offload
+from .memory import EncoderRunner, check_offload, check_tiled, default_offload
+from .official_input import read_input_json
 from .progress import resolve_progress
 from .resume import WorkFolder, environment_fingerprint, tensor_digest
 from .sampler import check_schedule_args
@@ -168,7 +169,7 @@ class InfiniteTalkPipeline:
         frame_num: int = 81,
         size: tuple[int, int] | None = None,
         settings: dict | None = None,
-        offload_encoders: bool | None = None,
+        offload_encoders: bool | str | None = None,
         text_encoder_device: str | None = None,
         vram_budget_gb: float | None = None,
     ):
@@ -188,6 +189,7 @@ class InfiniteTalkPipeline:
             image_encoder=image_encoder,
             audio_encoder=audio_encoder,
         )
+        offload_encoders = check_offload(offload_encoders)
         if offload_encoders is None:
             offload_encoders = default_offload(model, model.device)
         self.encoders = EncoderRunner(
@@ -237,6 +239,12 @@ class InfiniteTalkPipeline:
     from_files = classmethod(loading.from_files)
 
     # --- generation -------------------------------------------------------------------------------
+    def from_json(self, path: str | os.PathLike, **kwargs) -> GeneratedVideo:
+        """Generate from an official InfiniteTalk input file (``--input_json``): its prompt,
+        image or video, speech tracks, ``audio_type`` and boxes (:func:`read_input_json`), with
+        ``kwargs`` on top (``out=``, ``steps=``, ...; a ``prompt`` given here wins)."""
+        return self(**{**read_input_json(path), **kwargs})
+
     @torch.no_grad()
     def __call__(
         self,
@@ -430,6 +438,9 @@ class InfiniteTalkPipeline:
         plan = ClipPlan.make(audio_frames, frame_num, motion_frame, max_frames)
         notes = []
         if source is not None:
+            read_as = f"source video {source.reader.describe()}, read at {FPS} fps"
+            log.info("%s", read_as)
+            notes.append(read_as)
             note = video_length_note(source, plan.total_frames)
             if note is not None:
                 (log.warning if note[1] else log.info)("%s", note[0])

@@ -17,7 +17,7 @@ import torch
 from ..errors import PipelineError
 from ..modes import RuntimeModes, apply_modes
 from ..options import AttentionMode, QuantMode
-from .memory import check_text_device, dit_budget_gb, is_small_card
+from .memory import check_budget_gb, check_offload, check_text_device, dit_budget_gb, is_small_card
 
 
 def tiny(
@@ -91,7 +91,7 @@ def from_files(
     config=None,
     compile_blocks: bool | None = None,
     strict_layout: bool | None = None,
-    offload_encoders: bool | None = None,
+    offload_encoders: bool | str | None = None,
     text_encoder_device: str | None = None,
     text_encoder_quantization: str | None = None,
     vram_budget_gb: float | None = None,
@@ -150,6 +150,8 @@ def from_files(
     modes.check_device(device)
     dtype, vae_dtype = modes.dtype, parse_dtype(vae_dtype)
     text_encoder_device = check_text_device(text_encoder_device)
+    offload_encoders = check_offload(offload_encoders)
+    vram_budget_gb = check_budget_gb(vram_budget_gb)
     if offload_encoders is None:  # decided before loading: parked encoders load to the host
         offload_encoders = device.type == "cuda" and (modes.blocks_to_swap != 0 or is_small_card(device))
     enc_device = "cpu" if offload_encoders else device

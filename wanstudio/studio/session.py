@@ -29,8 +29,9 @@ from ..model import WanModel
 from ..modes import RuntimeModes
 from ..modes import apply_modes as apply_runtime_modes
 from ..offload import check_blocks_to_swap
-from ..options import AttentionMode, BasePrecision, QuantMode, parse_option
+from ..options import AttentionMode, BasePrecision, EncoderOffload, QuantMode, TextEncoderDevice, parse_option
 from ..pipeline import InfiniteTalkPipeline
+from ..pipeline.memory import check_budget_gb
 from ..quant import quant_report as measure_quant_report
 from ..quant import quantized_layers
 from ._format import dtype_name, gib
@@ -70,6 +71,10 @@ class LoadSettings:
             and ``settings.quantization`` reads it back.
         accuracy: measure the per-layer quantization accuracy (base weights needed).
         seed: of the tiny preset's random weights.
+        offload_encoders, text_encoder_device, text_encoder_quantization, vram_budget_gb: where
+            the encoders live and the device memory the pipeline may use (README 'Small
+            cards'; ``from_files``). The tiny preset (on the CPU) honours only the text encoder's
+            storage. ``blocks_to_swap="auto"`` plans the DiT for ``vram_budget_gb``.
 
     The modes are validated once, by :class:`~wanstudio.modes.RuntimeModes`; here only what
     depends on the preset (its block count) and on the weights is checked.
@@ -81,6 +86,10 @@ class LoadSettings:
     modes: RuntimeModes
     accuracy: bool
     seed: int
+    offload_encoders: EncoderOffload
+    text_encoder_device: TextEncoderDevice
+    text_encoder_quantization: QuantMode
+    vram_budget_gb: float | None
 
     def __init__(
         self,
@@ -97,6 +106,10 @@ class LoadSettings:
         loras=None,
         accuracy: bool = True,
         seed: int = 0,
+        offload_encoders: EncoderOffload | str = EncoderOffload.AUTO,
+        text_encoder_device: TextEncoderDevice | str = TextEncoderDevice.AUTO,
+        text_encoder_quantization: QuantMode | str = QuantMode.DISABLED,
+        vram_budget_gb: float | None = None,
     ) -> None:
         modes = RuntimeModes.merge(
             modes if modes is not None else RuntimeModes(precision=BasePrecision.FP32),
@@ -115,6 +128,10 @@ class LoadSettings:
             ("modes", modes),
             ("accuracy", accuracy),
             ("seed", seed),
+            ("offload_encoders", parse_option(EncoderOffload, offload_encoders)),
+            ("text_encoder_device", parse_option(TextEncoderDevice, text_encoder_device)),
+            ("text_encoder_quantization", parse_option(QuantMode, text_encoder_quantization)),
+            ("vram_budget_gb", check_budget_gb(vram_budget_gb)),
         ):
             set_(self, name, value)
         if preset not in pipeline_presets():
@@ -125,7 +142,8 @@ class LoadSettings:
             raise ConfigError(
                 f"preset {preset!r} loads real weights: give their paths (or pick {TINY_PRESET!r})"
             )
-        check_blocks_to_swap(modes.blocks_to_swap, PRESETS[preset].num_layers)
+        if modes.blocks_to_swap != "auto":
+            check_blocks_to_swap(modes.blocks_to_swap, PRESETS[preset].num_layers)
 
     @property
     def precision(self) -> BasePrecision:
@@ -140,8 +158,19 @@ class LoadSettings:
         return self.modes.attention
 
     @property
-    def blocks_to_swap(self) -> int:
+    def blocks_to_swap(self) -> int | str:
+        """A count, or "auto" (planned for ``vram_budget_gb`` when the pipeline loads)."""
         return self.modes.blocks_to_swap
+
+    def memory_kwargs(self) -> dict:
+        """The memory keywords of ``InfiniteTalkPipeline.from_files``."""
+        quant = self.text_encoder_quantization
+        return dict(
+            offload_encoders=self.offload_encoders.setting,
+            text_encoder_device=self.text_encoder_device.setting,
+            text_encoder_quantization=None if quant is QuantMode.DISABLED else quant.value,
+            vram_budget_gb=self.vram_budget_gb,
+        )
 
     @property
     def prefetch(self) -> int:
@@ -233,12 +262,15 @@ def load_pipeline(settings: LoadSettings | None = None, **kw) -> LoadResult:
     if settings.is_tiny:
         pipe = InfiniteTalkPipeline.tiny(seed=settings.seed, device=settings.device, dtype=settings.dtype)
         report = apply_settings(pipe.model, settings)
+        if settings.text_encoder_quantization is not QuantMode.DISABLED:
+            pipe.text_encoder.quantize(settings.text_encoder_quantization.value)
     else:
         pipe = InfiniteTalkPipeline.from_files(
             **settings.weights.as_kwargs(),
             config=settings.preset,
             device=settings.device,
             modes=settings.modes,
+            **settings.memory_kwargs(),
         )
         if settings.quantization is not QuantMode.DISABLED and settings.accuracy:
             note = (
@@ -410,13 +442,33 @@ def kernel_paths(model: nn.Module, settings: LoadSettings) -> list[tuple[str, st
         ("quantization", q.value, qpath or q.description),
         ("attention", a.value, astatus.kernel or astatus.reason or a.description),
     ]
+    swapped = getattr(getattr(model, "modes", None), "blocks_to_swap", settings.blocks_to_swap)
     swap = (
-        f"{settings.blocks_to_swap} of {model.config.num_layers} blocks in pinned host memory, "
-        f"prefetch {settings.prefetch}"
-        if settings.blocks_to_swap
+        f"{swapped} of {model.config.num_layers} blocks in pinned host memory, prefetch {settings.prefetch}"
+        if swapped
         else "off: every block resident"
     )
+    plan = getattr(model, "memory_plan", None)
+    if settings.blocks_to_swap == "auto":
+        budget = f"{settings.vram_budget_gb:g} GiB" if settings.vram_budget_gb else "the free memory"
+        swap = f"auto for {budget}: {swap}" + (f" ({plan.summary().splitlines()[0]})" if plan else "")
     rows.append(("block swap", str(settings.blocks_to_swap), swap))
+    return rows
+
+
+def memory_rows(pipeline, settings: LoadSettings) -> list[tuple[str, str, str]]:
+    """(setting, choice, what it does here) for the encoders' placement and the VAE."""
+    runner = getattr(pipeline, "encoders", None)
+    rows = [
+        (
+            "encoders",
+            settings.offload_encoders.value,
+            runner.describe() if runner is not None else settings.offload_encoders.description,
+        ),
+        ("text encoder", settings.text_encoder_device.value, settings.text_encoder_device.description),
+    ]
+    if settings.text_encoder_quantization is not QuantMode.DISABLED:
+        rows.append(("text encoder storage", settings.text_encoder_quantization.value, "umT5 block Linears"))
     return rows
 
 
@@ -441,7 +493,13 @@ def summarize(pipeline, settings: LoadSettings, seconds: float | None = None) ->
     if device.type == "cuda" and torch.cuda.is_available():
         alloc, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
     return ModelSummary(
-        components, kernel_paths(pipeline.model, settings), rss, alloc, peak, str(device), seconds
+        components,
+        kernel_paths(pipeline.model, settings) + memory_rows(pipeline, settings),
+        rss,
+        alloc,
+        peak,
+        str(device),
+        seconds,
     )
 
 

@@ -18,12 +18,15 @@ from ..options import (
     AttentionMode,
     BasePrecision,
     CacheMode,
+    EncoderOffload,
     GenerationPreset,
     Option,
     QuantMode,
     Scheduler,
     SizeClass,
     SpeakerMix,
+    TextEncoderDevice,
+    VAETilingMode,
 )
 from ..studio import attention_availability, precision_availability, quant_availability
 
@@ -40,6 +43,9 @@ REGISTRIES: dict[str, type[Option]] = {
     "Size class (`size_class=`)": SizeClass,
     "Two speakers (`speaker_mix=`)": SpeakerMix,
     "Step cache (`cache=`)": CacheMode,
+    "Encoder offload (`offload_encoders=`, `--offload-encoders`)": EncoderOffload,
+    "Text encoder device (`text_encoder_device=`, `--text-encoder-device`)": TextEncoderDevice,
+    "Tiled VAE (`tiled_vae=`, `--tiled-vae`)": VAETilingMode,
 }
 
 

@@ -11,7 +11,7 @@ import ipywidgets as widgets
 from .. import studio
 from ..config import PRESETS
 from ..errors import ConfigError
-from ..options import AttentionMode, QuantMode
+from ..options import AttentionMode, EncoderOffload, QuantMode, TextEncoderDevice
 from ..studio import LoadResult, LoadSettings, WeightPaths
 from . import choices
 from .common import (
@@ -167,6 +167,36 @@ class LoadPanel(widgets.VBox):
         self.prefetch = widgets.IntSlider(
             value=1, min=0, max=4, description="prefetch", style=STYLE, layout=slider_layout()
         )
+        self.swap_auto = widgets.Checkbox(
+            value=False,
+            description="blocks to swap: as many as the VRAM budget needs",
+            indent=True,
+            style=STYLE,
+            layout=fit_layout(),
+        )
+        self.vram_budget = widgets.BoundedFloatText(
+            value=0.0, min=0.0, max=4096.0, step=0.5, description="VRAM budget GiB (0: free)", style=STYLE
+        )
+        self.offload_encoders = widgets.Dropdown(
+            options=list(EncoderOffload.names()),
+            value=EncoderOffload.AUTO.value,
+            description="encoders",
+            style=STYLE,
+        )
+        self.text_encoder_device = widgets.Dropdown(
+            options=list(TextEncoderDevice.names()),
+            value=TextEncoderDevice.AUTO.value,
+            description="text encoder runs on",
+            style=STYLE,
+        )
+        self.text_encoder_quantization = widgets.Dropdown(
+            options=choices.quant_choices(self.device.value),
+            value=QuantMode.DISABLED.value,
+            description="text encoder storage",
+            style=STYLE,
+            layout=widgets.Layout(width="60%"),
+        )
+        self.memory_notes = widgets.HTML()
         self.loras = widgets.Textarea(
             value="",
             placeholder="one LoRA per line: path.safetensors[:strength]  (merged before quantization)",
@@ -191,8 +221,25 @@ class LoadPanel(widgets.VBox):
         modes.selected_index = None
 
         self.load_button.on_click(lambda _b: self.load())
-        for w in (self.precision, self.quantization, self.attention, self.blocks_to_swap, self.prefetch):
+        memory = (
+            self.swap_auto,
+            self.vram_budget,
+            self.offload_encoders,
+            self.text_encoder_device,
+            self.text_encoder_quantization,
+        )
+        for w in (
+            self.precision,
+            self.quantization,
+            self.attention,
+            self.blocks_to_swap,
+            self.prefetch,
+            *memory,
+        ):
             w.observe(lambda _c: self._validate(), "value")
+        self.swap_auto.observe(lambda _c: self._swap_auto_changed(), "value")
+        self.offload_encoders.observe(lambda _c: self._memory_notes(), "value")
+        self.text_encoder_device.observe(lambda _c: self._memory_notes(), "value")
         self.device.observe(lambda _c: self._device_changed(), "value")
         self.preset.observe(lambda _c: self._preset_changed(), "value")
 
@@ -211,6 +258,13 @@ class LoadPanel(widgets.VBox):
                 self.blocks_to_swap,
                 self.prefetch,
                 self.loras,
+                heading("Memory"),
+                self.swap_auto,
+                self.vram_budget,
+                self.offload_encoders,
+                self.text_encoder_device,
+                self.text_encoder_quantization,
+                self.memory_notes,
                 self.accuracy,
                 self.mode_notes,
                 widgets.HBox([self.load_button]),
@@ -268,10 +322,14 @@ class LoadPanel(widgets.VBox):
             precision=self.precision.value,
             quantization=self.quantization.value,
             attention=self.attention.value,
-            blocks_to_swap=self.blocks_to_swap.value,
+            blocks_to_swap="auto" if self.swap_auto.value else self.blocks_to_swap.value,
             prefetch=self.prefetch.value,
             loras=parse_loras(self.loras.value),
             accuracy=self.accuracy.value,
+            vram_budget_gb=self.vram_budget.value or None,
+            offload_encoders=self.offload_encoders.value,
+            text_encoder_device=self.text_encoder_device.value,
+            text_encoder_quantization=self.text_encoder_quantization.value,
         )
 
     # --- reactions ------------------------------------------------------------------------------------
@@ -296,12 +354,28 @@ class LoadPanel(widgets.VBox):
         set_options(self.precision, choices.precision_choices(device))
         set_options(self.quantization, choices.quant_choices(device))
         set_options(self.attention, choices.attention_choices(device))
+        set_options(self.text_encoder_quantization, choices.quant_choices(device))
         swap = studio.swap_availability(device)
         if not swap.available:
             self.blocks_to_swap.value = 0
-        self.blocks_to_swap.disabled = self.prefetch.disabled = not swap.available
+            self.swap_auto.value = False
+        self.swap_auto.disabled = self.prefetch.disabled = not swap.available
+        self._swap_auto_changed()
+        self._memory_notes()
         self.modes_html.value = studio.modes_table(device)
         self._validate()
+
+    def _swap_auto_changed(self) -> None:
+        self.blocks_to_swap.disabled = self.swap_auto.value or self.swap_auto.disabled
+
+    def _memory_notes(self) -> None:
+        """What the two placement choices mean, from the registry."""
+        offload = EncoderOffload(self.offload_encoders.value)
+        text = TextEncoderDevice(self.text_encoder_device.value)
+        self.memory_notes.value = status_html(
+            f"encoders {offload.value}: {offload.description}; text encoder {text.value}: {text.description}",
+            "info",
+        )
 
     def problems(self) -> list[str]:
         """Why Load would fail now (incomplete paths, modes that cannot run here)."""
