@@ -9,12 +9,17 @@ The fuzzer is ``tests/checkpoint_fuzzer.py`` (the one CI runs a few hundred case
 ``safetensors`` library, which is the oracle. ``--cases`` mutate a small file of many dtypes
 (checked through ``SafetensorsFile`` + ``read_tensor``); ``--loader-cases`` mutate a whole tiny
 Wan model (checked through the reader and ``wanstudio.load_model``). The first case that breaks
-the rule stops the run with its seed, index and mutations, so it can be replayed.
+the rule stops the run with its seed, index and mutations, so it can be replayed. Every
+``CheckpointError`` must name the file. Times are wanstudio's alone (the reader, or
+``load_model`` on loader cases), not the oracle's; the header gives torch's thread count and the
+load average, which decide them on a shared machine (torch splits each op of a tensor over
+32K elements across its threads; with a busy core every such op waits for a time slice).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -39,6 +44,7 @@ def main() -> None:
     loader_cases = args.cases // 10 if args.loader_cases is None else args.loader_cases
 
     reader, loader = fuzz.Report(), fuzz.Report()
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         fuzz.run(fuzz.small_state(), Path(folder), args.cases, seed=args.seed, loader=False, report=reader)
@@ -49,10 +55,13 @@ def main() -> None:
 
     print(
         f"# fuzz_checkpoints: seed {args.seed}; torch {torch.__version__}, safetensors "
-        f"{safetensors.__version__}, Python {platform.python_version()}, {platform.machine()}"
+        f"{safetensors.__version__}, Python {platform.python_version()}, {platform.machine()}; "
+        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
+        f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after"
     )
     print(
-        f"cases run: {reader.cases + loader.cases}, rule broken: 0 (a broken case stops the run); {total_s:.1f} s"
+        f"cases run: {reader.cases + loader.cases}, rule broken: 0 (a broken case stops the run; "
+        f"every CheckpointError named the file); {total_s:.1f} s"
     )
     for title, report in (
         ("small file of many dtypes: SafetensorsFile + read_tensor", reader),
@@ -61,7 +70,11 @@ def main() -> None:
         if not report.cases:
             continue
         print(f"\n## {report.cases} cases, {title}")
-        print(f"slowest case {report.slowest_s * 1e3:.0f} ms: {report.slowest_case}")
+        for what, s, label in (
+            ("refusal", report.slowest_refusal_s, report.slowest_refusal),
+            ("load", report.slowest_load_s, report.slowest_load),
+        ):
+            print(f"slowest {what} {s * 1e3:.0f} ms (wanstudio's time): {label or 'none'}")
         for outcome, n in sorted(report.outcomes.items(), key=lambda kv: -kv[1]):
             print(f"  {outcome:<66} {n:>6}")
     mutations = reader.mutations + loader.mutations

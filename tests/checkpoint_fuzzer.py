@@ -9,7 +9,13 @@ appended bytes, padding, invalid UTF-8, number spellings) and checks the rule:
 * the library loads it -> ours loads the same keys, dtypes, shapes and bytes, or refuses it
   with ``CheckpointError`` for one of the documented stricter reasons (``STRICTER``);
 * ``wanstudio.load_model`` (on the loader seeds) returns a model whose tensors are the
-  library's, or raises ``CheckpointError``; nothing else may escape.
+  library's, or raises ``CheckpointError``; nothing else may escape;
+* every ``CheckpointError`` names the file by its path (a model-fit error too: a user with
+  several shards must learn which one to replace).
+
+Each case is timed on wanstudio's call alone (``SafetensorsFile`` + ``read_tensor``, or
+``load_model`` on the loader cases), not on the oracle's work (the library's ``load_file``,
+the comparisons); reports give the slowest refusal and the slowest load apart.
 
 Used by ``tests/test_fuzz_checkpoints.py`` (a few hundred cases) and
 ``benchmarks/fuzz_checkpoints.py`` (thousands, counts by outcome).
@@ -577,26 +583,34 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def check_reader(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
-    """(outcome, the library's tensors when it loads the file); raises FuzzFailure."""
+def _names_the_file(err: CheckpointError, path: Path) -> None:
+    if str(path) not in str(err):
+        raise FuzzFailure(f"{type(err).__name__} does not name the file {path}: {err}") from None
+
+
+def check_reader(path: Path) -> tuple[str, dict[str, torch.Tensor] | None, float]:
+    """(outcome, the library's tensors when it loads the file, seconds wanstudio took);
+    raises FuzzFailure."""
     try:
         expected = load_file(path)
     except Exception:  # any refusal by the library, whatever its type
         expected = None
+    start = time.perf_counter()
     try:
         st = SafetensorsFile(path)
         got = {k: read_tensor(e) for k, e in st.entries.items()}
     except CheckpointError as err:
-        if path.name not in str(err):
-            raise FuzzFailure(f"error does not name the file: {err}") from None
+        took = time.perf_counter() - start
+        _names_the_file(err, path)
         if expected is None:
-            return "refused by both", None
+            return "refused by both", None, took
         reason = next((r for r in STRICTER if r in str(err)), None)
         if reason is None:
             raise FuzzFailure(f"the library loads it but wanstudio refuses it: {err}") from None
-        return f"refused by wanstudio only ({reason})", expected
+        return f"refused by wanstudio only ({reason})", expected, took
     except Exception as err:
         raise FuzzFailure(f"{type(err).__name__} escaped the reader: {err}") from err
+    took = time.perf_counter() - start
     if expected is None:
         raise FuzzFailure(f"the library refuses it but wanstudio loads {sorted(got)[:5]}")
     if set(got) != set(expected):
@@ -605,39 +619,57 @@ def check_reader(path: Path) -> tuple[str, dict[str, torch.Tensor] | None]:
         raise FuzzFailure(f"tensors differ from the library's: {bad[:5]}")
     if sum(e.nbytes for e in st.entries.values()) > path.stat().st_size:
         raise FuzzFailure("tensors claim more bytes than the file holds")
-    return "loaded by both, same tensors", expected
+    return "loaded by both, same tensors", expected, took
 
 
-def check_loader(path: Path, expected: dict[str, torch.Tensor] | None) -> str:
-    """load_model on a mutated whole-model file: the library's tensors, or a CheckpointError."""
+def check_loader(path: Path, expected: dict[str, torch.Tensor] | None) -> tuple[str, float]:
+    """load_model on a mutated whole-model file: the library's tensors, or a CheckpointError
+    naming the file (the model-fit errors raised after the header too); (outcome, seconds)."""
+    start = time.perf_counter()
     try:
         model = load_model(path, dtype=torch.float32)
     except CheckpointError as err:
-        # Reader errors name the file (check_reader asserts it); a few model-fit errors raised
-        # after reading (wrong shapes, a layer's fp8 scale) name the tensor only: counted apart.
-        named = path.name in str(err)
-        return "load_model: CheckpointError" + ("" if named else " (names the tensor, not the file)")
+        took = time.perf_counter() - start
+        _names_the_file(err, path)
+        return "load_model: CheckpointError", took
     except Exception as err:
         raise FuzzFailure(f"{type(err).__name__} escaped load_model: {err}") from err
+    took = time.perf_counter() - start
     if expected is None:
         raise FuzzFailure("load_model loaded a file the library refuses")
     if model.quantization is not QuantMode.DISABLED:  # an fp8 tensor made it run quantized
-        return "load_model: loaded in an fp8 storage mode (not compared)"
+        return "load_model: loaded in an fp8 storage mode (not compared)", took
     entries, _ = scan_checkpoint(path)
     for name, tensor in model.state_dict().items():
         reference = expected[entries[name].key].to(torch.float32)
         if not torch.equal(tensor, reference):
             raise FuzzFailure(f"load_model's {name} differs from the library's tensor")
-    return "load_model: loaded, same tensors"
+    return "load_model: loaded, same tensors", took
 
 
 @dataclass
 class Report:
+    """Counts by outcome and mutation; the slowest case by wanstudio's time (the reader's, or
+    load_model's on loader cases), overall and split into refusals and loads."""
+
     outcomes: Counter = field(default_factory=Counter)
     mutations: Counter = field(default_factory=Counter)
     cases: int = 0
     slowest_s: float = 0.0
     slowest_case: str = ""
+    slowest_refusal_s: float = 0.0
+    slowest_refusal: str = ""
+    slowest_load_s: float = 0.0
+    slowest_load: str = ""
+
+    def time(self, seconds: float, label: str, refused: bool) -> None:
+        """Record one case's wanstudio time."""
+        if seconds > self.slowest_s:
+            self.slowest_s, self.slowest_case = seconds, label
+        if refused and seconds > self.slowest_refusal_s:
+            self.slowest_refusal_s, self.slowest_refusal = seconds, label
+        if not refused and seconds > self.slowest_load_s:
+            self.slowest_load_s, self.slowest_load = seconds, label
 
 
 def run(
@@ -652,17 +684,15 @@ def run(
         case = mutate(seed_blob, rng, state if loader else None)
         path.write_bytes(case.build())
         label = f"case {i} (seed {seed}, loader={loader}, mutations {'+'.join(case.names)})"
-        start = time.perf_counter()
         try:
-            outcome, expected = check_reader(path)
+            outcome, expected, took = check_reader(path)
             report.outcomes[outcome] += 1
             if loader:
-                report.outcomes[check_loader(path, expected)] += 1
+                outcome, took = check_loader(path, expected)  # what a user of load_model waits
+                report.outcomes[outcome] += 1
         except FuzzFailure as err:
             raise FuzzFailure(f"{label}: {err}") from None
-        elapsed = time.perf_counter() - start
-        if elapsed > report.slowest_s:
-            report.slowest_s, report.slowest_case = elapsed, label
+        report.time(took, label, refused="refused" in outcome or "Error" in outcome)
         report.mutations.update(case.names)
         report.cases += 1
     return report

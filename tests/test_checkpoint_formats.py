@@ -263,3 +263,28 @@ def test_a_damaged_file_of_a_mixed_set_is_named(tmp_path, talk):
     tmp_path.joinpath("q.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"q\.json: not a quanto quantization map"):
         ws.load_model(tmp_path / "q.safetensors")
+
+
+def test_the_studio_summary_shows_each_files_storage_and_the_layers_mix(tmp_path, talk):
+    from types import SimpleNamespace
+
+    from wanstudio.studio import LoadSettings, summarize
+
+    paths, _ = kijai_pair(talk, tmp_path)
+    model = ws.load_model(paths, dtype=torch.float32)
+    rows = {w: (m, d) for w, m, d in summarize(SimpleNamespace(model=model), LoadSettings()).kernel_paths}
+    kind, files = rows["checkpoint"]
+    assert kind == "comfy-prefixed"
+    assert f"{paths[0].name} (comfy-prefixed), {paths[1].name} (comfy-prefixed)" in files
+    assert rows["weights stored as"] == (
+        "mixed",
+        "fp8_e5m2_scaled x 32, fp8_e4m3fn_scaled x 10, bfloat16 x 1",
+    )
+    mode, detail = rows["quantization"]
+    assert mode == "disabled: mixed, as stored"
+    assert detail.startswith("fp8_e5m2_scaled x 24, fp8_e4m3fn_scaled x 6 (")
+    converted = ws.load_model(paths, dtype=torch.float32, quantization="fp8_e4m3fn_scaled")
+    settings = LoadSettings(quantization="fp8_e4m3fn_scaled")
+    rows = {w: (m, d) for w, m, d in summarize(SimpleNamespace(model=converted), settings).kernel_paths}
+    assert rows["quantization"][0] == "fp8_e4m3fn_scaled"  # asked for: every layer in one mode
+    assert rows["weights stored as"][0] == "mixed"  # the files still hold the mix

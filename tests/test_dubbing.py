@@ -175,7 +175,11 @@ def test_each_clip_is_conditioned_on_the_source_frame_at_its_start(tmp_path, mon
     out = pipe(
         video=path, audio=speech(1.2), size=(48, 32), steps=2, motion_frame=5, loudness=None, progress=False
     )
-    assert out.clips == 3 and out.num_frames == 30 == out.frames.shape[0] and out.notes == ()
+    assert out.clips == 3 and out.num_frames == 30 == out.frames.shape[0]
+    # the source as read, and nothing about its length (it matches the audio)
+    assert out.notes == (
+        "source video scene.mkv: 48x32 at 25 fps, 1.20 s (about 30 frames at 25 fps), read at 25 fps",
+    )
     per_clip = clip_conditions(dit, 2 * 3)
     assert len(per_clip) == 3
     for k, call in zip((0, 1, 2), per_clip, strict=True):
@@ -217,7 +221,8 @@ def test_a_video_shorter_than_the_audio_holds_its_last_frame_and_says_so(tmp_pat
     assert torch.allclose(ys[1], expected_y(as_condition(frames[12])), atol=1e-6)
     assert torch.allclose(ys[2], expected_y(as_condition(frames[14])), atol=1e-6)  # the last frame
     assert [frame_number(x[0]) for x in image_encoder.seen] == [0, 12, 14]
-    (note,) = out.notes
+    source, note = out.notes  # what was read, then what was done about its length
+    assert source.startswith("source video ") and "read at 25 fps" in source
     assert "shorter than the 1.20 s output" in note and "its last frame" in note
     assert any(r.levelno == logging.WARNING and "shorter" in r.getMessage() for r in caplog.records)
 
@@ -226,7 +231,8 @@ def test_a_video_longer_than_the_audio_is_cut_to_the_audio(tmp_path):
     path = write_lossless(tmp_path / "long.mkv", numbered_frames(30))  # 1.2 s
     out = make_pipe()[0](video=path, audio=speech(0.4), size=(48, 32), **FAST)
     assert out.num_frames == 10 and out.clips == 1
-    (note,) = out.notes
+    source, note = out.notes  # what was read, then what was done about its length
+    assert source.startswith("source video ") and "read at 25 fps" in source
     assert "longer than the 0.40 s output" in note and "not used" in note
 
 

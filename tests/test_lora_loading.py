@@ -14,6 +14,7 @@ from conftest import call, make_inputs
 from safetensors.torch import save_file
 from test_checkpoints import _MODEL_SQNR_BARS, _scaled_fp8_file, _seeded, _state
 from test_lora import LAYERS, factors, write_lora
+from test_quant import SQNR_BARS
 
 import wanstudio as ws
 from wanstudio.lora import LoRA, LoraError, applied_loras, apply_lora
@@ -39,15 +40,17 @@ def test_merge_at_load_equals_apply_lora_on_the_loaded_model(tmp_path):
         ws.remove_lora(merged, lora)
 
 
-@pytest.mark.parametrize("mode", sorted(_MODEL_SQNR_BARS))
+@pytest.mark.parametrize("mode", sorted(m.value for m in SQNR_BARS))
 def test_lora_then_quantization_meets_the_modes_bar(tmp_path, mode):
+    """Every quantized mode: the LoRA merges into the float weights first, so the loaded model
+    is as close to the merged float model as the mode's own bar (test_quant) allows."""
     model = _seeded("tiny-infinitetalk")
     dit, lora = _files(tmp_path, model)
     reference = apply_lora(model, lora)  # the merged float model
     loaded = ws.load_model(dit, dtype=torch.float32, quantization=mode, loras=[(str(lora.path), 0.7)])
     inputs = make_inputs(reference.config)
     with torch.no_grad():
-        assert sqnr_db(call(loaded, inputs), call(reference, inputs)) >= _MODEL_SQNR_BARS[mode]
+        assert sqnr_db(call(loaded, inputs), call(reference, inputs)) >= SQNR_BARS[ws.QuantMode(mode)]
 
 
 def test_lora_on_a_scaled_fp8_file_is_requantized_in_the_files_mode(tmp_path):

@@ -722,6 +722,17 @@ def test_from_files_takes_modes_or_the_old_keywords(tmp_path, monkeypatch):
     assert not any(isinstance(m, ws.QuantizedLinear) for m in mixed.model.modules())
     with pytest.raises(ws.WanstudioError, match="blocks_to_swap must be"):  # checked once, by RuntimeModes
         InfiniteTalkPipeline.from_files(**files, blocks_to_swap=True)
+    # a LoRA as a keyword: merged at load (W + strength B A on the layer it names, nothing else)
+    from test_lora import expected, factors, write_lora
+
+    fac = factors(model, ["blocks.0.self_attn.q"], rank=2, alpha=None)
+    lora = write_lora(tmp_path / "l.safetensors", fac, "kijai")
+    merged = InfiniteTalkPipeline.from_files(**files, dtype=torch.float32, loras=[(lora, 0.5)])
+    assert merged.modes.loras == (ws.LoRA(lora, 0.5),)
+    want = expected({k: v.float() for k, v in model.state_dict().items()}, fac, 0.5)
+    got = merged.model.state_dict()
+    assert torch.allclose(got["blocks.0.self_attn.q.weight"], want["blocks.0.self_attn.q.weight"], atol=1e-6)
+    assert torch.equal(got["blocks.0.self_attn.k.weight"], model.state_dict()["blocks.0.self_attn.k.weight"])
 
 
 def test_tiny_takes_modes_and_quantizes_its_base_precision_weights(tiny_pipe):

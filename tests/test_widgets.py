@@ -1057,3 +1057,75 @@ def test_load_panel_lora_box_becomes_the_settings_loras(tmp_path):
     assert LoadSettings(loras=parse_loras(f"{a}:0.8")).modes.loras == (LoRA(a, 0.8),)
     with pytest.raises(ws.LoraError, match="no such file"):
         parse_loras(str(tmp_path / "missing.safetensors"))
+
+
+# --- checkpoint storage in the summary; GGUF / quanto discovery ---------------------------------------
+def test_load_panel_shows_the_storage_mix_of_a_loaded_checkpoint(tiny_model):
+    import copy
+
+    from wanstudio.checkpoints import CheckpointInfo
+    from wanstudio.quant import QuantMix
+
+    model = copy.copy(tiny_model)  # its own attributes; the shared fixture stays as it was
+    model.checkpoint_info = CheckpointInfo(
+        files=[Path("base_fp8_e5m2_scaled_KJ.safetensors"), Path("talk_fp8_e4m3fn_scaled_KJ.safetensors")],
+        formats=["comfy-prefixed", "comfy-prefixed"],
+        storage={"fp8_e4m3fn_scaled": 80, "fp8_e5m2_scaled": 400, "bfloat16": 2},
+        bytes=3 * 2**30,
+    )
+    model.quantization = QuantMix(((QuantMode.FP8_E5M2_SCALED, 400), (QuantMode.FP8_E4M3FN_SCALED, 80)))
+    panel = LoadPanel(loader=FakeLoader(model), find=False, device="cpu")
+    panel.load_button.click()
+    assert panel.last_error is None, panel.last_traceback
+    rows = {what: (mode, detail) for what, mode, detail in panel.summary.kernel_paths}
+    assert rows["checkpoint"] == (
+        "comfy-prefixed",
+        "3.00 GiB in base_fp8_e5m2_scaled_KJ.safetensors (comfy-prefixed), "
+        "talk_fp8_e4m3fn_scaled_KJ.safetensors (comfy-prefixed)",
+    )
+    assert rows["weights stored as"] == (
+        "mixed",
+        "fp8_e5m2_scaled x 400, fp8_e4m3fn_scaled x 80, bfloat16 x 2",
+    )
+    mode, detail = rows["quantization"]
+    assert mode == "disabled: mixed, as stored"
+    assert detail.startswith("fp8_e5m2_scaled x 400, fp8_e4m3fn_scaled x 80 (")
+    html = panel.summary_html.value
+    assert "weights stored as" in html and "fp8_e5m2_scaled x 400, fp8_e4m3fn_scaled x 80" in html
+    assert studio.session.checkpoint_rows(tiny_model) == []  # random weights: no files to show
+
+
+def test_load_panel_dit_fields_name_the_accepted_formats():
+    panel = LoadPanel(find=False, device="cpu")
+    for text in (panel.paths["dit"].placeholder, panel.paths["dit"].tooltip):
+        for fmt in ("safetensors", "bf16", "fp8", "scaled fp8", "GGUF", "quanto"):
+            assert fmt in text, (fmt, text)
+    assert ".gguf" in panel.paths["infinitetalk"].placeholder
+
+
+def _encoders(folder: Path) -> None:
+    _write(folder / "Wan2.1_VAE.pth")
+    _write(folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    _write(folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    _write(folder / "chinese-wav2vec2-base" / "config.json")
+
+
+def test_weight_discovery_finds_gguf_and_quanto_dits(tmp_path):
+    gguf = tmp_path / "gguf"
+    _encoders(gguf)
+    dit = _write(gguf / "unet" / "wan2.1-i2v-14b-480p-Q8_0.gguf")
+    talk = _write(gguf / "unet" / "Wan2_1-InfiniteTalk_Single_Q8.gguf")
+    w = studio.find_weights({studio.WEIGHTS_ENV: str(gguf)}, search=[])
+    assert w.dit == (str(dit),) and w.infinitetalk == str(talk) and w.missing() == []
+
+    quanto = tmp_path / "quanto"  # the official repo's quant_models: the whole DiT, its map beside it
+    _encoders(quanto)
+    _write(quanto / "InfiniteTalk" / "single" / "infinitetalk.safetensors")
+    dit = _write(quanto / "InfiniteTalk" / "quant_models" / "infinitetalk_single_int8.safetensors")
+    _write(quanto / "InfiniteTalk" / "quant_models" / "infinitetalk_single_int8.json")
+    w = studio.find_weights({studio.WEIGHTS_ENV: str(quanto)}, search=[])
+    assert w.dit == (str(dit),) and w.infinitetalk is None  # the quanto file holds the audio layers
+
+    _write(gguf / "Wan2.1-I2V-14B-480P" / "diffusion_pytorch_model.safetensors.index.json")
+    w = studio.find_weights({studio.WEIGHTS_ENV: str(gguf)}, search=[])
+    assert w.dit[0].endswith("diffusion_pytorch_model.safetensors.index.json")  # official shards first

@@ -232,6 +232,23 @@ def test_the_environment_fingerprint_holds_threads_modes_and_dtypes(monkeypatch)
     assert environment_fingerprint(moved)["modes"] == plain
 
 
+def test_the_fingerprint_holds_the_loras_and_the_text_encoders_storage(tmp_path):
+    """Both change the frames: a run resumed with another LoRA strength or an fp8 umT5 is
+    another run (and runs without either keep the fingerprint they always had)."""
+    from wanstudio.encoders import TextEncoder
+
+    lora = tmp_path / "distill.safetensors"
+    lora.write_bytes(b"x" * 123)
+    plain = environment_fingerprint(fake_pipeline())
+    assert "loras" not in plain and "text_encoder_storage" not in plain
+    one = environment_fingerprint(fake_pipeline(loras=[(lora, 1.0)]))
+    assert one["loras"] == ["distill.safetensors (123 bytes) x1"]
+    assert environment_fingerprint(fake_pipeline(loras=[(lora, 0.5)]))["loras"] != one["loras"]
+    pipe = fake_pipeline()
+    pipe.text_encoder = TextEncoder.tiny(text_dim=32).quantize("fp8_e4m3fn_scaled")
+    assert environment_fingerprint(pipe)["text_encoder_storage"] == ["fp8_e4m3fn_scaled"]
+
+
 # --- temp files -------------------------------------------------------------------------------------
 def test_temp_names_carry_the_pid_and_stale_ones_are_removed_at_start(tmp_path, monkeypatch):
     folder = tmp_path / "w"

@@ -153,11 +153,10 @@ def measure(model, inputs, flops: dict, reps: int) -> tuple[float, float, float]
 
 def suite_matrix(args, rows: list[Row], reference: dict) -> None:
     """wanstudio's DiT in every requested preset x quant x attention x swap, appended to ``rows``;
-    SQNR against each preset's bf16 output (computed once, kept in ``reference``)."""
-    from .attention import available_attention_modes, set_attention
-    from .fusion import compile_blocks
-    from .offload import disable_block_swap, enable_block_swap
-    from .quant import quantize
+    SQNR against each preset's bf16 output (computed once, kept in ``reference``). Each combination
+    is a ``RuntimeModes`` applied with ``apply_modes``, the path every other entry point takes."""
+    from .attention import available_attention_modes
+    from .modes import RuntimeModes, apply_modes
 
     width, height = SIZES[args.size]
     for preset in args.presets:
@@ -171,18 +170,20 @@ def suite_matrix(args, rows: list[Row], reference: dict) -> None:
             if preset not in reference:  # the bf16 output every mode's SQNR is measured against
                 with torch.no_grad():
                     reference[preset] = run_model(model, inputs).float().cpu()
-            quantize(model, quant)
-            if args.compile:
-                compile_blocks(model)
             for aname in args.attention:
                 mode = parse_option(AttentionMode, aname)
                 if not avail[mode].available:
                     print(f"skip {aname}: {avail[mode].reason}", flush=True)
                     continue
-                set_attention(model, mode)
                 for swap in args.swap:
-                    if swap:
-                        enable_block_swap(model, swap, prefetch=args.prefetch)
+                    modes = RuntimeModes(
+                        quantization=quant,
+                        attention=mode,
+                        blocks_to_swap=swap,
+                        prefetch=args.prefetch,
+                        compile=args.compile,
+                    )
+                    apply_modes(model, modes)  # quantizes once; later calls change attention / swap
                     ms, peak, tflops = measure(model, inputs, flops, args.reps)
                     with torch.no_grad():
                         out = run_model(model, inputs).float().cpu()
@@ -191,7 +192,7 @@ def suite_matrix(args, rows: list[Row], reference: dict) -> None:
                     if swap:
                         step = model.block_swap_stats.last_step
                         note += f"; copies {step.copy_ms:.0f} ms, exposed {step.exposed_ms:.0f} ms"
-                        disable_block_swap(model)
+                        apply_modes(model, modes.replace(blocks_to_swap=0))  # every block back on the GPU
                     name = "wanstudio" + (" (compiled blocks)" if args.compile else "")
                     rows.append(Row(name, preset, args.size, qname, aname, swap, ms, peak, tflops, note))
                     print(rows[-1], flush=True)

@@ -21,6 +21,7 @@ means (dequantized, then quantized in that mode).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import WanConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, LoraError
 from .gguf_file import GGUFEntry, GGUFFile, describe_type, is_gguf, read_blocks
 from .gguf_file import dequantize as dequantize_gguf
 from .layout import assign_layout_names
@@ -42,6 +43,7 @@ from .weights import (
     FP8_DTYPES,
     SafetensorsFile,
     TensorEntry,
+    check_stored_dtypes,
     dequantize_fp8,
     read_tensor,
     resolve_files,
@@ -263,38 +265,54 @@ def _examples(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def _files_of(names: Iterable[str], entries: dict[str, TensorEntry], info: CheckpointInfo) -> str:
+    """The file(s) holding tensors ``names`` (every file when none of them is a tensor's)."""
+    paths = sorted({str(entries[n].path) for n in names if n in entries}) or [str(p) for p in info.files]
+    return " and ".join(paths[:2]) + (f" (and {len(paths) - 2} more)" if len(paths) > 2 else "")
+
+
 def check_keys(
     model_shapes: dict[str, tuple[int, ...]],
     entries: dict[str, TensorEntry],
     cfg: WanConfig,
     info: CheckpointInfo,
     allowed_extra: set[str] = frozenset(),
+    inferred: bool = False,
 ) -> None:
-    """Raise CheckpointError (with counts, examples and a diagnosis) unless keys and shapes match."""
+    """Raise CheckpointError (naming the files, with counts, examples and a diagnosis) unless
+    keys and shapes match; ``inferred``: ``cfg`` came from these files' shapes."""
     file_keys = set(entries) - allowed_extra
     missing = sorted(set(model_shapes) - file_keys)
     unexpected = sorted(file_keys - set(model_shapes))
     if missing or unexpected:
         lines = [
-            f"checkpoint does not match the {cfg.model_type}{' + audio' if cfg.audio else ''} "
-            f"model ({cfg.num_layers} layers, dim {cfg.dim}) built from {info.files[0].name}"
-            f"{' and more' if len(info.files) > 1 else ''}:"
+            f"{_files_of(unexpected, entries, info)}: the checkpoint does not match the "
+            f"{cfg.model_type}{' + audio' if cfg.audio else ''} model ({cfg.num_layers} layers, "
+            f"dim {cfg.dim}){' inferred from it' if inferred else ''}:"
         ]
         if missing:
             lines.append(f"  {len(missing)} missing keys, e.g. {_examples(missing)}")
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected keys, e.g. {_examples(unexpected)}")
-        raise CheckpointError("\n".join(lines) + _diagnose(missing, unexpected, cfg, info))
-    bad = [
-        (k, model_shapes[k], entries[k].shape) for k in model_shapes if model_shapes[k] != entries[k].shape
-    ]
+        hint = _diagnose(missing, unexpected, cfg, info)
+        fix = "pass config=None to infer the config from the files, or the files that hold these keys"
+        if inferred:
+            fix = "rename or remove the unexpected keys, or add the files that hold the missing ones"
+        raise CheckpointError("\n".join(lines) + (hint or f"\nTo fix: {fix}."))
+    bad = [(k, model_shapes[k], entries[k]) for k in model_shapes if model_shapes[k] != entries[k].shape]
     if bad:
         rows = "\n".join(
-            f"  {k}: expected {tuple(e)}, found {tuple(f)} in {entries[k].path.name}" for k, e, f in bad[:8]
+            f"  {k}: expected {tuple(want)}, found {tuple(e.shape)} (key {e.key!r} in {e.path})"
+            for k, want, e in bad[:8]
         )
+        fix = "pass config=None to infer the config from the files, or the matching preset"
+        if inferred:  # the config came from the file's other shapes
+            fix = (
+                "the file's tensors disagree with each other: it is corrupt or was edited; download it again"
+            )
         raise CheckpointError(
-            f"{len(bad)} tensors have the wrong shape for this config:\n{rows}\n"
-            f"Pass config=None to infer the config from the file, or the matching preset."
+            f"{_files_of([k for k, _, _ in bad], entries, info)}: {len(bad)} tensors have the wrong "
+            f"shape for the {'inferred ' if inferred else ''}config:\n{rows}\nTo fix: {fix}."
         )
 
 
@@ -377,8 +395,10 @@ def load_model(
         try:
             cfg = WanConfig.from_state_dict({k: e.shape for k, e in entries.items()})
         except ConfigError as e:
+            problem = str(e).removeprefix("cannot infer the config: ")
+            named = re.findall(r"[^\s'\",:()\[\]]+", problem)  # the tensors it names
             raise CheckpointError(
-                f"cannot infer the model config from {info.files[0]}: {e}"
+                f"{_files_of(named, entries, info)}: cannot infer the model config: {problem}"
                 + _diagnose([], sorted(entries), WanConfig(), info)
             ) from None
     else:
@@ -386,7 +406,8 @@ def load_model(
 
     model = WanModel(cfg, device="meta", dtype=dtype)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys))
+    check_keys(model_shapes, entries, cfg, info, allowed_extra=set(info.scale_keys), inferred=config is None)
+    check_stored_dtypes([n for n in model_shapes if not isinstance(entries[n], GGUFEntry)], entries)
     layer_modes = _layer_modes(model, modes.quantization, entries, info)
     swap_at_load = modes.blocks_to_swap
     if swap_at_load == "auto":  # every block to the host while loading; apply_modes plans the rest
@@ -548,16 +569,18 @@ def _load_quantized(
             tensors = quantize_weight(weight, mode)
         else:
             tensors = _layer_tensors(entries, name + ".weight", mode, device)
-    except CheckpointError as e:
+        bias = read_tensor(entries[name + ".bias"]).to(device, dtype) if name + ".bias" in entries else None
+        if loras is not None and bias is not None:
+            bias = loras.merge(name + ".bias", bias, dtype=dtype)
+        if host:
+            tensors = {k: v.cpu() for k, v in tensors.items()}
+            bias = bias.cpu() if bias is not None else None
+        layer.set_quantized(tensors, bias=bias)
+    except CheckpointError as e:  # a layer's tensors that do not fit its mode: name the file
         path = entries[name + ".weight"].path
-        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {name}: {e}") from None
-    bias = read_tensor(entries[name + ".bias"]).to(device, dtype) if name + ".bias" in entries else None
-    if loras is not None and bias is not None:
-        bias = loras.merge(name + ".bias", bias, dtype=dtype)
-    if host:
-        tensors = {k: v.cpu() for k, v in tensors.items()}
-        bias = bias.cpu() if bias is not None else None
-    layer.set_quantized(tensors, bias=bias)
+        if isinstance(e, LoraError) or str(path) in str(e):  # a LoRA's error names its own file
+            raise
+        raise CheckpointError(f"{path}: {name}: {e}") from None
 
 
 def _placement(model: nn.Module, device: torch.device, blocks_to_swap: int) -> dict[str, str]:

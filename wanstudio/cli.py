@@ -52,6 +52,7 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``wanstudio`` argument parser: every subcommand and its flags (``bench`` passes its own)."""
     parser = Parser(prog="wanstudio", description="Wan2.1 / InfiniteTalk talking-video generation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -119,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
     w = it.add_argument_group("weights", "each flag wins over $WANSTUDIO_WEIGHTS / wanstudio.toml (below)")
-    w.add_argument("--dit", nargs="+", default=None, help="Wan2.1-I2V-14B DiT file(s) / index / folder")
+    w.add_argument(
+        "--dit",
+        nargs="+",
+        default=None,
+        help="Wan2.1-I2V-14B DiT file(s) / index / folder: safetensors bf16/fp16 or fp8 (plain, scaled, kijai "
+        "mixed), GGUF .gguf (Q8_0, Q4_0, K-quants, F16), quanto int8/fp8 safetensors + its .json map",
+    )
     w.add_argument("--infinitetalk", default=None, help="InfiniteTalk audio weights, merged on top")
     w.add_argument("--vae", default=None, help="Wan2.1 VAE")
     w.add_argument("--text-encoder", default=None, help="umT5-XXL encoder")
@@ -278,6 +285,7 @@ def _check_output(args) -> None:
 
 
 def cmd_demo(args) -> int:
+    """``wanstudio demo``: the tiny random-weight pipeline on the shipped portrait and speech."""
     from .media import asset_path, probe_media
     from .pipeline import InfiniteTalkPipeline
 
@@ -306,6 +314,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_infinitetalk(args) -> int:
+    """``wanstudio infinitetalk``: check paths, load the pipeline (files or ``--tiny``), generate."""
     from .cli_support import resolve_weights, tiny_cpu_note
     from .pipeline import InfiniteTalkPipeline
 
@@ -362,6 +371,7 @@ def cmd_infinitetalk(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    """``wanstudio doctor``: versions, GPUs, which modes run on the device (and why not), weights."""
     import torch
 
     from . import __version__
@@ -453,6 +463,7 @@ def _attention_report(device) -> list[str]:
 
 
 def cmd_inspect(args) -> int:
+    """``wanstudio inspect``: one DiT forward under the layout inspector; 1 if a contract is violated."""
     import torch
 
     from . import layout
@@ -509,6 +520,7 @@ def _random_inputs(cfg, frames: int, height: int, width: int, *, speakers: int, 
 
 
 def cmd_bench(args) -> int:
+    """``wanstudio bench`` reached through the parser: hands its arguments to :func:`wanstudio.bench.main`."""
     from .bench import main as bench_main
 
     return bench_main(args.bench_args)
@@ -524,6 +536,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``wanstudio`` command on ``argv``; the exit status (2: an error, 128 + N: signal N)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser: `wanstudio bench --help` lists the benchmark's options
         from .bench import main as bench_main

@@ -57,6 +57,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        """Exit with status 2 after one usage line (shortened when long) and ``message``."""
         usage = self.format_usage()
         if usage.count("\n") > 1:  # a long usage would bury the message
             usage = f"usage: {self.prog} [options]  (`{self.prog} --help` lists them)\n"

@@ -170,7 +170,12 @@ class WanConfig:
             fields.update(_infer_audio_fields(shapes, need))
             fields["norm_input_visual"] = "blocks.0.norm_x.weight" in shapes
         fields.update(overrides)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except ConfigError as e:  # name the tensors the bad values were read from
+            keys = {k for f, k in _FIELD_SOURCES if re.search(rf"\b{f}\b", str(e)) and k in shapes}
+            read = ", ".join(f"{k} {list(shapes[k])}" for k in sorted(keys)) or "the tensors' shapes"
+            raise ConfigError(f"cannot infer the config: {e} (read from {read})") from None
 
 
 def _shape_getter(shapes: Mapping[str, tuple[int, ...]]) -> Callable[..., tuple[int, ...]]:
@@ -192,6 +197,15 @@ def _shape_getter(shapes: Mapping[str, tuple[int, ...]]) -> Callable[..., tuple[
     return need
 
 
+# (config field, the tensor from_state_dict reads it from)
+_FIELD_SOURCES = (
+    *((f, "patch_embedding.weight") for f in ("dim", "in_dim", "patch_size", "num_heads", "head_dim")),
+    *(("out_dim", "head.head.weight"), ("ffn_dim", "blocks.0.ffn.0.weight")),
+    *(("freq_dim", "time_embedding.0.weight"), ("text_dim", "text_embedding.0.weight")),
+    *(("clip_dim", "img_emb.proj.1.weight"), ("audio_window", "audio_proj.proj1.weight")),
+    *(("intermediate_dim", "audio_proj.proj1.weight"), ("context_tokens", "audio_proj.proj3.weight")),
+    *(("output_dim", "audio_proj.norm.weight"), ("output_dim", "blocks.0.audio_cross_attn.kv_linear.weight")),
+)
 # Quantization side tensors (scales, markers): a block may carry them for some layers only.
 _QUANT_SIDE_LEAVES = ("scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant")
 _MAX_BLOCK_ID_DIGITS = 6

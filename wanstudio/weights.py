@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -457,6 +457,42 @@ def dequantize_fp8(
         f"per-row scale of the weight {tuple(w.shape)}; the file is not a scaled-fp8 layout "
         f"wanstudio knows."
     )
+
+
+def check_stored_dtypes(names: Iterable[str], entries: Mapping[str, TensorEntry]) -> None:
+    """Refuse, from headers alone (before any tensor is read), the model tensors whose stored
+    dtype no conversion makes right: integer, bool or complex tensors (int8 only with its
+    scale, quanto's layout), and 8-bit weights whose scale is neither one value nor one per
+    output row. ``entries``: official name -> entry; GGUF block tensors are the caller's to
+    leave out. Each error names the file, the key, what was found and what was expected."""
+    for name in names:
+        e = entries[name]
+        eight_bit = e.dtype in FP8_DTYPES or e.dtype == torch.int8
+        if e.dtype.is_floating_point and not eight_bit:
+            continue
+        key = repr(e.key) + ("" if e.key == name else f" (read as {name})")
+        kind = str(e.dtype).replace("torch.", "")
+        skey = scale_key(name, entries) if eight_bit else None
+        if skey is None and e.dtype in FP8_DTYPES:
+            continue  # plain fp8: runs as stored
+        if skey is None:
+            int8 = " without a scale (quanto stores <layer>.weight._scale beside it)" if eight_bit else ""
+            raise CheckpointError(
+                f"{e.path}: tensor {key} is {kind}{int8}; the model needs a floating-point tensor "
+                f"here (F32 / F16 / BF16, F8_E4M3 / F8_E5M2 with or without a scale, or I8 with a "
+                f"per-row scale). The file was converted wrongly or is not a Wan DiT: download it again"
+            )
+        s = entries[skey]
+        rows, count = (e.shape[0] if e.shape else 1), 1
+        for d in s.shape:
+            count *= d
+        if count not in (1, rows) or len(s.shape) > 2:
+            where = "" if s.path == e.path else f" (the weight is in {e.path})"
+            raise CheckpointError(
+                f"{s.path}: scale {s.key!r} has shape {list(s.shape)}, but {kind} weight {key} of "
+                f"shape {list(e.shape)}{where} needs one value (per tensor) or {rows} (one per output "
+                f"row); the scale belongs to another tensor or the file is corrupt: download it again"
+            )
 
 
 def _load_malloc_trim():

@@ -49,15 +49,18 @@ class ClipPlan:
 
     @classmethod
     def make(cls, audio_frames: int, frame_num: int, motion_frame: int, max_frames: int) -> ClipPlan:
+        """The plan for ``audio_frames`` of audio, the output capped at ``max_frames`` frames."""
         total = min(audio_frames, max_frames)
         stride = frame_num - motion_frame
         clips = 1 if total <= frame_num else 1 + math.ceil((total - frame_num) / stride)
         return cls(audio_frames, total, frame_num, motion_frame, clips)
 
     def start(self, k: int) -> int:
+        """First audio frame of clip k: ``k (frame_num - motion_frame)``."""
         return k * (self.frame_num - self.motion_frame)
 
     def end(self, k: int) -> int:
+        """One past the last audio frame of clip k (``start(k) + frame_num``)."""
         return self.start(k) + self.frame_num
 
     def dropped(self, k: int) -> int:
@@ -69,6 +72,7 @@ class ClipPlan:
         return min(self.end(k), self.total_frames) - (self.start(k) + self.dropped(k))
 
     def frames_after(self, k: int) -> int:
+        """Output frames finished once clip k is written (clips 0..k)."""
         return min(self.end(k), self.total_frames)
 
 

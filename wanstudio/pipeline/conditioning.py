@@ -203,6 +203,7 @@ class SourceFrames:
         self.size = tuple(size)  # (W, H)
 
     def read(self, index: int) -> tuple[int, torch.Tensor]:
+        """(index served, frame [3, H, W] in [-1, 1]) of frame ``index``; past the end, the last frame."""
         from PIL import Image
 
         from ..media import resize_and_crop
@@ -216,6 +217,7 @@ class SourceFrames:
         return self.reader.width, self.reader.height
 
     def close(self) -> None:
+        """Close the underlying video reader."""
         self.reader.close()
 
 

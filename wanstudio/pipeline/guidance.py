@@ -100,6 +100,7 @@ class MomentumBuffer:
         self.average: torch.Tensor | None = None
 
     def update(self, value: torch.Tensor) -> torch.Tensor:
+        """Fold ``value`` into the average (the first value starts it) and return the new average."""
         self.average = value if self.average is None else value + self.momentum * self.average
         return self.average
 
@@ -147,6 +148,8 @@ class Guidance:
         return self.combine(v)
 
     def combine(self, v: dict[Condition, torch.Tensor]) -> torch.Tensor:
+        """The guided velocity from the predictions ``v`` (one per condition of :attr:`conditions`):
+        plain CFG, or APG when ``config.apg`` (updates the momentum buffers)."""
         cfg = self.config
         s_t, s_a = cfg.text_scale, cfg.audio_scale
         cond = v[Condition.COND]

@@ -112,6 +112,7 @@ class GeneratedVideo:
         return self.num_frames / self.fps
 
     def summary(self) -> str:
+        """One line: frames, duration, size, clips (resumed ones), seconds and the output file."""
         w, h = self.size
         resumed = f" ({self.resumed_clips} resumed)" if self.resumed_clips else ""
         where = f" -> {self.path}" if self.path else ""

@@ -91,6 +91,7 @@ def from_files(
     config=None,
     compile_blocks: bool | None = None,
     strict_layout: bool | None = None,
+    loras=None,
     offload_encoders: bool | str | None = None,
     text_encoder_device: str | None = None,
     text_encoder_quantization: str | None = None,
@@ -107,6 +108,8 @@ def from_files(
         clip: CLIP ViT-H/14. wav2vec: chinese-wav2vec2-base folder or file.
         modes: a :class:`~wanstudio.modes.RuntimeModes` for the DiT (default bf16, no
             quantization, sdpa); its precision is also the text encoder's and CLIP's dtype.
+        loras: LoRA files merged into the DiT while it streams in, before quantization: paths,
+            ``(path, strength)`` pairs or :class:`~wanstudio.lora.LoRA` (``RuntimeModes.loras``).
         quantization, attention, blocks_to_swap, prefetch, dtype, compile_blocks, strict_layout:
             the same choices as keywords (``dtype`` is ``RuntimeModes.precision``,
             ``compile_blocks`` is ``compile``); one given wins over ``modes``. Names come from
@@ -145,6 +148,7 @@ def from_files(
         prefetch=prefetch,
         compile=compile_blocks,
         strict_layout=strict_layout,
+        loras=loras,
     )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modes.check_device(device)

@@ -96,17 +96,21 @@ class ProgressClock:
             )
 
     def started(self) -> None:
+        """Emit "start" (at the first clip still to generate, after any resumed ones)."""
         self._emit("start", min(self.resumed + 1, self.clips), 0, None)
 
     def step(self, clip: int, step: int) -> None:
+        """Emit "step": sampling step ``step`` of clip ``clip`` (both 1-based) has run."""
         self.steps_run += 1
         self._emit("step", clip, step, self._eta(clip, step))
 
     def clip(self, clip: int, frames_done: int) -> None:
+        """Emit "clip": clip ``clip`` (1-based) is finished, ``frames_done`` output frames so far."""
         self.frames_done = frames_done
         self._emit("clip", clip, 0, self._eta(clip, self.steps))
 
     def done(self) -> None:
+        """Emit "done": the whole generation has finished."""
         self._emit("done", self.clips, self.steps, 0.0)
 
 
@@ -140,6 +144,7 @@ class TqdmProgress:
             self.close()
 
     def close(self) -> None:
+        """Close the bar, if one is open."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

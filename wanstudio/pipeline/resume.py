@@ -35,6 +35,7 @@ import torch
 
 from ..atomic import atomic_write, disk_full, pid_alive, remove_stale_parts
 from ..errors import PipelineError
+from ..quant import QuantizedLinear
 
 try:  # POSIX; elsewhere the lock relies on the pid check alone
     import fcntl
@@ -66,22 +67,43 @@ def environment_fingerprint(pipeline) -> dict:
     """What changes the frames besides a call's arguments, for a run's fingerprint.
 
     The numeric modes (quantization and attention from ``pipeline.modes``, and whether the
-    blocks are compiled; not block swap, which only moves weights), every part's dtype, the
-    device, torch's CPU thread count (CPU reductions add in another order with another count,
-    so the frames differ) and the torch version.
+    blocks are compiled; not block swap, which only moves weights), the LoRAs merged into the
+    DiT, the text encoder's quantized storage, every part's dtype, the device, torch's CPU
+    thread count (CPU reductions add in another order with another count, so the frames
+    differ) and the torch version.
     """
     model = pipeline.model
     run_modes = getattr(pipeline, "modes", None)
     modes = {} if run_modes is None else {k: getattr(run_modes, k).value for k in NUMERIC_MODES}
     modes["compiled"] = any(getattr(b, "_wanstudio_compiled", False) for b in getattr(model, "blocks", ()))
     parts = ("model", "vae", "text_encoder", "image_encoder", "audio_encoder")
-    return dict(
+    out = dict(
         modes=modes,
         dtypes={name: _dtype_name(getattr(pipeline, name, None)) for name in parts},
         device=_device_name(getattr(model, "device", "cpu")),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
+    # only when present, so the work folders of runs without them still match
+    loras = getattr(run_modes, "loras", ())
+    if loras:  # merged into the DiT's weights: file (name and size) and strength
+        out["loras"] = [
+            f"{lora.path.name} ({_file_size(lora.path)} bytes) x{lora.strength:g}"
+            + ("" if lora.use_alpha else " without alpha")
+            for lora in loras
+        ]
+    text = getattr(getattr(pipeline, "text_encoder", None), "model", None)
+    stored = sorted({m.mode.value for m in text.modules() if isinstance(m, QuantizedLinear)}) if text else []
+    if stored:  # an fp8 umT5 gives other text embeddings
+        out["text_encoder_storage"] = stored
+    return out
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 @dataclass
@@ -454,6 +476,7 @@ class WorkFolder:
 
     # --- clips -------------------------------------------------------------------------------------
     def clip_file(self, index: int) -> Path:
+        """Where finished clip ``index`` (0-based) is saved."""
         return self.path / f"clip_{index:04d}.pt"
 
     def save(self, record: ClipRecord) -> None:
@@ -481,6 +504,7 @@ class WorkFolder:
         self.finished = record.index + 1
 
     def load(self, index: int) -> ClipRecord:
+        """Finished clip ``index`` as saved; a truncated or foreign file is a PipelineError."""
         try:
             data = torch.load(self.clip_file(index), map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file

@@ -47,6 +47,7 @@ def timestep_schedule(steps: int, shift: float, num_train_timesteps: int = NUM_T
 
 
 def check_schedule_args(steps, shift) -> None:
+    """Raise PipelineError unless ``steps`` is an integer >= 1 and ``shift`` a finite number > 0."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise PipelineError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
@@ -114,6 +115,8 @@ class UniPCSampler:
         return self.schedule[:-1]
 
     def step(self, velocity: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """One UniPC update from timestep ``i`` to ``i + 1``, in ``x``'s dtype. The scheduler keeps
+        the earlier outputs, so call it for i = 0, 1, ... in order."""
         t = self.scheduler.timesteps[i]
         out = self.scheduler.step(velocity.to(x.dtype), t, x, return_dict=False)[0]
         return out.to(x.dtype)

@@ -32,8 +32,8 @@ from ..offload import check_blocks_to_swap
 from ..options import AttentionMode, BasePrecision, EncoderOffload, QuantMode, TextEncoderDevice, parse_option
 from ..pipeline import InfiniteTalkPipeline
 from ..pipeline.memory import check_budget_gb
+from ..quant import QuantMix, quantized_layers
 from ..quant import quant_report as measure_quant_report
-from ..quant import quantized_layers
 from ._format import dtype_name, gib
 from .availability import (
     attention_availability,
@@ -436,10 +436,17 @@ def kernel_paths(model: nn.Module, settings: LoadSettings) -> list[tuple[str, st
         if counted
         else quant_kernel_path(q, settings.device)
     )
+    stored = getattr(model, "quantization", None) if q is QuantMode.DISABLED else None
+    qrow = ("quantization", q.value, qpath or q.description)
+    if isinstance(stored, QuantMix):  # 'disabled' on a mixed file: each layer as its file stores it
+        mix = ", ".join(f"{m.value} x {n}" for m, n in stored.counts)
+        qrow = ("quantization", f"{q.value}: mixed, as stored", f"{mix} ({qpath})")
+    elif isinstance(stored, QuantMode) and stored is not QuantMode.DISABLED:
+        qrow = ("quantization", f"{q.value}: {stored.value}, as stored", qpath)
     astatus = attention_availability(settings.device)[a]
     rows = [
         ("base precision", settings.precision.value, f"{dtype_name(settings.dtype)} weights and compute"),
-        ("quantization", q.value, qpath or q.description),
+        qrow,
         ("attention", a.value, astatus.kernel or astatus.reason or a.description),
     ]
     swapped = getattr(getattr(model, "modes", None), "blocks_to_swap", settings.blocks_to_swap)
@@ -454,6 +461,22 @@ def kernel_paths(model: nn.Module, settings: LoadSettings) -> list[tuple[str, st
         swap = f"auto for {budget}: {swap}" + (f" ({plan.summary().splitlines()[0]})" if plan else "")
     rows.append(("block swap", str(settings.blocks_to_swap), swap))
     return rows
+
+
+def checkpoint_rows(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(what, kind, detail) for the files real weights came from (``model.checkpoint_info``):
+    each file and its format, and the weights per stored format; empty for the tiny preset."""
+    info = getattr(model, "checkpoint_info", None)
+    if info is None:
+        return []
+    files = ", ".join(f"{p.name} ({fmt})" for p, fmt in zip(info.files, info.formats))
+    counts = sorted(info.storage.items(), key=lambda kv: -kv[1])
+    stored = ", ".join(f"{label} x {n}" for label, n in counts) or "no weights"
+    kind = "mixed" if len(counts) > 1 else counts[0][0] if counts else "-"
+    return [
+        ("checkpoint", ", ".join(dict.fromkeys(info.formats)), f"{gib(info.bytes)} in {files}"),
+        ("weights stored as", kind, stored),
+    ]
 
 
 def memory_rows(pipeline, settings: LoadSettings) -> list[tuple[str, str, str]]:
@@ -473,7 +496,8 @@ def memory_rows(pipeline, settings: LoadSettings) -> list[tuple[str, str, str]]:
 
 
 def summarize(pipeline, settings: LoadSettings, seconds: float | None = None) -> ModelSummary:
-    """Memory per part (DiT, encoders, VAE), process memory, and what each chosen mode runs."""
+    """Memory per part (DiT, encoders, VAE), process memory, the checkpoint's files and storage
+    (real weights), and what each chosen mode runs."""
     parts = [("DiT", pipeline.model)]
     for attr, name in (
         ("text_encoder", "text encoder"),
@@ -494,7 +518,9 @@ def summarize(pipeline, settings: LoadSettings, seconds: float | None = None) ->
         alloc, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
     return ModelSummary(
         components,
-        kernel_paths(pipeline.model, settings) + memory_rows(pipeline, settings),
+        checkpoint_rows(pipeline.model)
+        + kernel_paths(pipeline.model, settings)
+        + memory_rows(pipeline, settings),
         rss,
         alloc,
         peak,

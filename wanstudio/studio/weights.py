@@ -35,12 +35,14 @@ class WeightPaths:
 
     Args:
         dit: Wan2.1-I2V-14B DiT: the shards' ``*.safetensors.index.json``, their folder, or one
-            file (several entries are merged in order).
+            file (several entries are merged in order): safetensors bf16 / fp16 / fp8 / scaled
+            fp8, GGUF, or a quanto file (its ``.json`` map beside it).
         vae: ``Wan2.1_VAE.pth`` (or a bf16 safetensors). text_encoder: umT5-XXL
             (``models_t5_umt5-xxl-enc-bf16.pth`` or an HF folder); tokenizer: its tokenizer folder.
         clip: CLIP ViT-H/14 (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``).
         wav2vec: the ``chinese-wav2vec2-base`` folder.
-        infinitetalk: ``single/infinitetalk.safetensors`` (None when ``dit`` already holds it).
+        infinitetalk: ``single/infinitetalk.safetensors``, or an fp8 / GGUF file of it (None
+            when ``dit`` already holds it).
         source: where these paths came from (shown to the user).
     """
 
@@ -128,6 +130,8 @@ class WeightPaths:
                 f"{folder}: cannot find {', '.join(missing)}. Put a wanstudio.toml in the folder "
                 f"naming each file ({README_SECTION} shows one)"
             )
+        if Path(found["dit"]).parent.name == "quant_models":
+            found.pop("infinitetalk", None)  # the quanto file already holds the audio layers
         found["dit"] = (found["dit"],)
         return cls(**found, source=str(folder))
 
@@ -157,17 +161,23 @@ def _from(source: str) -> str:
     return f" from {source}" if source else ""
 
 
-# file patterns per component, most specific first (official repo layouts, then ComfyUI names)
+# file patterns per component, most specific first (official repo layouts, then ComfyUI names:
+# safetensors bf16 / fp16 / fp8 / scaled fp8, then city96-style GGUF, then the official quanto
+# file, which holds the whole InfiniteTalk DiT; the loader reads its JSON map beside it itself)
 _WEIGHT_PATTERNS: dict[str, tuple[str, ...]] = {
     "dit": (
         "diffusion_pytorch_model.safetensors.index.json",
         "*wan2.1*i2v*14b*.safetensors",
         "*wan2_1*i2v*14b*.safetensors",
+        "*wan2.1*i2v*14b*.gguf",
+        "*wan2_1*i2v*14b*.gguf",
+        "quant_models/infinitetalk_single_*.safetensors",
     ),
     "infinitetalk": (
         "single/infinitetalk.safetensors",
         "infinitetalk.safetensors",
         "*infinitetalk*.safetensors",
+        "*infinitetalk*.gguf",
     ),
     "vae": ("Wan2.1_VAE.pth", "*wan*2.1*vae*.safetensors", "*wan*vae*.safetensors"),
     "text_encoder": ("models_t5_umt5-xxl-enc-bf16.pth", "*umt5*xxl*.safetensors", "*umt5*xxl*.pth"),

@@ -194,6 +194,7 @@ class SpeechData:
 
     @classmethod
     def load(cls, folder: str | Path) -> SpeechData:
+        """Read ``speech.npz`` from ``folder``; CheckpointError (with the command that makes it) when absent."""
         path = Path(folder) / SPEECH_FILE
         if not path.is_file():
             raise CheckpointError(
@@ -282,6 +283,8 @@ class ClipSampler:
         self.context = torch.from_numpy(data.context).to(self.device)
 
     def sample(self, rng: np.random.Generator, batch: int) -> Clip:
+        """``batch`` random clips, each a random utterance, start, face style and head motion, the
+        mouth moving with the utterance's speech; rendered on ``device``."""
         F, window = self.frame_num, AUDIO_WINDOW
         styles, starts, utts, audio_idx = [], [], [], []
         motion = {k: [] for k in faces.MOTION_FIELDS}

@@ -182,6 +182,7 @@ class FaceMotion:
         return cls(**fields)
 
     def window(self, start: int, stop: int) -> FaceMotion:
+        """Frames ``[start, stop)`` of every field."""
         return FaceMotion(**{f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)})
 
 

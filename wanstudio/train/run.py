@@ -223,6 +223,7 @@ def _provenance(args, plan, data, data_folder: Path, metrics: dict, paths) -> st
 
 # --- the command line -----------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
+    """The ``python -m wanstudio.train`` command line: ``data`` (make the speech data) or ``fit``."""
     p = argparse.ArgumentParser(
         prog="python -m wanstudio.train",
         description="Train the tiny InfiniteTalk preset (see wanstudio/train/train.py).",

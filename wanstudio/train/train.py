@@ -46,6 +46,7 @@ class Budget:
     lr: float
 
     def progress(self, step: int, elapsed: float) -> float:
+        """How far the stage is, as the larger of its step and time fractions (1 or more: over)."""
         return max(step / self.steps, elapsed / self.seconds)
 
 
@@ -66,6 +67,7 @@ class Log:
         self._last = -1e9
 
     def add(self, stage: str, step: int, loss: float, lr: float, **extra) -> None:
+        """Record one row; print it (with ``extra`` values) when ``every_s`` seconds have passed."""
         now = time.perf_counter() - self.t0
         self.rows.append((stage, step, round(now, 2), loss, lr))
         if now - self._last >= self.every_s:
@@ -74,6 +76,7 @@ class Log:
             print(f"[{now:7.1f}s] {stage} step {step:5d} loss {loss:.5f} lr {lr:.2e}{more}", flush=True)
 
     def csv(self) -> str:
+        """The rows as loss.csv text (stage, step, seconds, loss, lr)."""
         lines = ["stage,step,seconds,loss,lr"]
         lines += [f"{s},{i},{t},{loss:.6f},{lr:.3e}" for s, i, t, loss, lr in self.rows]
         return "\n".join(lines) + "\n"

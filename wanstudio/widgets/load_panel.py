@@ -26,15 +26,25 @@ from .common import (
     table_style,
 )
 
+# what the DiT fields accept (the placeholder and the fields' tooltip)
+DIT_FORMATS = (
+    "safetensors bf16 / fp16 / fp8 (e4m3fn, e5m2), scaled fp8 (kijai, ComfyUI), "
+    "GGUF (.gguf: Q8_0, K-quants, Q4_0, F16), quanto int8 / fp8 (its .json map beside it)"
+)
+
 # field -> (label, placeholder, required)
 PATH_FIELDS: dict[str, tuple[str, str, bool]] = {
     "dit": (
         "DiT (Wan2.1-I2V-14B)",
         "…/Wan2.1-I2V-14B-480P/diffusion_pytorch_model.safetensors.index.json "
-        "(one path per line: shards' index json, their folder, or single files)",
+        f"(one path per line: shards' index json, their folder, or single files; {DIT_FORMATS})",
         True,
     ),
-    "infinitetalk": ("InfiniteTalk", "…/InfiniteTalk/single/infinitetalk.safetensors", False),
+    "infinitetalk": (
+        "InfiniteTalk",
+        "…/InfiniteTalk/single/infinitetalk.safetensors (or an fp8 / .gguf file of it)",
+        False,
+    ),
     "vae": ("VAE", "…/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth", True),
     "text_encoder": ("text encoder (umT5)", "…/models_t5_umt5-xxl-enc-bf16.pth", True),
     "tokenizer": ("tokenizer", "…/Wan2.1-I2V-14B-480P/google/umt5-xxl (folder)", False),
@@ -124,6 +134,7 @@ class LoadPanel(widgets.VBox):
             box = cls(
                 description=label,
                 placeholder=placeholder,
+                tooltip=f"accepted: {DIT_FORMATS}" if name in ("dit", "infinitetalk") else None,
                 style=STYLE,
                 layout=widgets.Layout(width="70%", height="52px" if name == "dit" else None),
             )
