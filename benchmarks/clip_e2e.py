@@ -53,6 +53,17 @@ def random_lora(model: ws.WanModel, rank: int, path: str) -> str:
     return path
 
 
+def clip_wave(frames: int = 81) -> np.ndarray:
+    """A voiced-like 16 kHz signal as long as ``frames`` video frames (seeded; content does not
+    matter for timing, only its length)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(frames / 25 * 16000)) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(
+        t.size
+    )
+    return wave.astype(np.float32)
+
+
 def build_pipeline(
     quant: str,
     compile_blocks: bool,
@@ -145,12 +156,7 @@ def main(argv=None) -> int:
         scheduler=preset.scheduler.value, **({} if preset.shift is None else {"shift": preset.shift})
     )
     pipe = build_pipeline(args.quant, args.compile, args.lora_rank)
-    rng = np.random.default_rng(0)
-    t = np.arange(int(81 / 25 * 16000)) / 16000
-    wave = (
-        0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
-        + 0.01 * rng.standard_normal(t.size)
-    ).astype(np.float32)
+    wave = clip_wave()
     image = torch.rand(3, 480, 832) * 2 - 1
     rows = []
     for steps in [1] + args.steps:  # the 1-step run warms up (and compiles)

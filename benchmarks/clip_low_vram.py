@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 import torch
-from clip_e2e import build_pipeline
+from clip_e2e import build_pipeline, clip_wave
 
 import wanstudio as ws
 from wanstudio.pipeline.memory import EncoderRunner
@@ -131,12 +131,7 @@ def main() -> int:
         "fp8_e4m3fn_scaled_fast", True, text_quant="fp8_e4m3fn_scaled", offload_encoders=False
     )
     print(f"built in {time.perf_counter() - t0:.0f} s; host RSS {host_rss_gib()[0]:.1f} GiB", flush=True)
-    rng = np.random.default_rng(0)
-    t = np.arange(int(81 / 25 * 16000)) / 16000
-    wave = (
-        0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
-        + 0.01 * rng.standard_normal(t.size)
-    ).astype(np.float32)
+    wave = clip_wave()
     scenarios = [  # name, size, card GB, blocks swapped, encoders parked, warm-up first
         ("480p 12 GB", 480, 12, 40, True, True),
         ("480p 16 GB", 480, 16, 40, True, False),
