@@ -62,11 +62,12 @@ def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-def write_gguf(model: torch.nn.Module, path, qtype, *, per_layer=None, orig_shape=()) -> dict:
+def write_gguf(model: torch.nn.Module, path, qtype, *, per_layer=None, orig_shape=(), prefix="") -> dict:
     """The model as a GGUF file: 2-D weights whose rows hold whole blocks in ``qtype`` (or
     ``per_layer[name]``: a GGML type, or raw K-quant blocks), everything else F32, as
     city96's converter does. ``orig_shape``: names stored flattened to rows of 256 with a
-    ``comfy.gguf.orig_shape`` key. Returns {name: the dequantized weight the file holds}."""
+    ``comfy.gguf.orig_shape`` key; ``prefix`` goes before every tensor name in the file.
+    Returns {name: the dequantized weight the file holds}."""
     per_layer = per_layer or {}
     writer = gguf.GGUFWriter(str(path), arch="wan")
     held = {}
@@ -75,20 +76,20 @@ def write_gguf(model: torch.nn.Module, path, qtype, *, per_layer=None, orig_shap
         kind = per_layer.get(name, qtype)
         if isinstance(kind, np.ndarray):  # raw K-quant blocks
             ktype = Q[per_layer[name + ":type"]]
-            writer.add_tensor(name, kind, raw_dtype=ktype)
+            writer.add_tensor(prefix + name, kind, raw_dtype=ktype)
             held[name] = gguf.quants.dequantize(kind, ktype).reshape(a.shape)
             continue
         if name in orig_shape:
-            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(a.shape))
+            writer.add_array(f"comfy.gguf.orig_shape.{prefix}{name}", list(a.shape))
             a = a.reshape(-1, 256)
         block = gguf.GGML_QUANT_SIZES[kind][0]
         if name.endswith(".weight") and value.dim() == 2 and a.shape[-1] % block == 0 and kind != Q.F32:
             data = gguf.quants.quantize(a, kind)
-            writer.add_tensor(name, data, raw_dtype=kind)
+            writer.add_tensor(prefix + name, data, raw_dtype=kind)
             deq = a.astype(np.float16) if kind == Q.F16 else gguf.quants.dequantize(data, kind)
             held[name] = np.asarray(deq, dtype=np.float32).reshape(value.shape)
         else:
-            writer.add_tensor(name, a)
+            writer.add_tensor(prefix + name, a)
             held[name] = a.reshape(value.shape)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -176,6 +177,20 @@ def test_q8_0_format_pads_k_and_round_trips_its_state_dict():
     other.load_state_dict(layer.state_dict(), assign=True)
     x = torch.randn(3, 100)
     assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_prefixed_tensor_names_load_as_the_plain_file(tmp_path, prefix):
+    """ComfyUI-saved GGUF files carry the checkpoint's key prefix; the key table strips it as it
+    does for safetensors."""
+    model = _seeded("tiny-infinitetalk")
+    write_gguf(model, tmp_path / "plain.gguf", Q.Q8_0)
+    write_gguf(model, tmp_path / "prefixed.gguf", Q.Q8_0, prefix=prefix)
+    plain = ws.load_model(tmp_path / "plain.gguf", dtype=torch.float32).state_dict()
+    prefixed = ws.load_model(tmp_path / "prefixed.gguf", dtype=torch.float32).state_dict()
+    assert list(prefixed) == list(plain)
+    for name, tensor in plain.items():
+        assert torch.equal(prefixed[name], tensor), name
 
 
 def test_q8_0_file_runs_as_stored(tmp_path):
