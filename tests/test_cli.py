@@ -450,6 +450,22 @@ def test_memory_flags_reach_the_loader_and_the_call(tmp_path, monkeypatch, capsy
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_timesteps_flag_sets_the_distilled_list_and_the_step_count():
+    from wanstudio.cli_support import sampling_settings
+
+    def parsed(*flags):
+        return sampling_settings(
+            build_parser().parse_args(["infinitetalk", "--image", "a", "--audio", "b", *flags])
+        )
+
+    got = parsed("--preset", "distill_4step", "--timesteps", "999", "750", "500", "250")
+    assert got["timesteps"] == [999.0, 750.0, 500.0, 250.0] and got["steps"] == 4
+    assert got["scheduler"] == "euler_distill"
+    assert parsed("--scheduler", "euler_distill", "--timesteps", "900", "300")["steps"] == 2
+    assert parsed("--timesteps", "900", "300", "--steps", "3")["steps"] == 3  # the sampler refuses it
+    assert "timesteps" not in parsed()
+
+
 def test_memory_settings_accept_the_registry_names():
     from wanstudio.pipeline.memory import check_offload, check_text_device, check_tiled
 

@@ -205,6 +205,36 @@ def test_guidance_free_distill_sampler_follows_its_timestep_list():
     assert [c["t"].item() for c in dit.calls] == pytest.approx(want, abs=1e-3)
 
 
+def test_an_explicit_distill_timestep_list_is_followed_and_checked_up_front():
+    """timesteps= (lightx2v's 999/750/500/250, or any strictly decreasing list): steps follow its
+    length, each is shifted; misuse fails before any work."""
+    pipe, dit, _ = make_pipe()
+    kw = {k: v for k, v in FAST.items() if k != "steps"}
+    listed = (999.0, 750.0, 500.0, 250.0)
+    out = pipe(
+        IMAGE,
+        speech(0.5),
+        text_scale=1,
+        audio_scale=1,
+        scheduler="euler_distill",
+        shift=5.0,
+        timesteps=listed,
+        **kw,
+    )
+    want = [5 * u / (1 + 4 * u) * 1000 for u in (0.999, 0.75, 0.5, 0.25)]
+    assert [c["t"].item() for c in dit.calls] == pytest.approx(want, abs=1e-3)
+    assert out.clips == 1 and len(dit.calls) == 4
+    for bad, message in (
+        (dict(scheduler="euler"), "is for scheduler 'euler_distill'"),
+        (dict(scheduler="euler_distill", steps=3), "step_list has 4 timesteps but steps=3"),
+        (dict(scheduler="euler_distill", timesteps=(250.0, 500.0)), "strictly decreasing"),
+    ):
+        dit.calls.clear()
+        with pytest.raises(ws.PipelineError, match=message):
+            pipe(IMAGE, speech(0.5), **{"timesteps": listed, **bad}, **kw)
+        assert dit.calls == []
+
+
 def hand_loop(pipe, vae, noise, head, audio, steps, shift, s_t, s_a, y):
     """WAN_SPEC §6 written out: Euler, 3-call CFG, head overwrite before calls and after updates."""
     text = FakeText().encode(["", DEFAULT_NEGATIVE_PROMPT])

@@ -290,7 +290,10 @@ def sampling_settings(args) -> dict:
         text_scale=args.text_scale,
         audio_scale=args.audio_scale,
         scheduler=args.scheduler,
+        timesteps=args.timesteps,
     )
+    if args.timesteps is not None and args.steps is None:  # the list says how many steps
+        given["steps"] = len(args.timesteps)
     return {**preset, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -362,6 +365,15 @@ def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) 
     g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
     g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
     add_option(g, "--scheduler", Scheduler, None, "sampler (default: the preset's)", metavar="NAME")
+    g.add_argument(
+        "--timesteps",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="euler_distill only: the distill LoRA's unshifted timesteps, e.g. 999 750 500 250 "
+        "(sets --steps to their count)",
+    )
     g.add_argument("--apg", action="store_true", help="adaptive projected guidance")
     add_option(g, "--cache", CacheMode, CacheMode.NONE.value, "step cache over the DiT calls", metavar="MODE")
     g.add_argument(

@@ -87,6 +87,7 @@ class ClipSampling:
     tiled_vae: bool | str = "auto"  # VAE in tiles: True, False, "auto" (when it would not fit)
     cache: CacheMode = CacheMode.NONE  # step cache over the DiT calls (cache.py)
     cache_threshold: float | None = None  # None: the mode's default
+    timesteps: tuple[float, ...] | None = None  # the distilled sampler's explicit list
     # what the last call's cache did, for the result's summary (set by run_clips)
     last_cache_summary: object = field(default=None, compare=False)
 
@@ -197,7 +198,7 @@ def sample_clip(
         clip_fea, y = cond.image_condition(pipe, plan, k)  # a source video's frame at the clip's start
         audio = cond.clip_audio(plan, k, pipe.config.audio_window, device)  # (1, P, F, window, layers, dim)
         null_audio = torch.zeros_like(audio[:, :1])  # ¬A: one silent speaker, as the reference
-        sampler = make_sampler(sampling.scheduler, steps, sampling.shift)
+        sampler = make_sampler(sampling.scheduler, steps, sampling.shift, step_list=sampling.timesteps)
         guidance = Guidance(sampling.guidance)
         n_head = head.shape[2]
 

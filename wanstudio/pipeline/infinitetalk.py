@@ -60,7 +60,7 @@ from .memory import EncoderRunner, check_offload, check_tiled, default_offload
 from .official_input import read_input_json
 from .progress import resolve_progress
 from .resume import WorkFolder, environment_fingerprint, tensor_digest
-from .sampler import check_schedule_args
+from .sampler import check_schedule_args, make_sampler
 
 __all__ = [  # the helpers moved to clips / conditioning / loading stay importable from here
     "DEFAULT_NEGATIVE_PROMPT",
@@ -263,7 +263,7 @@ class InfiniteTalkPipeline:
         size_class: SizeClass | str | None = None,
         size: tuple[int, int] | None = None,
         frame_num: int | None = None,
-        steps: int = 40,
+        steps: int | None = None,
         shift: float | None = None,
         text_scale: float = 5.0,
         audio_scale: float = 4.0,
@@ -272,6 +272,7 @@ class InfiniteTalkPipeline:
         max_frames: int = 1000,
         color_correction: float = 1.0,
         scheduler: Scheduler | str = Scheduler.EULER,
+        timesteps=None,
         apg: bool = False,
         out: str | os.PathLike | None = None,
         work_dir: str | os.PathLike | None = None,
@@ -311,7 +312,10 @@ class InfiniteTalkPipeline:
             size_class: '480' or '720' bucket family (default '480', or the pipeline's own
                 size, e.g. the tiny preset's 64x64); ``size`` = (width, height) overrides it.
             frame_num: frames per clip (4k + 1; default 81, the tiny pipeline's own default).
-            steps / shift / scheduler: sampling (shift default 7 at 480, 11 at 720).
+            steps / shift / scheduler: sampling (steps default 40, or the length of
+                ``timesteps``; shift default 7 at 480, 11 at 720).
+            timesteps: ``scheduler="euler_distill"`` only: the unshifted timesteps of a
+                step-distilled LoRA, e.g. (999, 750, 500, 250) (default: 1000 (1 - i / steps)).
             text_scale / audio_scale / apg: guidance (3 model calls per step, 2 if text_scale 1).
             seed: the noise seed (noise is drawn in fp32 on the CPU: same video on any device).
             motion_frame: frames carried from one clip to the next (4k + 1, < frame_num).
@@ -347,7 +351,11 @@ class InfiniteTalkPipeline:
         scheduler = parse_option(Scheduler, scheduler)
         speaker_mix = parse_option(SpeakerMix, speaker_mix)
         shift = DEFAULT_SHIFT[size_class] if shift is None else shift
+        if steps is None:
+            steps = 40 if timesteps is None else len(timesteps)
         check_schedule_args(steps, shift)
+        if timesteps is not None:  # checked now, not at the first step of the first clip
+            timesteps = make_sampler(scheduler, steps, shift, step_list=timesteps).step_list
         guidance_cfg = GuidanceConfig(text_scale=text_scale, audio_scale=audio_scale, apg=bool(apg))
         tiled_vae = check_tiled(tiled_vae)
         cache = parse_option(CacheMode, cache)
@@ -360,6 +368,7 @@ class InfiniteTalkPipeline:
             tiled_vae=tiled_vae,
             cache=cache,
             cache_threshold=cache_threshold,
+            timesteps=timesteps,
         )
         frame_num = self.default_frame_num if frame_num is None else frame_num
         stride_t = self.vae.temporal_stride
@@ -465,6 +474,7 @@ class InfiniteTalkPipeline:
             audio_scale=float(audio_scale),
             apg=bool(apg),
             scheduler=scheduler.value,
+            **({} if timesteps is None else {"timesteps": [float(t) for t in timesteps]}),
             seed=seed,
             max_frames=max_frames,
             color_correction=float(color_correction),

@@ -169,14 +169,18 @@ class DistillSampler:
 
 
 def make_sampler(
-    kind: Scheduler | str, steps: int, shift: float
+    kind: Scheduler | str, steps: int, shift: float, step_list=None
 ) -> EulerSampler | UniPCSampler | DistillSampler:
-    """A fresh sampler of ``kind`` (a :class:`~wanstudio.options.Scheduler` member or name)."""
+    """A fresh sampler of ``kind`` (a :class:`~wanstudio.options.Scheduler` member or name);
+    ``step_list``: the distilled sampler's explicit timesteps (refused for the others)."""
     kind = parse_option(Scheduler, kind)
     check_schedule_args(steps, shift)
-    samplers = {
-        Scheduler.EULER: EulerSampler,
-        Scheduler.UNIPC: UniPCSampler,
-        Scheduler.DISTILL: DistillSampler,
-    }
-    return samplers[kind](steps, shift)
+    if kind is Scheduler.DISTILL:
+        return DistillSampler(steps, shift, None if step_list is None else tuple(step_list))
+    if step_list is not None:
+        raise PipelineError(
+            f"timesteps={list(step_list)} is for scheduler '{Scheduler.DISTILL.value}' (a step-distilled "
+            f"LoRA's list); scheduler '{kind.value}' spaces its own. Drop timesteps or pick "
+            f"'{Scheduler.DISTILL.value}'."
+        )
+    return {Scheduler.EULER: EulerSampler, Scheduler.UNIPC: UniPCSampler}[kind](steps, shift)
