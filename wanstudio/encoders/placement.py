@@ -53,16 +53,54 @@ class TensorMover:
     """How weights travel between the host and the device (one tensor at a time).
 
     ``pin=True`` puts host copies in page-locked memory (faster, asynchronous uploads); it
-    needs CUDA.
+    needs CUDA, or a simulated ``backend`` (tests). The masters of ``park='free'`` are packed
+    into one page-locked buffer per encoder (:meth:`host_masters`).
     """
 
-    def __init__(self, device: torch.device | str, *, pin: bool = False):
+    def __init__(self, device: torch.device | str, *, pin: bool = False, backend=None):
         self.device = torch.device(device)
-        self.pin = bool(pin) and self.device.type == "cuda" and torch.cuda.is_available()
+        self.pin = bool(pin) and (
+            backend is not None or (self.device.type == "cuda" and torch.cuda.is_available())
+        )
+        self._backend = backend  # allocates the page-locked buffers (made on first use on CUDA)
+        self._buffers: list = []  # HostBuffers holding masters; they own the page-locking
+
+    def _is_master(self, t: torch.Tensor) -> bool:
+        ptr = t.data_ptr()
+        return any(b.flat.data_ptr() <= ptr < b.flat.data_ptr() + b.flat.numel() for b in self._buffers)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of host tensor ``t`` on the device (``t`` itself if it is there already)."""
-        return t.to(self.device, non_blocking=self.pin and t.is_pinned())
+        return t.to(self.device, non_blocking=self.pin and (t.is_pinned() or self._is_master(t)))
+
+    def host_masters(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host masters of ``tensors`` (one encoder's weights) for ``park='free'``.
+
+        With ``pin``: all in ONE page-locked buffer of their exact size (registered like block
+        swap's). Pinning each tensor on its own goes through torch's caching host allocator,
+        which rounds every allocation up to a power of two: 2.3 GiB more for umT5-XXL in fp8,
+        2.9 GiB with CLIP and wav2vec2. Tensors that already are masters are returned as they are.
+        """
+        if not self.pin:
+            return [self.host_master(t) for t in tensors]
+        if all(self._is_master(t) for t in tensors):
+            return list(tensors)
+        from ..offload.transfer import PLACEMENT_ALIGN, CudaTransferBackend
+
+        offsets, total = [], 0
+        for t in tensors:
+            total = -(-total // PLACEMENT_ALIGN) * PLACEMENT_ALIGN
+            offsets.append(total)
+            total += t.nbytes
+        if self._backend is None:
+            self._backend = CudaTransferBackend(self.device)
+        buffer = self._backend.alloc_host(total)
+        self._buffers.append(buffer)
+        out = []
+        for t, offset in zip(tensors, offsets):
+            master = buffer.flat[offset : offset + t.nbytes].view(t.dtype).view(t.shape)  # same shape
+            out.append(master.copy_(t))
+        return out
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of device tensor ``t`` (pinned when asked)."""
@@ -170,8 +208,12 @@ class EncoderPlacement:
     def park(self, encoder: Any, *, name: str | None = None) -> None:
         """Move ``encoder``'s weights to host memory now (pinned when asked)."""
         tensors = [t for t in weights_of(module_of(encoder)) if t.device.type != "cpu"]
-        for t in tensors:
-            t.data = self.mover.host_master(t.data)
+        if self.park_mode == "free":
+            for t, master in zip(tensors, self.mover.host_masters([t.data for t in tensors])):
+                t.data = master
+        else:
+            for t in tensors:
+                t.data = self.mover.host_master(t.data)
         if tensors:
             self._log(name or _name(encoder), "to_host", "cpu", sum(t.nbytes for t in tensors))
 
@@ -197,7 +239,7 @@ class EncoderPlacement:
         tensors = weights_of(module)
         masters = [t.data for t in tensors] if self.park_mode == "free" else None
         if masters is not None:  # pin once; the masters are what the module shows between uses
-            masters = [self.mover.host_master(m) for m in masters]
+            masters = self.mover.host_masters(masters)
         nbytes = sum(t.nbytes for t in tensors)
         try:
             for i, t in enumerate(tensors):
