@@ -56,7 +56,7 @@ from .conditioning import (
 )
 from .guidance import GuidanceConfig
 from .loading import check_components
-from .memory import EncoderRunner, check_offload, check_tiled, default_offload
+from .memory import EncoderRunner, check_offload, check_tiled, default_offload, swaps_blocks
 from .official_input import read_input_json
 from .progress import resolve_progress
 from .resume import WorkFolder, environment_fingerprint, tensor_digest
@@ -192,7 +192,7 @@ class InfiniteTalkPipeline:
         )
         offload_encoders = check_offload(offload_encoders)
         if offload_encoders is None:
-            offload_encoders = default_offload(model, model.device)
+            offload_encoders = default_offload(model.device, swaps_blocks(model))
         self.encoders = EncoderRunner(
             model.device,
             offload=offload_encoders,

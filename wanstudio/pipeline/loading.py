@@ -17,7 +17,7 @@ import torch
 from ..errors import PipelineError
 from ..modes import RuntimeModes, apply_modes
 from ..options import AttentionMode, QuantMode
-from .memory import check_budget_gb, check_offload, check_text_device, dit_budget_gb, is_small_card
+from .memory import check_budget_gb, check_offload, check_text_device, default_offload, dit_budget_gb
 
 
 def tiny(
@@ -157,7 +157,7 @@ def from_files(
     offload_encoders = check_offload(offload_encoders)
     vram_budget_gb = check_budget_gb(vram_budget_gb)
     if offload_encoders is None:  # decided before loading: parked encoders load to the host
-        offload_encoders = device.type == "cuda" and (modes.blocks_to_swap != 0 or is_small_card(device))
+        offload_encoders = default_offload(device, modes.blocks_to_swap != 0)
     enc_device = "cpu" if offload_encoders else device
     text_device = "cpu" if offload_encoders or text_encoder_device == "cpu" else device
     paths = as_list(dit) + ([infinitetalk] if infinitetalk is not None else [])

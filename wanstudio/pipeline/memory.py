@@ -38,7 +38,7 @@ from ..options import EncoderOffload, TextEncoderDevice, VAETilingMode, parse_op
 
 log = logging.getLogger(__name__)
 
-SMALL_CARD_GIB = 48  # the resident pipeline peaks at 43.5 GiB at 480p (H200): below this, park
+SMALL_CARD_GIB = 48  # the resident pipeline peaked at 35-43.5 GiB at 480p (H200): below this, park
 
 
 def _named(kind, value, what: str, allowed: str):
@@ -79,12 +79,12 @@ def is_small_card(device: torch.device | str) -> bool:
     return torch.cuda.get_device_properties(device).total_memory < SMALL_CARD_GIB * GiB
 
 
-def default_offload(model, device: torch.device | str) -> bool:
-    """``offload_encoders=None``: park the encoders when the DiT swaps blocks or the card is small
-    (never off CUDA: there is no device memory to save)."""
+def default_offload(device: torch.device | str, swapping: bool) -> bool:
+    """``offload_encoders=None``: park the encoders when the DiT swaps blocks (``swapping``) or
+    the card is small (never off CUDA: there is no device memory to save)."""
     if torch.device(device).type != "cuda":
         return False
-    return swaps_blocks(model) or is_small_card(device)
+    return bool(swapping) or is_small_card(device)
 
 
 def dit_budget_gb(device: torch.device | str, budget_gb: float | None, vae, encoders) -> float:
