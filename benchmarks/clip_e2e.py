@@ -64,6 +64,26 @@ def clip_wave(frames: int = 81) -> np.ndarray:
     return wave.astype(np.float32)
 
 
+def timed_clip(pipe, image, wave, **call) -> tuple[float, list[float]]:
+    """One 81-frame clip: (wall seconds, each sampling step's seconds). ``call``: the
+    pipeline's sampling keywords and size."""
+    events = []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(
+        image,
+        wave,
+        prompt="a person talking",
+        frame_num=81,
+        progress=events.append,
+        keep_frames=False,
+        **call,
+    )
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return wall, [b.elapsed - a.elapsed for a, b in zip(events, events[1:]) if a.kind == b.kind == "step"]
+
+
 def build_pipeline(
     quant: str,
     compile_blocks: bool,
@@ -160,27 +180,16 @@ def main(argv=None) -> int:
     image = torch.rand(3, 480, 832) * 2 - 1
     rows = []
     for steps in [1] + args.steps:  # the 1-step run warms up (and compiles)
-        events = []
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe(
+        wall, step_times = timed_clip(
+            pipe,
             image,
             wave,
-            prompt="a person talking",
             steps=steps,
             text_scale=args.text_scale,
             audio_scale=args.audio_scale,
             **sampling,
             size=(832, 480),
-            frame_num=81,
-            progress=events.append,
-            keep_frames=False,
         )
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-        step_times = [
-            b.elapsed - a.elapsed for a, b in zip(events, events[1:]) if b.kind == "step" and a.kind == "step"
-        ]
         calls = 1 if (args.text_scale, args.audio_scale) == (1, 1) else 2 if args.text_scale == 1 else 3
         if steps > 1:
             rows.append((steps, calls, wall, statistics.median(step_times) if step_times else float("nan")))
