@@ -18,7 +18,7 @@ import wanstudio as ws
 from wanstudio.encoders import VAE, EncoderPlacement, ImageEncoder, VAETiling
 from wanstudio.encoders.vae_tiling import activation_bytes
 from wanstudio.modes import RuntimeModes, apply_modes
-from wanstudio.offload import dit_activation_bytes, measure_block_bytes
+from wanstudio.offload import dit_activation_bytes, is_page_locked, measure_block_bytes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -42,7 +42,7 @@ def test_placement_frees_the_device_and_keeps_features(park, pin):
     assert _allocated() - before == first.nbytes  # only the output stays on the device
     assert all(t.device.type == "cpu" for t in encoder.model.parameters())
     if pin:
-        assert all(t.is_pinned() for t in encoder.model.parameters())
+        assert all(is_page_locked(t) for t in encoder.model.parameters())
     for _ in range(3):
         assert torch.equal(placement.run(encoder, images), first)
     del first
@@ -128,6 +128,13 @@ def test_pipeline_with_parked_encoders_matches_resident_and_leaves_them_on_the_h
     rerun = (again.int() - ref.int()).abs().max().item()
     print(f"parked vs resident: max {moved} levels; resident vs resident: max {rerun} levels")
     assert moved <= max(rerun, 1)
-    for enc in (pipe.text_encoder, pipe.image_encoder, pipe.audio_encoder):
-        assert all(p.device.type == "cpu" and p.is_pinned() for p in enc.model.parameters())
+    encoders = (pipe.text_encoder, pipe.image_encoder, pipe.audio_encoder)
+    for enc in encoders:
+        assert all(is_page_locked(p) for p in enc.model.parameters())  # registered, packed
     assert pipe.encoders.text_ran_on == "cuda"
+    # a new runner (another budget) keeps the registered masters: no second copy of any encoder
+    pointers = [p.data_ptr() for enc in encoders for p in enc.model.parameters()]
+    pipe.encoders = EncoderRunner("cuda", offload=True)
+    pipe.encoders.prepare(*encoders)
+    assert torch.equal(pipe(image, wave, **args).frames, out)
+    assert [p.data_ptr() for enc in encoders for p in enc.model.parameters()] == pointers

@@ -16,10 +16,11 @@ import mmap
 import os
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
@@ -75,8 +76,13 @@ class TransferBackend:
         """Bytes page-locked for a host buffer of ``nbytes`` (allocator rounding included)."""
         return nbytes
 
-    def alloc_host(self, nbytes: int) -> HostBuffer:
-        """A page-locked host buffer of ``nbytes`` (it records how it was pinned)."""
+    def alloc_host(self, nbytes: int, fill: Callable[[torch.Tensor], None] | None = None) -> HostBuffer:
+        """A page-locked host buffer of ``nbytes`` (it records how it was pinned).
+
+        ``fill(flat)`` writes the contents; where the backend can, it runs before the pages are
+        locked, so they are committed as they are written and the caller's sources can be freed
+        one by one. It may be called again on a second buffer if locking the first one fails.
+        """
         raise NotImplementedError
 
     def alloc_slot(self, nbytes: int) -> torch.Tensor:
@@ -253,10 +259,10 @@ class CudaTransferBackend(TransferBackend):
             return _align_up(max(nbytes, 1), mmap.PAGESIZE)
         return 1 << max(nbytes - 1, 0).bit_length()  # CachingHostAllocator's power-of-two rounding
 
-    def alloc_host(self, nbytes: int) -> HostBuffer:
+    def alloc_host(self, nbytes: int, fill: Callable[[torch.Tensor], None] | None = None) -> HostBuffer:
         if self._register:
             try:
-                return self._registered(nbytes)
+                return self._registered(nbytes, fill)
             except RuntimeError as exc:
                 warnings.warn(
                     f"cudaHostRegister failed ({exc}); falling back to pin_memory, which rounds "
@@ -267,14 +273,22 @@ class CudaTransferBackend(TransferBackend):
                 self._register = False
                 self.host_memory = "pin_memory"
         flat = _aligned_empty(nbytes, "cpu", pin_memory=True)
+        if fill is not None:
+            fill(flat)
         return HostBuffer(flat, self.host_reserved_bytes(nbytes), "pin_memory")
 
-    def _registered(self, nbytes: int) -> HostBuffer:
+    def _registered(self, nbytes: int, fill: Callable[[torch.Tensor], None] | None = None) -> HostBuffer:
         page = mmap.PAGESIZE
         size = _align_up(max(nbytes, 1), page)
-        base = torch.empty(size + page, dtype=torch.uint8)  # pageable; registering commits it
+        # pageable memory from numpy: the tensor's storage keeps the array alive, so the array's
+        # death (which runs the finalizer, before numpy frees the memory) is the last view's
+        # death — the registration cannot end while a tensor still reads these pages
+        array = np.empty(size + page, dtype=np.uint8)
+        base = torch.from_numpy(array)
         off = (-base.data_ptr()) % page
         flat = base[off : off + size]
+        if fill is not None:  # written while pageable: pages are committed only as they are filled
+            fill(flat[:nbytes])
         ptr = flat.data_ptr()
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1))  # 1: cudaHostRegisterPortable
         if err != 0:
@@ -285,7 +299,7 @@ class CudaTransferBackend(TransferBackend):
                 f"the {_gb(size)} it registered is not page-locked as CUDA sees it (cudaPointerGetAttributes)"
             )
         buf = HostBuffer(flat[:nbytes], size, "cudaHostRegister")
-        buf._finalizer = weakref.finalize(buf, _unregister, ptr)
+        buf._finalizer = weakref.finalize(array, _unregister, ptr)  # or earlier, by buf.release()
         return buf
 
     def alloc_slot(self, nbytes: int) -> torch.Tensor:
@@ -369,9 +383,12 @@ class FakeTransferBackend(TransferBackend):
     def host_available_bytes(self) -> int:
         return self.host_available
 
-    def alloc_host(self, nbytes: int) -> HostBuffer:
+    def alloc_host(self, nbytes: int, fill: Callable[[torch.Tensor], None] | None = None) -> HostBuffer:
         self.ops.append(("alloc_host", nbytes))
-        return HostBuffer(_aligned_empty(nbytes, "cpu"), nbytes, "simulated")
+        flat = _aligned_empty(nbytes, "cpu")
+        if fill is not None:
+            fill(flat)
+        return HostBuffer(flat, nbytes, "simulated")
 
     def alloc_slot(self, nbytes: int) -> torch.Tensor:
         self.ops.append(("alloc_slot", nbytes))
