@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # no GPU: Triton kernels (if Triton is installed) run interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before wanstudio decorates its kernels
+
 import wanstudio as ws
+
+
+def _interpreter_accepts_numpy_2() -> None:
+    """Triton 3.6's interpreter turns scalars into Python ints with ``int(array)``, which NumPy
+    >= 2.3 refuses for 1-element arrays (every ``range(n)`` in a kernel fails): use ``.item()``."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_accepts_numpy_2()
 
 
 def make_inputs(

@@ -146,8 +146,8 @@ class AttentionMode(Option):
     )
     SAGEATTN_3_FP8 = (
         "sageattn_3_fp8",
-        "SageAttention 8-bit kernel: INT8 QK, FP8 PV",
-        "CUDA compute capability >= 8.9, sageattention >= 2",
+        "8-bit attention: INT8 QK, FP8 PV (sageattention's kernel, else wanstudio's Triton one)",
+        "CUDA compute capability >= 8.9; sageattention >= 2 or Triton",
     )
     XFORMERS = (
         "xformers",
