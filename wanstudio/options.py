@@ -124,8 +124,8 @@ class AttentionMode(Option):
     )
     FLASH_ATTN = (
         "flash_attn",
-        "best installed FlashAttention (FA3 on Hopper, else FA2, else FA4)",
-        "CUDA, fp16/bf16, package flash-attn or flash_attn_interface",
+        "best installed FlashAttention (Hopper: FA3, else FA4, else FA2; Blackwell: FA4 first)",
+        "CUDA, fp16/bf16, package flash-attn, flash_attn_interface (FA3) or flash-attn-4",
     )
     FLASH_ATTN_2 = ("flash_attn_2", "FlashAttention 2 exactly", "CUDA, fp16/bf16, flash-attn 2")
     FLASH_ATTN_3 = (
