@@ -236,7 +236,7 @@ def test_describe_checkpoint_names_format_storage_and_model(tmp_path, talk):
     assert "blocks.*.self_attn: 8 fp8_e5m2_scaled" in text
     assert "blocks.*.audio_cross_attn: 6 fp8_e4m3fn_scaled" in text
     assert "model: tiny-infinitetalk (i2v + InfiniteTalk audio, 2 blocks, dim 256, ffn 512)" in text
-    assert "mixed: 24 layers fp8_e5m2_scaled, 6 layers fp8_e4m3fn_scaled" in text
+    assert "mixed layers: fp8_e5m2_scaled x 24, fp8_e4m3fn_scaled x 6" in text
     alone = describe_checkpoint(paths[1])  # the InfiniteTalk file on its own
     assert "model: not a whole DiT" in alone and "audio_proj: 4 fp8_e4m3fn_scaled" in alone
 

@@ -270,7 +270,7 @@ def test_a_mixed_gguf_file_runs_each_layer_as_stored(tmp_path):
     assert sqnr_db(_out(holding(model, held)), _out(loaded)) > 100
     info = ws.checkpoints.describe_checkpoint(tmp_path / "mix.gguf")
     assert "blocks.*.ffn: 4 gguf Q4_K" in info and "blocks.*.self_attn: 8 gguf Q8_0" in info
-    assert "model: tiny-t2v" in info and "16 layers gguf_q8_0, 4 layers disabled" in info
+    assert "model: tiny-t2v" in info and "mixed layers: gguf_q8_0 x 16, disabled x 4" in info
 
 
 # --- broken files ----------------------------------------------------------------------------------

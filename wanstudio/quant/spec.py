@@ -100,6 +100,12 @@ def storage_mode_for(dtype: torch.dtype, scaled: bool) -> QuantMode:
         raise CheckpointError(f"{dtype} is not an fp8 storage dtype wanstudio runs") from None
 
 
+def counted_text(counts) -> str:
+    """(label, count) pairs as 'fp8_e5m2_scaled x 400, fp8_e4m3fn_scaled x 10': the one wording of
+    a storage or kernel mix in summaries, tables and messages."""
+    return ", ".join(f"{label} x {n}" for label, n in counts)
+
+
 @dataclass(frozen=True)
 class QuantMix:
     """The quantization of a model whose layers run in different modes: a checkpoint that mixes
@@ -135,7 +141,7 @@ class QuantMix:
 
     @property
     def description(self) -> str:
-        return "mixed: " + ", ".join(f"{n} layers {m.value}" for m, n in self.counts)
+        return "mixed layers: " + counted_text((m.value, n) for m, n in self.counts)
 
     def __str__(self) -> str:
         return self.description

@@ -34,6 +34,7 @@ from ..pipeline import InfiniteTalkPipeline
 from ..pipeline.memory import check_budget_gb
 from ..quant import QuantMix, quantized_layers
 from ..quant import quant_report as measure_quant_report
+from ..quant.spec import counted_text
 from ._format import dtype_name, gib
 from .availability import (
     attention_availability,
@@ -431,15 +432,11 @@ def kernel_paths(model: nn.Module, settings: LoadSettings) -> list[tuple[str, st
     """(setting, mode, what runs) for base precision, quantization, attention and block swap."""
     q, a = settings.quantization, settings.attention
     counted = quant_paths(model)
-    qpath = (
-        "; ".join(f"{p} x {n}" for p, n in counted.most_common())
-        if counted
-        else quant_kernel_path(q, settings.device)
-    )
+    qpath = counted_text(counted.most_common()) if counted else quant_kernel_path(q, settings.device)
     stored = getattr(model, "quantization", None) if q is QuantMode.DISABLED else None
     qrow = ("quantization", q.value, qpath or q.description)
     if isinstance(stored, QuantMix):  # 'disabled' on a mixed file: each layer as its file stores it
-        mix = ", ".join(f"{m.value} x {n}" for m, n in stored.counts)
+        mix = counted_text((m.value, n) for m, n in stored.counts)
         qrow = ("quantization", f"{q.value}: mixed, as stored", f"{mix} ({qpath})")
     elif isinstance(stored, QuantMode) and stored is not QuantMode.DISABLED:
         qrow = ("quantization", f"{q.value}: {stored.value}, as stored", qpath)
@@ -471,7 +468,7 @@ def checkpoint_rows(model: nn.Module) -> list[tuple[str, str, str]]:
         return []
     files = ", ".join(f"{p.name} ({fmt})" for p, fmt in zip(info.files, info.formats))
     counts = sorted(info.storage.items(), key=lambda kv: -kv[1])
-    stored = ", ".join(f"{label} x {n}" for label, n in counts) or "no weights"
+    stored = counted_text(counts) or "no weights"
     kind = "mixed" if len(counts) > 1 else counts[0][0] if counts else "-"
     return [
         ("checkpoint", ", ".join(dict.fromkeys(info.formats)), f"{gib(info.bytes)} in {files}"),
