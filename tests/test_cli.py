@@ -666,3 +666,9 @@ def test_lora_flag_takes_a_path_and_an_optional_strength(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parsed("--lora", str(tmp_path / "missing.safetensors"))
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["infinitetalk", "--image", "a", "--audio", "b"]])
+def test_dash_o_names_the_output_as_out_does(command):
+    """`-o` is what people type first; it used to fall through to the top-level usage line."""
+    assert build_parser().parse_args([*command, "-o", "x.mp4"]).out == "x.mp4"

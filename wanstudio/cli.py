@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole InfiniteTalk pipeline at toy size with random "
         "weights on the shipped portrait and speech clip (the picture is noise).",
     )
-    demo.add_argument("--out", default="demo.mp4", help="output mp4")
+    demo.add_argument("-o", "--out", default="demo.mp4", help="output mp4")
     demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
     demo.add_argument("--audio", default=None, help="speech (default: the shipped clip)")
     demo.add_argument("--device", default="cpu", help="torch device")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="a factor on each speaker's audio features (one per speaker, speaker 1 first; default 1)",
     )
-    io.add_argument("--out", default="infinitetalk.mp4", help="output mp4")
+    io.add_argument("-o", "--out", default="infinitetalk.mp4", help="output mp4")
     w = it.add_argument_group("weights", "each flag wins over $WANSTUDIO_WEIGHTS / wanstudio.toml (below)")
     w.add_argument(
         "--dit",
