@@ -80,7 +80,8 @@ def test_the_kernels_write_the_oracles_tensors_and_match_its_output(shape, block
 @needs_interpreter
 def test_exact_fp8_rounding_is_the_hardwares_round_to_nearest_even():
     """The interpreter's own fp32 -> fp8 conversion is wrong where rounding carries (1.98 -> 1.0);
-    the EXACT path must agree with torch's conversion everywhere in range, ties included."""
+    the EXACT path must agree with torch's conversion bit for bit: every value on a 1/64 grid
+    over the range (ties, carries), random ones, subnormals and signed zeros."""
     import triton
     import triton.language as tl
 
@@ -90,8 +91,22 @@ def test_exact_fp8_rounding_is_the_hardwares_round_to_nearest_even():
         tl.store(o_ptr + i, F._to_e4m3(tl.load(x_ptr + i), True))
 
     grid = torch.arange(-448 * 64, 448 * 64 + 1, dtype=torch.float32) / 64  # ties and carries
-    x = torch.cat([grid, torch.randn(4096) * 50, torch.rand(1024) * 2.0**-6]).clamp(-448, 448)
+    tiny = torch.rand(1024) * 2.0**-6  # subnormals of e4m3, and below them: zeros of either sign
+    x = torch.cat([grid, torch.randn(4096) * 50, tiny, -tiny, torch.tensor([-0.0, 1e-30, -1e-30])])
+    x = x.clamp(-448, 448)
     x = torch.cat([x, torch.zeros(65536 - x.numel())])
     out = torch.empty(x.numel(), dtype=torch.float8_e4m3fn)
     convert[(1,)](x, out, N=x.numel())
     assert torch.equal(bits(out), bits(x.to(torch.float8_e4m3fn)))
+
+
+@needs_interpreter
+def test_a_batch_too_large_for_int32_offsets_runs_in_several_launches(monkeypatch):
+    q, k, v = wan_like(3, 40, 50, 2, 64)
+    whole = F.fp8_attention(q, k, v, block_m=32, block_n=32)
+    monkeypatch.setattr(F, "_INT32_MAX", 3 * 64 * 64)  # an entry is 2 heads x 64 rows x 64: room for one
+    assert F._batch_per_launch(q, k, v, 32, 32) == 1
+    assert torch.equal(F.fp8_attention(q, k, v, block_m=32, block_n=32), whole)
+    monkeypatch.setattr(F, "_INT32_MAX", 1000)
+    with pytest.raises(ValueError, match="int32 offsets.*use attention='sdpa'"):
+        F.fp8_attention(q, k, v, block_m=32, block_n=32)

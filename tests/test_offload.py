@@ -820,3 +820,16 @@ def test_a_registration_ends_with_the_last_tensor_on_its_pages_not_with_its_host
     buf = backend.alloc_host(4096)
     buf.release()  # block swap's explicit unpinning still ends it at once
     assert len(unregistered) == 2
+
+
+def test_an_error_while_filling_a_host_buffer_is_not_taken_for_a_failed_registration(monkeypatch):
+    """Only cudaHostRegister's refusal falls back to pin_memory; a failing copy (a CUDA error that
+    surfaces in a device-to-host copy_) reaches the caller as it is, and registration stays on."""
+    backend, cudart, pins = _cuda_backend_on_cpu(monkeypatch, page_locked=True)
+
+    def fill(flat):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        backend.alloc_host(4096, fill=fill)
+    assert backend._register and pins == [] and cudart.calls == []

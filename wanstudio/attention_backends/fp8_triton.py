@@ -1,7 +1,8 @@
 """An FP8 attention of our own, in Triton: INT8 Q K^T, FP8 P V (the SageAttention 2 recipe).
 
-Forward only, non-causal, head_dim 64 or 128, any Lq / Lk (masked tails), any B and H; inputs
-[B, L, H, D] in fp16 / bf16 with stride(-1) == 1, never written.
+Forward only, non-causal, head_dim 64 or 128, any Lq / Lk >= 1 (masked tails), any B and H
+(a batch too large for int32 offsets runs in several launches); inputs [B, L, H, D] in fp16 /
+bf16 with stride(-1) == 1, never written.
 
 Quantization, one pre-pass per tensor (:func:`quantize_qkv`):
 
@@ -26,8 +27,8 @@ block against the running maximum as the kernel does.
 
 Triton 3.6's interpreter (``TRITON_INTERPRET=1``) rounds fp32 -> fp8 wrongly when rounding
 carries into the exponent (1.98 -> 1.0). Under it the kernels first round to the e4m3 grid in
-fp32 (``EXACT_FP8``: the same result as the hardware's round-to-nearest-even conversion), so
-the CPU tests compare exactly what the GPU computes.
+fp32 (``EXACT``: round to nearest even, saturating at 448, signed zeros kept, as the hardware's
+conversion; tested against torch's), so the CPU tests check the kernels' own arithmetic.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def quantize_reference(q, k, v, block_m: int = 128, block_n: int = 64) -> Quanti
     heads_first = lambda t: t.permute(0, 2, 1, 3).reshape(b * h, t.shape[1], d).float()  # noqa: E731
     qf, kf, vf = heads_first(q), heads_first(k), heads_first(v)
     q8, q_scale = _int8_blocks(qf, block_m, LOG2_E / math.sqrt(d))
-    mean = k.float().mean(dim=1).reshape(b * h, 1, d)  # as the device path computes it
+    mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, 1, d)  # as the device path computes it
     k8, k_scale = _int8_blocks(kf - mean, block_n, 1.0)
     v_mean, amax = _v_statistics(v)
     v8 = torch.zeros(b * h, d, _blocks(lk, block_n) * block_n, dtype=torch.float8_e4m3fn, device=q.device)
@@ -114,8 +115,10 @@ def _v_statistics(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """V's mean over tokens and the amax of V less it, both fp32 [B*H, D] (torch reductions,
     shared by the device pre-pass and the reference)."""
     b, _, h, d = v.shape
-    mean = v.float().mean(dim=1, keepdim=True)  # (B, 1, H, D)
-    amax = (v.float() - mean).abs().amax(dim=1).reshape(b * h, d).clamp_min(1e-30)
+    mean = v.mean(dim=1, dtype=torch.float32)  # (B, H, D)
+    low, high = torch.aminmax(v, dim=1)
+    # max |fl(v - mean)| without an fp32 copy of v: fl(v - mean) is monotonic in v
+    amax = torch.maximum(high.float() - mean, mean - low.float()).reshape(b * h, d).clamp_min(1e-30)
     return mean.reshape(b * h, d), amax
 
 
@@ -166,7 +169,8 @@ if HAS_TRITON:
             y = a * inv_ulp  # exact: a power of two; 0 <= y < 16
             y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even
             r = tl.minimum(y * ulp, 448.0)
-            x = tl.where(x < 0, -r, r)
+            sign = x.to(tl.int32, bitcast=True) & -2147483648  # keeps -0.0 and tiny negatives negative
+            x = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         return x.to(tl.float8e4nv)
 
     @triton.jit
@@ -271,9 +275,36 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"the FP8 attention kernel takes head_dim {HEAD_DIMS}, got {d}")
 
 
+_INT32_MAX = 2**31 - 1
+_GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension (B * H programs)
+
+
+def _batch_per_launch(q, k, v, block_m: int, block_n: int) -> int:
+    """How many batch entries one launch may take with every offset inside int32."""
+    _, lq, h, d = q.shape
+    lk = k.shape[1]
+
+    def one_entry(t):  # the farthest element of one batch entry, and the step to the next
+        return max(abs(t.stride(0)), 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])))
+
+    per_entry = max(
+        h * _blocks(lq, block_m) * block_m * d,  # the quantized Q, K, V buffers
+        h * _blocks(lk, block_n) * block_n * d,
+        lq * h * d,  # the output
+        *(one_entry(t) for t in (q, k, v)),
+    )
+    step = min(_INT32_MAX // per_entry, _GRID_Y_MAX // h)
+    if step < 1:
+        raise ValueError(
+            f"the FP8 attention kernel addresses its tensors with int32 offsets; one batch entry of "
+            f"{per_entry:,} elements (Lq {lq}, Lk {lk}, {h} heads of {d}) is over 2^31: use attention='sdpa'"
+        )
+    return step
+
+
 def quantize_qkv(q, k, v, block_m: int = 128, block_n: int = 64) -> QuantizedQKV:
-    """The pre-pass on the device: three quantization kernels (plus K's mean and V's channel
-    maxima, one torch reduction each). Same output as :func:`quantize_reference`."""
+    """The pre-pass on the device: three quantization kernels, after torch reductions for K's
+    mean and V's mean and range (:func:`_v_statistics`). Same output as :func:`quantize_reference`."""
     _check(q, k, v)
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -283,20 +314,21 @@ def quantize_qkv(q, k, v, block_m: int = 128, block_n: int = 64) -> QuantizedQKV
     k8 = torch.empty(b * h, nk * block_n, d, dtype=torch.int8, device=dev)
     q_scale = torch.empty(b * h, nq, dtype=torch.float32, device=dev)
     k_scale = torch.empty(b * h, nk, dtype=torch.float32, device=dev)
-    mean = k.float().mean(dim=1).contiguous()  # (B, H, D)
+    mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # (B, H, D)
+    # enable_fp_fusion=False: x * inv + 0.5 fused into one FMA rounds once, torch rounds twice
     _quantize_int8_kernel[(nq, b * h)](
         q, q, q8, q_scale, LOG2_E / math.sqrt(d), lq, h, nq, q.stride(0), q.stride(1), q.stride(2),
-        HAS_MEAN=False, BLOCK=block_m, D=d,
+        HAS_MEAN=False, BLOCK=block_m, D=d, enable_fp_fusion=False,
     )  # fmt: skip
     _quantize_int8_kernel[(nk, b * h)](
         k, mean, k8, k_scale, 1.0, lk, h, nk, k.stride(0), k.stride(1), k.stride(2),
-        HAS_MEAN=True, BLOCK=block_n, D=d,
+        HAS_MEAN=True, BLOCK=block_n, D=d, enable_fp_fusion=False,
     )  # fmt: skip
     v_mean, amax = _v_statistics(v)
     v8 = torch.empty(b * h, d, nk * block_n, dtype=torch.float8_e4m3fn, device=dev)
     _quantize_v_kernel[(nk, b * h)](
         v, v_mean, _divide(E4M3_MAX, amax), v8, lk, nk * block_n, h, v.stride(0), v.stride(1), v.stride(2),
-        BLOCK=block_n, D=d, EXACT=exact_fp8_rounding(),
+        BLOCK=block_n, D=d, EXACT=exact_fp8_rounding(), enable_fp_fusion=False,
     )  # fmt: skip
     return QuantizedQKV(
         q8, q_scale, k8, k_scale, v8, _divide(amax, E4M3_MAX), v_mean, lq, lk, block_m, block_n
@@ -315,9 +347,17 @@ def fp8_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for [B, L, H, D] q / k / v -> [B, Lq, H, D] in q's dtype.
 
-    The default blocks are the fastest of 12 configurations on an H200 at L = 32,760 and 75,600
-    (``benchmarks/results/h200_fp8_attention.md``).
+    The default blocks are the fastest of 12 configurations on an H200 at L = 32,760 (and of the
+    6 of them also run at 75,600; ``benchmarks/results/h200_fp8_attention.md``). The kernels'
+    offsets are int32: a batch too large for one launch runs in several.
     """
+    step = _batch_per_launch(q, k, v, block_m, block_n)
+    if step < q.shape[0]:
+        kw = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        chunks = range(0, q.shape[0], step)
+        return torch.cat(
+            [fp8_attention(q[i : i + step], k[i : i + step], v[i : i + step], **kw) for i in chunks]
+        )
     qq = quantize_qkv(q, k, v, block_m, block_n)
     b, lq, h, d = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -88,6 +88,7 @@ def _load_sage_fp8(info: DeviceInfo) -> Kernel:
     try:
         return _load_sageattention_fp8(info)
     except Unavailable as upstream:
+        why_not_upstream = upstream.short
         try:
             base.load_module("triton", "pip install triton")
         except Unavailable as no_triton:
@@ -98,7 +99,7 @@ def _load_sage_fp8(info: DeviceInfo) -> Kernel:
 
     return Kernel(
         fp8_attention,
-        "wanstudio FP8 attention (Triton: INT8 QK, FP8 PV; sageattention >= 2 not installed)",
+        f"wanstudio FP8 attention (Triton: INT8 QK, FP8 PV; SageAttention's kernel: {why_not_upstream})",
         # text (512), image (257) and audio (32) keys stay exact in SDPA: a small share of the
         # time, and the FP8 kernel's speed there is not measured
         sdpa_below_keys=FP8_SDPA_BELOW_KEYS,
@@ -167,6 +168,7 @@ SAGEATTN_3_FP4 = AttentionBackend(
 )
 SAGEATTN_3_FP8 = AttentionBackend(
     name="sageattn_3_fp8",
+    # head dims 64 / 128: our kernel's; SageAttention's own pads any D <= 128, but one rule per mode
     needs=Needs(min_capability=(8, 9), arch_label="Ada / Hopper or newer", head_dims=(64, 128)),
     contract=qkv_contract("sageattn_qk_int8_pv_fp8_cuda", HALF, StrideRule.LAST_DIM_CONTIGUOUS),
     load=_load_sage_fp8,

@@ -7,6 +7,7 @@ it (pinned by torch or registered with ``cudaHostRegister``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -134,11 +135,14 @@ def _host_register_available() -> bool:
 
 
 def _unregister(ptr: int) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a sticky CUDA error: unregister all the same
         torch.cuda.synchronize()
+    with contextlib.suppress(Exception):  # interpreter shutdown: the driver may be gone already
         torch.cuda.cudart().cudaHostUnregister(ptr)
-    except Exception:  # noqa: BLE001 - interpreter shutdown: the driver may be gone already
-        pass
+
+
+class _RegistrationFailed(RuntimeError):
+    """cudaHostRegister refused the pages, or left them pageable (CudaTransferBackend)."""
 
 
 # --- is host memory page-locked? ----------------------------------------------------------------
@@ -263,7 +267,7 @@ class CudaTransferBackend(TransferBackend):
         if self._register:
             try:
                 return self._registered(nbytes, fill)
-            except RuntimeError as exc:
+            except _RegistrationFailed as exc:  # fill's own errors are not this: they propagate
                 warnings.warn(
                     f"cudaHostRegister failed ({exc}); falling back to pin_memory, which rounds "
                     "each block's host buffer up to a power of two",
@@ -282,7 +286,7 @@ class CudaTransferBackend(TransferBackend):
         size = _align_up(max(nbytes, 1), page)
         # pageable memory from numpy: the tensor's storage keeps the array alive, so the array's
         # death (which runs the finalizer, before numpy frees the memory) is the last view's
-        # death — the registration cannot end while a tensor still reads these pages
+        # death — only an explicit buf.release() ends the registration earlier
         array = np.empty(size + page, dtype=np.uint8)
         base = torch.from_numpy(array)
         off = (-base.data_ptr()) % page
@@ -292,10 +296,10 @@ class CudaTransferBackend(TransferBackend):
         ptr = flat.data_ptr()
         err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1))  # 1: cudaHostRegisterPortable
         if err != 0:
-            raise RuntimeError(f"cudaError {err} registering {_gb(size)}")
+            raise _RegistrationFailed(f"cudaError {err} registering {_gb(size)}")
         if not flat.is_pinned() and _cuda_host_query(ptr) is False:  # None: cannot tell, trust err
             torch.cuda.cudart().cudaHostUnregister(ptr)
-            raise RuntimeError(
+            raise _RegistrationFailed(
                 f"the {_gb(size)} it registered is not page-locked as CUDA sees it (cudaPointerGetAttributes)"
             )
         buf = HostBuffer(flat[:nbytes], size, "cudaHostRegister")
