@@ -174,6 +174,21 @@ if HAS_TRITON:
         return x.to(tl.float8e4nv)
 
     @triton.jit
+    def _head_tile(
+        x_ptr, mean_ptr, bh, rows, L, H, stride_b, stride_l, stride_h,
+        HAS_MEAN: tl.constexpr, D: tl.constexpr,
+    ):  # fmt: skip
+        """Rows ``rows`` of head ``bh`` of a [B, L, H, D] tensor in fp32, less the per-channel
+        mean when given; rows past L are 0."""
+        cols = tl.arange(0, D)
+        inside = rows[:, None] < L
+        src = x_ptr + (bh // H) * stride_b + (bh % H) * stride_h + rows[:, None] * stride_l + cols[None, :]
+        x = tl.load(src, mask=inside, other=0.0).to(tl.float32)
+        if HAS_MEAN:
+            x = tl.where(inside, x - tl.load(mean_ptr + bh * D + cols)[None, :], 0.0)
+        return x
+
+    @triton.jit
     def _quantize_int8_kernel(
         x_ptr, mean_ptr, out_ptr, scale_ptr, extra, L, H, n_blocks,
         stride_b, stride_l, stride_h,
@@ -183,11 +198,7 @@ if HAS_TRITON:
         bh = tl.program_id(1)
         rows = blk * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, D)
-        inside = rows[:, None] < L
-        src = x_ptr + (bh // H) * stride_b + (bh % H) * stride_h + rows[:, None] * stride_l + cols[None, :]
-        x = tl.load(src, mask=inside, other=0.0).to(tl.float32)
-        if HAS_MEAN:
-            x = tl.where(inside, x - tl.load(mean_ptr + bh * D + cols)[None, :], 0.0)
+        x = _head_tile(x_ptr, mean_ptr, bh, rows, L, H, stride_b, stride_l, stride_h, HAS_MEAN, D)
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-30)
         y = x * tl.div_rn(tl.full((), 127.0, tl.float32), amax)
         q = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)  # +-0.5, then truncation
@@ -204,10 +215,7 @@ if HAS_TRITON:
         bh = tl.program_id(1)
         rows = blk * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, D)
-        inside = rows[:, None] < L
-        src = v_ptr + (bh // H) * stride_b + (bh % H) * stride_h + rows[:, None] * stride_l + cols[None, :]
-        v = tl.load(src, mask=inside, other=0.0).to(tl.float32) - tl.load(mean_ptr + bh * D + cols)[None, :]
-        v = tl.where(inside, v, 0.0)
+        v = _head_tile(v_ptr, mean_ptr, bh, rows, L, H, stride_b, stride_l, stride_h, True, D)
         y = tl.minimum(tl.maximum(v * tl.load(inv_ptr + bh * D + cols)[None, :], -448.0), 448.0)
         vt = tl.trans(_to_e4m3(y, EXACT))  # (D, BLOCK): stored transposed
         tl.store(out_ptr + (bh * D + cols[:, None]) * L_pad + rows[None, :], vt)
