@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from conftest import call, make_inputs
 from torch import nn
 
 from wanstudio import WanConfig, WanModel
@@ -227,7 +228,7 @@ def test_fast_mode_matches_dequantize_path_within_activation_error(layer_data, m
 
 
 def test_fast_mode_falls_back_to_tensorwise_gemm_where_rowwise_is_refused(layer_data, monkeypatch):
-    from wanstudio.quant import linear
+    from wanstudio.quant import mm_plan
 
     lin, x, _ = layer_data
     lin = copy.deepcopy(lin)
@@ -242,7 +243,7 @@ def test_fast_mode_falls_back_to_tensorwise_gemm_where_rowwise_is_refused(layer_
         return real(a, b, *args, **kw)
 
     monkeypatch.setattr(torch, "_scaled_mm", no_rowwise)
-    monkeypatch.setattr(linear, "_PLANS", {})
+    monkeypatch.setattr(mm_plan, "_PLANS", {})
     layer = QuantizedLinear.from_linear(lin, QuantMode.FP8_E5M2_SCALED_FAST)
     assert layer.path == "scaled_mm" and "tensor-wise GEMM" in layer.path_detail
     assert "mat2 must be float8_e4m3fn" in layer.path_detail
@@ -767,3 +768,44 @@ def test_saved_file_loads_into_a_quantized_meta_model(tmp_path, tiny_reference, 
     with torch.no_grad():
         out = model(**inputs)
     assert sqnr_db(ref, out) >= bar
+
+
+# --- one quantization of the input q, k and v share ---------------------------------------------
+def test_q_k_v_quantize_their_shared_input_once_with_the_same_result(monkeypatch):
+    import wanstudio.model.blocks as blocks
+    from wanstudio.quant import kernels, quantize
+
+    torch.manual_seed(0)
+    cfg = WanConfig.preset("tiny-infinitetalk")
+    model = quantize(WanModel(cfg).eval(), "fp8_e4m3fn_scaled_fast")
+    inputs = make_inputs(cfg)
+    where, real = [], kernels.quantize_rows
+    monkeypatch.setattr(kernels, "quantize_rows", lambda x2d, w="": where.append(w) or real(x2d, w))
+    with torch.no_grad():
+        shared = call(model, inputs)
+    shared_by = [f"blocks.{i}.self_attn.q+k+v" for i in range(cfg.num_layers)]
+    assert [w for w in where if "+" in w] == shared_by, where
+    alone = [w for w in where if "+" not in w]
+    assert not [w for w in alone if w.endswith(("self_attn.q", "self_attn.k", "self_attn.v"))], alone
+    n_shared = len(where)
+    where.clear()
+    monkeypatch.setattr(blocks, "quantize_once", lambda x, layers: x)  # each layer on its own
+    with torch.no_grad():
+        separate = call(model, inputs)
+    assert len(where) == n_shared + 2 * cfg.num_layers  # two passes over x saved per block
+    assert torch.equal(shared, separate)
+
+
+@pytest.mark.parametrize("mode", ["disabled", "fp8_e4m3fn_scaled"])
+def test_quantize_once_hands_back_x_where_a_layer_does_not_run_scaled_mm(mode):
+    from wanstudio.quant import quantize
+    from wanstudio.quant.linear import SharedRows, quantize_once
+
+    torch.manual_seed(0)
+    attn = quantize(WanModel(WanConfig.preset("tiny-t2v")).eval(), mode).blocks[0].self_attn
+    x = torch.randn(1, 8, attn.q.in_features)
+    assert quantize_once(x, (attn.q, attn.k, attn.v)) is x
+    fast = quantize(WanModel(WanConfig.preset("tiny-t2v")).eval(), "fp8_e4m3fn_fast").blocks[0].self_attn
+    rows = quantize_once(x, (fast.q, fast.k, fast.v))
+    assert isinstance(rows, SharedRows) and rows.x is x
+    assert quantize_once(x, (fast.q, nn.Linear(x.shape[-1], 4))) is x  # one plain Linear: no sharing

@@ -4,16 +4,15 @@
 pre-hook and a forward hook on every module and a :func:`wanstudio.layout.listen` listener for
 the kernel contracts. It records, per module call, the layout of
 
-* ``input``  — every tensor argument (nested tuples / lists / dicts are walked),
+* ``input``  — every tensor argument (nested tuples / lists / dicts walked, NamedTuples by field),
 * ``parameter`` — the module's own parameters and buffers (not its children's),
 * ``kernel operand`` — every operand a kernel wrapper checked against its
   :class:`~wanstudio.layout.LayoutContract` during the call (with the contract's verdict and
   any copy the wrapper made to satisfy it: a "hidden copy"),
 * ``output`` — every tensor the module returned,
 
-and returns a :class:`LayoutReport`. Rows hold metadata only (no tensor is kept alive). The
-hooks are removed when the forward returns or raises; with the inspector off a model carries
-no hooks at all.
+and returns a :class:`LayoutReport` of metadata (no tensor kept alive). The hooks are removed
+when the forward returns or raises; with the inspector off a model carries no hooks at all.
 """
 
 from __future__ import annotations
@@ -134,8 +133,9 @@ def _walk(name: str, value, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]
         yield name, value
     elif depth < _MAX_NESTING:
         if isinstance(value, (tuple, list)):
+            fields = getattr(value, "_fields", None)  # a NamedTuple's parts are named: x.q, x.scale
             for i, v in enumerate(value):
-                yield from _walk(f"{name}[{i}]", v, depth + 1)
+                yield from _walk(f"{name}.{fields[i]}" if fields else f"{name}[{i}]", v, depth + 1)
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 yield from _walk(f"{name}[{k!r}]", v, depth + 1)

@@ -9,6 +9,7 @@ from torch import nn
 from ..attention import attention
 from ..config import WanConfig
 from ..options import AttentionMode
+from ..quant.linear import quantize_once
 from .audio import AudioCrossAttention, reference_attention_map
 from .layers import FP32LayerNorm, RMSNorm
 from .rope import apply_rope
@@ -44,9 +45,10 @@ class SelfAttention(nn.Module):
         """x [B, L, D] -> (out [B, L, D], reference map [B, 3, L] if ref_masks else None)."""
         B, L, D = x.shape
         shape = (B, L, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)  # (B, L, H, d)
-        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
-        v = self.v(x).view(shape)
+        rows = quantize_once(x, (self.q, self.k, self.v))  # x itself unless all three run fp8 _fast
+        q = apply_rope(self.norm_q(self.q(rows)).view(shape), *rope)  # (B, L, H, d)
+        k = apply_rope(self.norm_k(self.k(rows)).view(shape), *rope)
+        v = self.v(rows).view(shape)
         if self.sequence_parallel is not None:
             out, ref_map = self.sequence_parallel.self_attention(
                 q, k, v, ref_masks, mode=self.attention_mode, where=self

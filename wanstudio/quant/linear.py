@@ -21,8 +21,10 @@ dtype of their input activations.
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,10 @@ from torch import nn
 from ..errors import CheckpointError
 from ..layout import is_aligned, layout_name
 from ..options import QuantMode
-from . import fp4, fp8, kernels, spec
+from . import fp4, kernels, spec
 from .contracts import _FP4_X2, FP4_MM_CONTRACT, SCALED_MM_CONTRACT, SCALED_MM_TENSORWISE_CONTRACT
 from .formats import format_for
+from .mm_plan import scaled_mm_plan, unit_scale
 from .spec import (
     DEQUANTIZE,
     FP4_MIN_CAPABILITY,
@@ -71,85 +74,36 @@ def _materialise(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t
 
 
-# --- _scaled_mm capability plans ----------------------------------------------------------------
-class _MMPlan:
-    """How to call ``torch._scaled_mm`` for one (device, weight dtype, activation dtype, bias).
-
-    ``rowwise``: scale_a [M, 1] and scale_b [1, N] go to the GEMM. Otherwise (a torch that
-    refuses row-wise scales for this weight dtype) the GEMM runs with unit tensor-wise scales
-    and the row / column scales multiply its output afterwards (one more pass over it).
-    """
-
-    def __init__(self, rowwise: bool, out_dtype: torch.dtype, bias_in_kernel: bool, note: str = ""):
-        self.rowwise, self.out_dtype, self.bias_in_kernel = rowwise, out_dtype, bias_in_kernel
-        self.note = note
-
-
-_PLANS: dict[tuple, _MMPlan | str] = {}
-_UNIT_SCALES: dict[str, torch.Tensor] = {}
-
-
-def _unit_scale(device: torch.device) -> torch.Tensor:
-    key = str(device)
-    if key not in _UNIT_SCALES:
-        _UNIT_SCALES[key] = torch.ones((), dtype=_F32, device=device)
-    return _UNIT_SCALES[key]
-
-
-def _scaled_mm_plan(device: torch.device, w_dtype, out_dtype, has_bias: bool) -> _MMPlan | str:
-    """Probe once what this torch / device accepts (host-side checks only, tiny operands); a
-    str is the reason nothing works. Preference: row-wise scales with the output in the
-    activation dtype and the bias fused; then the bias added after; then a bf16 output cast
-    back; then the tensor-wise GEMM with the scales applied to its output."""
-    key = (str(device), w_dtype, out_dtype, has_bias)
-    if key in _PLANS:
-        return _PLANS[key]
-    candidates = [(True, out_dtype, has_bias)]
-    if has_bias:
-        candidates.append((True, out_dtype, False))
-    if out_dtype != torch.bfloat16:
-        candidates.append((True, torch.bfloat16, False))
-    candidates += [(False, out_dtype, False)] + (
-        [(False, torch.bfloat16, False)] if out_dtype != torch.bfloat16 else []
-    )
-    reason = ""
-    a = torch.zeros(16, 32, dtype=fp8.ACT_DTYPE, device=device)
-    b = torch.zeros(16, 32, dtype=w_dtype, device=device)
-    for rowwise, od, fused_bias in candidates:
-        if rowwise:
-            sa = torch.ones(16, 1, dtype=_F32, device=device)
-            sb = torch.ones(1, 16, dtype=_F32, device=device)
-        else:
-            sa = sb = _unit_scale(device)
-        try:
-            torch._scaled_mm(
-                a,
-                b.t(),
-                scale_a=sa,
-                scale_b=sb,
-                bias=torch.zeros(16, dtype=od, device=device) if fused_bias else None,
-                out_dtype=od,
-            )
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
-            reason = reason or str(exc).strip().splitlines()[0]
-            continue
-        notes = []
-        if not rowwise:
-            notes.append(
-                f"row-wise scales refused here ({reason}): tensor-wise GEMM, "
-                "per-token and per-channel scales applied to its output"
-            )
-        if has_bias and not fused_bias:
-            notes.append("bias added after the GEMM")
-        if od != out_dtype:
-            notes.append(f"{str(od)[6:]} output cast to {str(out_dtype)[6:]}")
-        _PLANS[key] = _MMPlan(rowwise, od, fused_bias, "; ".join(notes))
-        return _PLANS[key]
-    _PLANS[key] = f"torch._scaled_mm rejects {w_dtype} weights here: {reason}"
-    return _PLANS[key]
-
-
 _FP4_NATIVE_BROKEN: dict[str, str] = {}  # device -> why the native fp4 call failed
+
+
+class SharedRows(NamedTuple):
+    """An activation quantized once for several fp8 ``_fast`` layers that read it (q, k and v of
+    self-attention read the same modulated tokens): ``x`` [..., K] as given, ``q`` its per-token
+    e4m3 [M, K], ``scale`` fp32 [M, 1]. A tuple, so hooks and the layout inspector see all three."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+@torch.compiler.disable  # a kernel wrapper (fusion.py): decided and run eagerly
+def quantize_once(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor | SharedRows:
+    """``x`` quantized per token once, as :class:`SharedRows`, when every layer in ``layers``
+    takes the ``scaled_mm`` path for it; otherwise ``x`` itself (plain Linears, other modes).
+    Saves ``len(layers) - 1`` passes over x: the quantization each layer would do is the same."""
+    if x.numel() == 0 or not all(
+        isinstance(layer, QuantizedLinear)
+        and layer.in_features == x.shape[-1]
+        and layer.path_for(x.device, x.dtype)[0] == SCALED_MM
+        for layer in layers
+    ):
+        return x
+    names = [layer._where() for layer in layers]
+    parent = os.path.commonprefix(names).rpartition(".")[0]  # "blocks.0.self_attn"
+    where = f"{parent}.{'+'.join(n[len(parent) + 1 :] for n in names)}" if parent else "+".join(names)
+    q, scale = kernels.quantize_rows(x.reshape(-1, x.shape[-1]), where)  # (M, K) e4m3, (M, 1)
+    return SharedRows(x, q, scale)
 
 
 # --- the one description of the paths ----------------------------------------------------------
@@ -197,7 +151,7 @@ def kernel_path(
         )
     check_device(spec.mode, device)
     w_dtype = fmt.scaled_mm_dtype
-    plan = _scaled_mm_plan(device, w_dtype, dtype, bias)
+    plan = scaled_mm_plan(device, w_dtype, dtype, bias)
     if isinstance(plan, str):
         _warn_once(
             f"plan:{device}:{w_dtype}:{dtype}",
@@ -481,27 +435,36 @@ class QuantizedLinear(nn.Module):
         return b if b is None or b.dtype == dtype else b.to(dtype)
 
     @torch.compiler.disable  # a kernel wrapper: its contract checks stay eager (fusion.py)
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] (bf16 / fp16 / fp32) -> [..., N] in x's dtype. x is never modified."""
+    def forward(self, x: torch.Tensor | SharedRows) -> torch.Tensor:
+        """x [..., K] (bf16 / fp16 / fp32) -> [..., N] in x's dtype. x is never modified.
+
+        ``x`` may come as :class:`SharedRows` (from :func:`quantize_once`): the scaled_mm path
+        then uses its quantization, every other path its ``x``."""
+        shared = x if isinstance(x, SharedRows) else None
+        if shared is not None:
+            x = shared.x
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{self._where()}: activations must be bf16 / fp16 / fp32, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._where()}: expected [..., {self.in_features}], got {tuple(x.shape)}")
         path, _ = self.path_for(x.device, x.dtype)
         if path == SCALED_MM and x.numel():
-            return self._forward_scaled_mm(x)
+            return self._forward_scaled_mm(x, shared)
         if path == FP4_NATIVE and x.numel():
             out = self._forward_fp4_native(x)
             if out is not None:
                 return out
         return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
 
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_scaled_mm(self, x: torch.Tensor, shared: SharedRows | None = None) -> torch.Tensor:
         where = self._where()
         dtype = x.dtype
-        x2 = x.reshape(-1, self.in_features)  # (M, K), a view when x allows it
-        q, scale_a = kernels.quantize_rows(x2, where)  # (M, K) e4m3, (M, 1) fp32; x2 untouched
-        plan = _scaled_mm_plan(x.device, self.format.scaled_mm_dtype, dtype, self.bias is not None)
+        if shared is not None:
+            q, scale_a = shared.q, shared.scale
+        else:
+            x2 = x.reshape(-1, self.in_features)  # (M, K), a view when x allows it
+            q, scale_a = kernels.quantize_rows(x2, where)  # (M, K) e4m3, (M, 1) fp32; x2 untouched
+        plan = scaled_mm_plan(x.device, self.format.scaled_mm_dtype, dtype, self.bias is not None)
         if plan.rowwise:
             bias = self._bias(plan.out_dtype) if plan.bias_in_kernel else None
             ops = SCALED_MM_CONTRACT.enforce(
@@ -521,7 +484,7 @@ class QuantizedLinear(nn.Module):
                 out_dtype=plan.out_dtype,
             )  # (M, N)
         else:
-            one = _unit_scale(x.device)
+            one = unit_scale(x.device)
             ops = SCALED_MM_TENSORWISE_CONTRACT.enforce(
                 where, mat1=q, mat2=self.weight.t(), scale_a=one, scale_b=one
             )
