@@ -126,6 +126,7 @@ def test_quick_fit_runs_end_to_end(tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dit"]["final_loss"] < metrics["dit"]["first_loss"]
+    assert -1 <= metrics["vae"]["mouth_probe"] <= 1
     assert set(metrics["pipeline"]) >= {"speech_wav/shipped/default", "speech_wav/drawn/default"}
     rows = (out / "loss.csv").read_text().splitlines()
     assert rows[0] == "stage,step,seconds,loss,lr" and len(rows) > 40
@@ -135,3 +136,31 @@ def test_quick_fit_runs_end_to_end(tmp_path):
     wave = np.full(8000, 0.01, np.float32)  # 0.5 s: 12 frames
     video = pipe(torch.zeros(3, 64, 64), wave, steps=1, progress=False, loudness=None)
     assert video.frames.shape == (12, 64, 64, 3)
+
+
+def test_mouth_probe_reads_the_mouth_from_pixels_but_not_from_noise(tmp_path):
+    """The VAE gate of `fit`: an 'encoder' that only averages pixels over the VAE's 8x8x4 cells
+    keeps the mouth's darkness, so its readout follows the opening; noise latents do not."""
+    from wanstudio.train.evaluate import mouth_probe
+
+    dataset.build_dataset(tmp_path, seed=2, utterances=4, use_espeak=False, log=None)
+    data = dataset.SpeechData.load(tmp_path)
+    sampler = dataset.ClipSampler(data, frame_num=17, p_first=0.0)
+
+    def pooled(video):  # [B, 3, 17, 64, 64] -> [B, 3, 5, 8, 8]: frame 0, then groups of 4
+        first = torch.nn.functional.avg_pool3d(video[:, :, :1], (1, 8, 8))
+        return torch.cat([first, torch.nn.functional.avg_pool3d(video[:, :, 1:], (4, 8, 8))], 2)
+
+    opening = data.mouth[:, 0].astype(np.float32)
+    r_pixels = mouth_probe(pooled, sampler, np.random.default_rng(0), opening, batches=8)
+    noise = torch.Generator().manual_seed(0)
+    r_noise = mouth_probe(
+        lambda v: torch.randn(pooled(v).shape, generator=noise),
+        sampler,
+        np.random.default_rng(0),
+        opening,
+        batches=8,
+    )
+    # a cell's mean holds lips, chin and skin, and heads move: the pixels' readout is partial
+    assert r_pixels > 0.45, r_pixels
+    assert abs(r_noise) < 0.2, r_noise

@@ -19,7 +19,8 @@ import torch
 from ..atomic import atomic_write
 from ..pipeline.tiny_weights import WEIGHT_FILES, load_tiny_trained, save_tiny_trained, set_latent_stats
 from . import dataset
-from .train import PLANS, Budget, Log, build_pool, latent_stats, train_dit, train_vae
+from .evaluate import mouth_probe
+from .train import PLANS, Budget, Log, build_pool, latent_stats, train_dit, train_vae, vae_curriculum
 
 
 def _plan(args) -> dict:
@@ -90,9 +91,15 @@ def fit(args) -> int:
     )
 
     vae_budget = Budget(*plan["vae"])
-    vae_sampler = dataset.ClipSampler(data, frame_num=plan["vae_frames"], device=device)
-    warm = dataset.ClipSampler(data, frame_num=5, device=device) if plan["vae_frames"] > 5 else None
-    vae_steps = train_vae(vae, vae_sampler, rng, vae_budget, log, warm=warm)
+    vae_steps = train_vae(vae, vae_curriculum(data, plan, device), rng, vae_budget, log)
+    probe = mouth_probe(
+        lambda v: vae.model.encode(v).latent_dist.mean,
+        sampler,
+        np.random.default_rng([args.seed, 2]),
+        data.mouth[:, 0],
+        batches=2 if plan["kind"] == "quick" else 16,
+    )
+    print(f"vae: mouth probe r {probe} (the DiT can only learn lips the latents hold)", flush=True)
     mean, std = latent_stats(vae, sampler, rng, batches=4, batch=max(2, plan["pool_batch"] // 4))
     set_latent_stats(vae, mean, std)
     t_pool = time.perf_counter()
@@ -109,7 +116,7 @@ def fit(args) -> int:
     atomic_write(out / "loss.csv", lambda f: f.write(log.csv().encode()))
 
     metrics = dict(
-        vae=dict(steps=vae_steps, final_loss=_tail(log, "vae")),
+        vae=dict(steps=vae_steps, final_loss=_tail(log, "vae"), mouth_probe=probe),
         dit=dict(steps=dit_steps, first_loss=_head(log, "dit"), final_loss=_tail(log, "dit")),
         train_seconds=round(time.perf_counter() - t_start, 1),
     )
@@ -198,7 +205,7 @@ def _provenance(args, plan, data, data_folder: Path, metrics: dict, paths) -> st
         "",
         f"- command: `python -m wanstudio.train {' '.join(sys.argv[1:]) or 'fit'}`",
         f"- commit: {_commit()}",
-        f"- seed: {args.seed}; plan: {plan['kind']} (vae {plan['vae']}, dit {plan['dit']}, pool {plan['pool']})",
+        f"- seed: {args.seed}; plan: {plan['kind']} (vae {plan['vae']}, stages {plan['vae_stages']}, dit {plan['dit']}, pool {plan['pool']})",
         f"- device: {device}; {platform.platform()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
         f"- data: {json.dumps({k: data.meta[k] for k in ('seed', 'utterances', 'frames', 'minutes', 'speech', 'espeak')})}",

@@ -94,30 +94,31 @@ def pixel_weights(mouth_xy: torch.Tensor, size: int, boost: float = 4.0, sigma: 
 
 def train_vae(
     vae,
-    sampler: dataset.ClipSampler,
+    curriculum: list[tuple[dataset.ClipSampler, int, float]],
     rng,
     budget: Budget,
     log: Log,
     latent_noise: float = 0.1,
-    warm: dataset.ClipSampler | None = None,
-    warm_fraction: float = 0.35,
 ) -> int:
-    """Autoencoder training of ``vae.model`` on sampled clips; returns the steps taken.
+    """Autoencoder training of ``vae.model``; returns the steps taken.
 
-    With ``warm`` (a sampler of short clips), the first ``warm_fraction`` of the budget trains
-    on those, three times as many per step: faces are learnt faster from 5-frame clips, the
-    later latent frames of a 17-frame clip afterwards.
+    ``curriculum``: (sampler, clips per step, until) in order; a stage draws from its sampler
+    until ``until`` of the budget is spent (the last stage runs to the end). Single frames
+    first: a 1-frame step runs one encoder and one decoder chunk, a 17-frame step five of each,
+    so faces are learnt from many more pictures per second; then short clips, then the
+    pipeline's 17 frames (a VAE trained on short clips alone decodes latent frames 3..5 of a
+    clip as grey mush: its causal caches differ there).
     """
     model = vae.model
     model.train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0, step = time.perf_counter(), 0
-    while budget.progress(step, time.perf_counter() - t0) < 1:
+    while (done := budget.progress(step, time.perf_counter() - t0)) < 1:
         lr = lr_at(budget, step, time.perf_counter() - t0, warmup=50)
         for group in opt.param_groups:
             group["lr"] = lr
-        warming = warm is not None and budget.progress(step, time.perf_counter() - t0) < warm_fraction
-        clip = warm.sample(rng, 3 * budget.batch) if warming else sampler.sample(rng, budget.batch)
+        sampler, batch, _ = next((c for c in curriculum if done < c[2]), curriculum[-1])
+        clip = sampler.sample(rng, batch)
         x = clip.video
         mu = model.encode(x).latent_dist.mean
         noise = latent_noise * mu.detach().std() * torch.randn_like(mu)  # relative to the latents' scale
@@ -129,10 +130,19 @@ def train_vae(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        log.add("vae", step, loss.item(), lr, l1=err.detach().abs().mean().item())
+        log.add("vae", step, loss.item(), lr, l1=err.detach().abs().mean().item(), frames=float(x.shape[2]))
         step += 1
     model.eval().requires_grad_(False)
     return step
+
+
+def vae_curriculum(data, plan: dict, device) -> list[tuple[dataset.ClipSampler, int, float]]:
+    """The plan's ``vae_stages`` [(frames, batch multiplier, until), ...] as samplers."""
+    batch = plan["vae"][2]
+    return [
+        (dataset.ClipSampler(data, frame_num=frames, device=device), max(1, int(mult * batch)), until)
+        for frames, mult, until in plan["vae_stages"]
+    ]
 
 
 @torch.no_grad()
@@ -218,7 +228,7 @@ def dit_batch(pool: Pool, contexts: torch.Tensor, idx: torch.Tensor, g: torch.Ge
     bump = torch.exp(
         -((ys[None, :, None] - m[:, 1, None, None]) ** 2 + (xs[None, None, :] - m[:, 0, None, None]) ** 2) / 2
     )
-    weight = (1 + 3 * bump)[:, None, None] * (~head).float()  # (B, 1, F_lat, h, w)
+    weight = (1 + 6 * bump)[:, None, None] * (~head).float()  # (B, 1, F_lat, h, w)
     return kwargs, noise - x0, weight
 
 
@@ -247,19 +257,29 @@ def train_dit(model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Lo
     return step
 
 
-# (steps, seconds, batch, lr) per stage; the pool size; frames of the VAE's training clips: the
-# pipeline's 17 (a VAE trained on 5-frame clips decodes latent frames 3..5 of a clip as grey
-# mush: its causal caches differ there); the smoke run alone uses 5
+# (steps, seconds, batch, lr) per stage; the pool size; the VAE's curriculum (frames, batch
+# multiplier, until this fraction of its budget): pictures, then short clips, then the
+# pipeline's 17 frames; the smoke run stops at 5
 PLANS = {
     "gpu": dict(
-        vae=(100000, 140.0, 32, 2e-3),
-        dit=(100000, 200.0, 256, 5e-4),
+        vae=(100000, 250.0, 48, 2e-3),
+        vae_stages=((1, 6, 0.45), (5, 2, 0.65), (17, 1, 1.0)),
+        dit=(100000, 130.0, 256, 5e-4),
         pool=8192,
         pool_batch=256,
-        vae_frames=17,
     ),
     "cpu": dict(
-        vae=(2000, 900.0, 2, 2e-3), dit=(4000, 900.0, 16, 5e-4), pool=1024, pool_batch=32, vae_frames=17
+        vae=(2000, 900.0, 2, 2e-3),
+        vae_stages=((1, 8, 0.45), (5, 2, 0.65), (17, 1, 1.0)),
+        dit=(4000, 900.0, 16, 5e-4),
+        pool=1024,
+        pool_batch=32,
     ),
-    "quick": dict(vae=(6, 60.0, 2, 2e-3), dit=(40, 40.0, 4, 5e-4), pool=16, pool_batch=8, vae_frames=5),
+    "quick": dict(
+        vae=(6, 60.0, 2, 2e-3),
+        vae_stages=((1, 2, 0.5), (5, 1, 1.0)),
+        dit=(40, 40.0, 4, 5e-4),
+        pool=16,
+        pool_batch=8,
+    ),
 }
