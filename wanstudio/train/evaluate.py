@@ -103,10 +103,11 @@ def preview(frames: np.ndarray, wave: np.ndarray, path, columns: int = 16) -> No
 
 
 def mouth_probe(encode, sampler, rng, mouth_open: np.ndarray, batches: int = 16, batch: int = 16) -> float:
-    """Does the VAE's latent hold the mouth? Held-out Pearson r of a ridge readout of
-    each later latent frame's mouth opening (mean over its 4 video frames; a 1-frame sampler:
-    the picture's own) from the latents of the 3x3 latent cells around the mouth. ~0: the DiT cannot learn lips from these latents,
-    whatever its training; the data's audio features alone reach r ~0.9.
+    """Does the VAE's latent hold the mouth? Held-out Pearson r of a ridge readout of each later
+    latent frame's mouth opening (mean over its video frames; with a 1-frame sampler, the
+    picture's own) from the latents of the 3x3 latent cells around the mouth. ~0: the DiT cannot
+    learn lips from these latents, whatever its training (the data's audio features predict the
+    opening at r ~0.9: benchmarks/results/h200_tiny_training.md).
 
     ``encode``: video [B, 3, F, H, W] -> latents [B, z, F_lat, h, w]; ``sampler`` a
     :class:`~wanstudio.train.dataset.ClipSampler`; ``mouth_open``: the data's per-frame track.
@@ -118,15 +119,18 @@ def mouth_probe(encode, sampler, rng, mouth_open: np.ndarray, batches: int = 16,
         for _ in range(batches):
             clip = sampler.sample(rng, batch)
             z = encode(clip.video).float().cpu()  # (B, z, F_lat, h, w)
-            stride = clip.video.shape[-1] // z.shape[-1]
+            n_lat, h, w = z.shape[2:]
+            stride = clip.video.shape[-1] // w
+            per_latent = (clip.video.shape[2] - 1) // max(1, n_lat - 1)  # video frames per later latent
             z = torch.nn.functional.pad(z, (1, 1, 1, 1))  # cells around an edge mouth exist
             for b in range(len(z)):
-                mx, my = (clip.mouth_xy[b].cpu() / stride).long().clamp(0, z.shape[-1] - 3).tolist()
+                mx, my = (clip.mouth_xy[b].cpu() / stride).long().tolist()
+                mx, my = min(max(mx, 0), w - 1), min(max(my, 0), h - 1)  # padded: [m, m + 3) = m-1..m+1
                 a = sampler.offsets[int(clip.utterance[b])] + int(clip.start[b])
-                for f in range(1, z.shape[2]) if z.shape[2] > 1 else [0]:  # pictures: their frame
-                    feats.append(z[b, :, f, my : my + 3, mx : mx + 3].flatten().numpy())  # padded: +1
-                    video = slice(a + 1 + 4 * (f - 1), a + 1 + 4 * f) if f else slice(a, a + 1)
-                    target.append(mouth_open[video].mean())
+                for f in range(1, n_lat) if n_lat > 1 else [0]:
+                    feats.append(z[b, :, f, my : my + 3, mx : mx + 3].flatten().numpy())
+                    first = a + 1 + per_latent * (f - 1)
+                    target.append(mouth_open[first : first + per_latent].mean() if f else mouth_open[a])
     x, y = np.stack(feats).astype(np.float64), np.asarray(target, np.float64)
     n = len(x) * 3 // 4  # fit on the first clips, score on the rest
     mean, std = x[:n].mean(0), x[:n].std(0) + 1e-8

@@ -103,11 +103,11 @@ def train_vae(
     """Autoencoder training of ``vae.model``; returns the steps taken.
 
     ``curriculum``: (sampler, clips per step, until) in order; a stage draws from its sampler
-    until ``until`` of the budget is spent (the last stage runs to the end). Single frames
-    first: a 1-frame step runs one encoder and one decoder chunk, a 17-frame step five of each,
-    so faces are learnt from many more pictures per second; then short clips, then the
-    pipeline's 17 frames (a VAE trained on short clips alone decodes latent frames 3..5 of a
-    clip as grey mush: its causal caches differ there).
+    until ``until`` of the budget is spent (the last stage runs to the end). Pictures first: a
+    step of 288 different faces teaches the spatial path (faces, colours) faster than 48 clips
+    of one face each (H200: identity 21.9 -> 25.3 dB); then short clips, then the pipeline's
+    17 frames (a VAE trained on short clips alone decodes latent frames 3..5 of a clip as grey
+    mush: its causal caches differ there).
     """
     model = vae.model
     model.train().requires_grad_(True)
