@@ -367,11 +367,16 @@ def test_a_shared_quantization_shows_as_its_named_parts():
     for name in ("q", "k", "v"):
         rows = [r for r in report.rows if r.module == f"blocks.0.self_attn.{name}" and r.role == "input"]
         seen[name] = {(r.tensor, r.dtype, r.shape) for r in rows}
-    assert seen["q"] == seen["k"] == seen["v"] == {
-        ("x.x", "float32", (1, 18, 256)),
-        ("x.q", "float8_e4m3fn", (18, 256)),
-        ("x.scale", "float32", (18, 1)),
-    }
+    assert (
+        seen["q"]
+        == seen["k"]
+        == seen["v"]
+        == {
+            ("x.x", "float32", (1, 18, 256)),
+            ("x.q", "float8_e4m3fn", (18, 256)),
+            ("x.scale", "float32", (18, 1)),
+        }
+    )
 
 
 def test_kernel_operand_rows_carry_the_contract_verdict(talk_report):
