@@ -57,16 +57,21 @@ def load_tiny_trained(
             f"random-weight preset (trained=False)"
         )
     _load_into(model, _read(folder / DIT_FILE), "the tiny DiT", folder / DIT_FILE)
-    state = _read(folder / VAE_FILE)
-    stats = {k: state.pop(k) for k in _LATENT_STATS if k in state}
-    if len(stats) != 2:
-        raise CheckpointError(f"{folder / VAE_FILE} lacks latents_mean / latents_std; re-export the VAE")
-    _load_into(vae.model, state, "the tiny VAE", folder / VAE_FILE)
-    set_latent_stats(vae, stats["latents_mean"], stats["latents_std"])
+    load_tiny_vae(vae, folder / VAE_FILE)
     enc = _read(folder / ENCODERS_FILE)
     for prefix, part in (("text", text_encoder), ("image", image_encoder), ("audio", audio_encoder)):
         sub = {k[len(prefix) + 1 :]: v for k, v in enc.items() if k.startswith(prefix + ".")}
         _load_into(part.model, sub, f"the tiny {prefix} encoder", folder / ENCODERS_FILE)
+
+
+def load_tiny_vae(vae, path: Path) -> None:
+    """Load a trained tiny VAE file (weights + latent statistics) into the ``VAE.tiny()`` adapter."""
+    state = _read(path)
+    stats = {k: state.pop(k) for k in _LATENT_STATS if k in state}
+    if len(stats) != 2:
+        raise CheckpointError(f"{path} lacks latents_mean / latents_std; re-export the VAE")
+    _load_into(vae.model, state, "the tiny VAE", path)
+    set_latent_stats(vae, stats["latents_mean"], stats["latents_std"])
 
 
 def set_latent_stats(vae, mean: torch.Tensor, std: torch.Tensor) -> None:

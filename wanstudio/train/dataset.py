@@ -260,6 +260,7 @@ class Clip:
     start: torch.Tensor  # (B,) the clip's first frame in its utterance
     utterance: torch.Tensor  # (B,) which utterance
     mouth_xy: torch.Tensor  # (B, 2) the mouth centre in pixels (x, y), for loss weights
+    mouth: torch.Tensor  # (B, F, 3) the drawn mouth per frame (open, wide, round), for the VAE's readout
 
 
 class ClipSampler:
@@ -286,7 +287,7 @@ class ClipSampler:
         """``batch`` random clips, each a random utterance, start, face style and head motion, the
         mouth moving with the utterance's speech; rendered on ``device``."""
         F, window = self.frame_num, AUDIO_WINDOW
-        styles, starts, utts, audio_idx = [], [], [], []
+        styles, starts, utts, audio_idx, tracks = [], [], [], [], []
         motion = {k: [] for k in faces.MOTION_FIELDS}
         for _ in range(batch):
             u = int(rng.choice(self.usable))
@@ -307,6 +308,7 @@ class ClipSampler:
                 motion[k].append(head[k][s:n])
             for j, k in enumerate(("open", "wide", "round")):
                 motion[k].append(mouth[:, j])
+            tracks.append(mouth)
             # the pipeline's audio windows: frame t sees t-2..t+2, clamped to the utterance
             idx = np.arange(s, n)[:, None] + np.arange(-(window // 2), window // 2 + 1)[None, :]
             audio_idx.append(a + np.clip(idx, 0, T - 1))
@@ -335,6 +337,7 @@ class ClipSampler:
             start=torch.tensor(starts, device=dev),
             utterance=torch.tensor(utts, device=dev),
             mouth_xy=torch.from_numpy(_mouth_pixels(st, self.size)).to(dev),
+            mouth=torch.from_numpy(np.stack(tracks)).to(dev),
         )
 
 

@@ -85,6 +85,30 @@ def evaluate(
     return metrics, keep
 
 
+def quant_mode_scores(trained=True, modes=None, steps: int = 8, precision: str = "bf16") -> dict[str, dict]:
+    """Scores of the trained tiny model under each quantization mode, on the held-out speech
+    with the shipped portrait (the demo's settings): {mode: {sync, pause, identity_db}}.
+
+    ``trained``: True (the shipped weights) or a ``fit`` output folder; ``modes``: QuantMode
+    values (default: every one); each runs at base ``precision`` on the CPU. What the README's
+    quantization table shows, and what tests/test_tiny_trained.py holds within 0.05 of bf16.
+    """
+    from ..modes import RuntimeModes
+    from ..options import QuantMode
+    from ..pipeline import InfiniteTalkPipeline
+
+    wave, pause = heldout_speech()
+    portrait = eval_portraits()["shipped"]
+    out = {}
+    for mode in modes or [m.value for m in QuantMode]:
+        pipe = InfiniteTalkPipeline.tiny(
+            trained=trained, modes=RuntimeModes(quantization=mode, precision=precision)
+        )
+        video = pipe(portrait, wave, steps=steps, motion_frame=5, seed=42, progress=False)
+        out[mode] = score_video(video.frames.numpy(), wave, portrait, pause)
+    return out
+
+
 def preview(frames: np.ndarray, wave: np.ndarray, path, columns: int = 16) -> None:
     """A PNG contact sheet: every second frame, rows of ``columns``, a loudness bar under each."""
     env = scores.loudness_envelope(wave, frames=len(frames))
@@ -103,11 +127,15 @@ def preview(frames: np.ndarray, wave: np.ndarray, path, columns: int = 16) -> No
 
 
 def mouth_probe(encode, sampler, rng, mouth_open: np.ndarray, batches: int = 16, batch: int = 16) -> float:
-    """Does the VAE's latent hold the mouth? Held-out Pearson r of a ridge readout of each later
-    latent frame's mouth opening (mean over its video frames; with a 1-frame sampler, the
-    picture's own) from the latents of the 3x3 latent cells around the mouth. ~0: the DiT cannot
-    learn lips from these latents, whatever its training (the data's audio features predict the
-    opening at r ~0.9: benchmarks/results/h200_tiny_training.md).
+    """Does the VAE's latent hold the mouth, frame by frame? Held-out Pearson r of a ridge
+    readout of every video frame's mouth opening from the latents of the 3x3 latent cells around
+    the mouth in its latent frame (a later latent frame packs ``stride`` video frames: one
+    readout per position in it; with a 1-frame sampler, each picture's own latent frame).
+
+    Per frame, not the latent frame's mean: the lip-sync score measures frame-to-frame motion,
+    and the mean mouth alone, drawn perfectly, scores 0.17 on the held-out speech (the per-frame
+    mouth 0.72). ~0: the DiT cannot learn lips from these latents, whatever its training (the
+    data's audio features predict the opening at r ~0.9: benchmarks/results/h200_tiny_training.md).
 
     ``encode``: video [B, 3, F, H, W] -> latents [B, z, F_lat, h, w]; ``sampler`` a
     :class:`~wanstudio.train.dataset.ClipSampler`; ``mouth_open``: the data's per-frame track.
@@ -129,12 +157,32 @@ def mouth_probe(encode, sampler, rng, mouth_open: np.ndarray, batches: int = 16,
                 a = sampler.offsets[int(clip.utterance[b])] + int(clip.start[b])
                 for f in range(1, n_lat) if n_lat > 1 else [0]:
                     feats.append(z[b, :, f, my : my + 3, mx : mx + 3].flatten().numpy())
-                    first = a + 1 + per_latent * (f - 1)
-                    target.append(mouth_open[first : first + per_latent].mean() if f else mouth_open[a])
-    x, y = np.stack(feats).astype(np.float64), np.asarray(target, np.float64)
+                    first = a + 1 + per_latent * (f - 1) if f else a
+                    target.append(mouth_open[first : first + (per_latent if f else 1)])
+    x, y = np.stack(feats).astype(np.float64), np.stack(target).astype(np.float64)  # (N, 9z), (N, per)
     n = len(x) * 3 // 4  # fit on the first clips, score on the rest
     mean, std = x[:n].mean(0), x[:n].std(0) + 1e-8
     x = np.c_[(x - mean) / std, np.ones(len(x))]
-    w = np.linalg.solve(x[:n].T @ x[:n] + 1e-2 * n * np.eye(x.shape[1]), x[:n].T @ y[:n])
-    r = np.corrcoef(x[n:] @ w, y[n:])[0, 1]
+    w = np.linalg.solve(x[:n].T @ x[:n] + 1e-2 * n * np.eye(x.shape[1]), x[:n].T @ y[:n])  # one per position
+    r = np.corrcoef((x[n:] @ w).ravel(), y[n:].ravel())[0, 1]
     return round(float(np.nan_to_num(r)), 4)
+
+
+def motion_fidelity(vae, sampler, rng, batches: int = 4, batch: int = 16) -> float:
+    """Does the decoder draw the mouth moving as it moved? Pearson r, over fresh clips, between
+    the per-frame mouth motion (mean absolute change of a 12 x 8 px box at the mouth, as the
+    lip-sync score measures it) of the VAE's reconstruction and of the drawn clip. The VAE that
+    holds the mouth in its latents (``mouth_probe`` 0.89) but draws a smudge scores ~0."""
+    import torch
+
+    got, want = [], []
+    with torch.no_grad():
+        for _ in range(batches):
+            clip = sampler.sample(rng, batch)
+            rec = vae.model.decode(vae.model.encode(clip.video).latent_dist.mean).sample.clamp(-1, 1)
+            for b in range(batch):
+                mx, my = clip.mouth_xy[b].round().long().tolist()
+                for video, out in ((rec, got), (clip.video, want)):
+                    box = video[b, :, :, my - 4 : my + 4, mx - 6 : mx + 6]  # (3, F, 8, 12)
+                    out.append((box[:, 1:] - box[:, :-1]).abs().mean((0, 2, 3)).cpu().numpy())
+    return round(scores.correlation(np.concatenate(got), np.concatenate(want)), 4)

@@ -17,17 +17,34 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
-from ..pipeline.tiny_weights import WEIGHT_FILES, load_tiny_trained, save_tiny_trained, set_latent_stats
+from ..pipeline.tiny_weights import (
+    VAE_FILE,
+    WEIGHT_FILES,
+    load_tiny_trained,
+    load_tiny_vae,
+    save_tiny_trained,
+    set_latent_stats,
+)
 from . import dataset
-from .evaluate import mouth_probe
-from .train import PLANS, Budget, Log, build_pool, latent_stats, train_dit, train_vae, vae_curriculum
+from .evaluate import motion_fidelity, mouth_probe
+from .train import (
+    PLANS,
+    Budget,
+    Log,
+    build_pool,
+    latent_stats,
+    train_decoder,
+    train_dit,
+    train_vae,
+    vae_curriculum,
+)
 
 
 def _plan(args) -> dict:
     kind = "quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "cpu")
     plan = {k: (list(v) if isinstance(v, tuple) else v) for k, v in PLANS[kind].items()}
-    for stage in ("vae", "dit"):
-        for i, name in enumerate(("steps", "seconds", "batch")):
+    for stage in ("vae", "decoder", "dit"):
+        for i, name in enumerate(("steps", "seconds", "batch", "lr")):
             value = getattr(args, f"{stage}_{name}")
             if value is not None:
                 plan[stage][i] = value
@@ -35,6 +52,31 @@ def _plan(args) -> dict:
         plan["pool"] = args.pool
     plan["kind"] = kind
     return plan
+
+
+def _device(args) -> torch.device:
+    """The training device (``--device``, else cuda when there is one), threads and TF32 set."""
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def _start(args, stream: int):
+    """(device, output folder (made), data folder, its SpeechData, a numpy rng seeded with
+    ``[seed, stream]``); torch seeded with ``--seed``."""
+    device = _device(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_folder = Path(args.data)
+    data = dataset.SpeechData.load(data_folder)
+    torch.manual_seed(args.seed)
+    return device, out, data_folder, data, np.random.default_rng([args.seed, stream])
 
 
 def build_parts(seed: int, device, data_folder: Path):
@@ -67,21 +109,8 @@ def build_parts(seed: int, device, data_folder: Path):
 def fit(args) -> int:
     """Train, evaluate and write the output folder (see wanstudio/train/train.py)."""
     t_start = time.perf_counter()
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    device, out, data_folder, data, rng = _start(args, stream=1)
     plan = _plan(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_folder = Path(args.data)
-    data = dataset.SpeechData.load(data_folder)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng([args.seed, 1])
     model, vae, text, image, audio = build_parts(args.seed, device, data_folder)
     sampler = dataset.ClipSampler(data, device=device)
     log = Log(every_s=2.0 if plan["kind"] != "gpu" else 10.0)
@@ -90,8 +119,21 @@ def fit(args) -> int:
         flush=True,
     )
 
-    vae_budget = Budget(*plan["vae"])
-    vae_steps = train_vae(vae, vae_curriculum(data, plan, device), rng, vae_budget, log)
+    if args.vae_from:  # a VAE trained before: train the DiT on its latents
+        vae_steps = 0
+        load_tiny_vae(vae, Path(args.vae_from) / VAE_FILE)
+        print(f"vae: loaded from {args.vae_from}", flush=True)
+    else:
+        vae_budget = Budget(*plan["vae"])
+        vae_steps = train_vae(
+            vae,
+            vae_curriculum(data, plan, device),
+            rng,
+            vae_budget,
+            log,
+            readout_weight=args.readout_weight,
+            motion_weight=args.motion_weight,
+        )
     probe = mouth_probe(
         lambda v: vae.model.encode(v).latent_dist.mean,
         sampler,
@@ -100,8 +142,11 @@ def fit(args) -> int:
         batches=2 if plan["kind"] == "quick" else 16,
     )
     print(f"vae: mouth probe r {probe} (the DiT can only learn lips the latents hold)", flush=True)
-    mean, std = latent_stats(vae, sampler, rng, batches=4, batch=max(2, plan["pool_batch"] // 4))
-    set_latent_stats(vae, mean, std)
+    if not args.vae_from:
+        mean, std = latent_stats(vae, sampler, rng, batches=4, batch=max(2, plan["pool_batch"] // 4))
+        set_latent_stats(vae, mean, std)
+    checks = 1 if plan["kind"] == "quick" else 4
+    decoder_metrics = _decoder_stage(vae, sampler, rng, Budget(*plan["decoder"]), log, args, checks)
     t_pool = time.perf_counter()
     pool = build_pool(vae, image, sampler, rng, plan["pool"], plan["pool_batch"])
     contexts = torch.from_numpy(data.context).to(device)
@@ -117,6 +162,7 @@ def fit(args) -> int:
 
     metrics = dict(
         vae=dict(steps=vae_steps, final_loss=_tail(log, "vae"), mouth_probe=probe),
+        decoder=decoder_metrics,
         dit=dict(steps=dit_steps, first_loss=_head(log, "dit"), final_loss=_tail(log, "dit")),
         train_seconds=round(time.perf_counter() - t_start, 1),
     )
@@ -128,6 +174,48 @@ def fit(args) -> int:
     atomic_write(out / "PROVENANCE.md", lambda f: f.write(provenance.encode()))
     print(json.dumps(metrics, indent=2), flush=True)
     return 0
+
+
+def decoder(args) -> int:
+    """``decoder``: fine-tune the decoder of an earlier ``fit``'s VAE (the encoder, the DiT and
+    the encoders stay), evaluate, and write a complete output folder."""
+    t_start = time.perf_counter()
+    device, out, data_folder, data, rng = _start(args, stream=3)
+    source = Path(args.source)
+    model, vae, text, image, audio = build_parts(args.seed, device, data_folder)
+    load_tiny_trained(model, vae, text, image, audio, source)  # in place: the parts stay on device
+    sampler = dataset.ClipSampler(data, device=device)
+    log = Log(every_s=10.0 if device.type == "cuda" else 2.0)
+    budget = Budget(args.steps, args.seconds, args.batch, args.lr)
+    decoder_metrics = _decoder_stage(vae, sampler, rng, budget, log, args, args.checks)
+    paths = save_tiny_trained(out, model, vae, text, image, audio)
+    atomic_write(out / "loss.csv", lambda f: f.write(log.csv().encode()))
+    metrics = dict(
+        decoder=decoder_metrics,
+        source=str(source),
+        train_seconds=round(time.perf_counter() - t_start, 1),
+    )
+    if not args.no_eval:
+        metrics["pipeline"] = _evaluate(out, data, device, quick=False)
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    provenance = _decoder_provenance(args, data, data_folder, metrics, paths)
+    atomic_write(out / "PROVENANCE.md", lambda f: f.write(provenance.encode()))
+    print(json.dumps(metrics, indent=2), flush=True)
+    return 0
+
+
+def _decoder_stage(vae, sampler, rng, budget: Budget, log: Log, args, checks: int = 4) -> dict:
+    """:func:`train_decoder` within ``budget`` (none when its steps are 0), with the mouth
+    motion fidelity of the reconstruction before and after (``checks`` batches of 16 clips)."""
+    if budget.steps <= 0:
+        return dict(steps=0)
+    check = lambda: motion_fidelity(vae, sampler, np.random.default_rng([args.seed, 4]), batches=checks)  # noqa: E731
+    before = check()
+    print(f"decoder: mouth motion r {before} before", flush=True)
+    steps = train_decoder(vae, sampler, rng, budget, log, mouth_weight=args.mouth_weight)
+    after = check()
+    print(f"decoder: mouth motion r {after} after {steps} steps", flush=True)
+    return dict(steps=steps, final_loss=_tail(log, "decoder"), motion_r_before=before, motion_r_after=after)
 
 
 def _evaluate(folder: Path, data, device, quick: bool) -> dict:
@@ -160,14 +248,14 @@ def _evaluate(folder: Path, data, device, quick: bool) -> dict:
     return metrics
 
 
-def _head(log: Log, stage: str, n: int = 20) -> float:
+def _head(log: Log, stage: str, n: int = 20) -> float | None:
     values = [r[3] for r in log.rows if r[0] == stage][:n]
-    return round(float(np.mean(values)), 5) if values else float("nan")
+    return round(float(np.mean(values)), 5) if values else None
 
 
-def _tail(log: Log, stage: str, n: int = 50) -> float:
+def _tail(log: Log, stage: str, n: int = 50) -> float | None:
     values = [r[3] for r in log.rows if r[0] == stage][-n:]
-    return round(float(np.mean(values)), 5) if values else float("nan")
+    return round(float(np.mean(values)), 5) if values else None
 
 
 def _sha256(path: Path) -> str:
@@ -185,6 +273,38 @@ def _commit() -> str:
 
 
 def _provenance(args, plan, data, data_folder: Path, metrics: dict, paths) -> str:
+    lines = [
+        "# Provenance of the tiny-infinitetalk trained weights",
+        "",
+        "Trained by wanstudio's own code (`wanstudio/train/`) on procedurally drawn faces and",
+        "eSpeak NG speech; no photograph, recording or third-party model weights are involved.",
+        "The tiny umT5 / CLIP / wav2vec2 are seeded random weights (not trained), stored as used.",
+        "",
+    ]
+    stage = (
+        f"plan: {plan['kind']} (vae {plan['vae']}, stages {plan['vae_stages']}, decoder {plan['decoder']}, "
+        f"dit {plan['dit']}, pool {plan['pool']})"
+    )
+    return "\n".join(lines + _stage_lines(args, stage, data, data_folder, metrics, paths))
+
+
+def _decoder_provenance(args, data, data_folder: Path, metrics: dict, paths) -> str:
+    """The source folder's provenance, then this stage's."""
+    earlier = Path(args.source) / "PROVENANCE.md"
+    head = (
+        earlier.read_text().rstrip()
+        if earlier.is_file()
+        else f"# Provenance\n\n(no PROVENANCE.md in {args.source})"
+    )
+    stage = (
+        f"stage: `decoder` of {args.source}: the VAE's decoder fine-tuned (mouth weight {args.mouth_weight}, "
+        f"lr {args.lr}, {args.batch} clips per step); encoder, DiT and encoders unchanged"
+    )
+    lines = ["", "", "## Then: the decoder fine-tuned", ""]
+    return head + "\n".join(lines + _stage_lines(args, stage, data, data_folder, metrics, paths))
+
+
+def _stage_lines(args, stage: str, data, data_folder: Path, metrics: dict, paths) -> list[str]:
     here = Path(__file__).resolve().parent
     sources = sorted(here.glob("*.py")) + [here.parent / "eval.py"]
     device = args.device
@@ -196,16 +316,11 @@ def _provenance(args, plan, data, data_folder: Path, metrics: dict, paths) -> st
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "absent"
-    lines = [
-        "# Provenance of the tiny-infinitetalk trained weights",
-        "",
-        "Trained by wanstudio's own code (`wanstudio/train/`) on procedurally drawn faces and",
-        "eSpeak NG speech; no photograph, recording or third-party model weights are involved.",
-        "The tiny umT5 / CLIP / wav2vec2 are seeded random weights (not trained), stored as used.",
-        "",
-        f"- command: `python -m wanstudio.train {' '.join(sys.argv[1:]) or 'fit'}`",
+    assert len(paths) == len(WEIGHT_FILES)
+    return [
+        f"- command: `python -m wanstudio.train {' '.join(sys.argv[1:]) or args.command}`",
         f"- commit: {_commit()}",
-        f"- seed: {args.seed}; plan: {plan['kind']} (vae {plan['vae']}, stages {plan['vae_stages']}, dit {plan['dit']}, pool {plan['pool']})",
+        f"- seed: {args.seed}; {stage}",
         f"- device: {device}; {platform.platform()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
         f"- data: {json.dumps({k: data.meta[k] for k in ('seed', 'utterances', 'frames', 'minutes', 'speech', 'espeak')})}",
@@ -217,15 +332,13 @@ def _provenance(args, plan, data, data_folder: Path, metrics: dict, paths) -> st
         "- training sources: " + ", ".join(f"{p.name} {_sha256(p)[:12]}" for p in sources),
         "- weights: " + ", ".join(f"{Path(p).name} sha256 {_sha256(Path(p))[:16]}" for p in paths),
         "",
-        "## Metrics",
+        "### Metrics",
         "",
         "```json",
         json.dumps(metrics, indent=2),
         "```",
         "",
     ]
-    assert len(paths) == len(WEIGHT_FILES)
-    return "\n".join(lines)
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -250,10 +363,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--vae-steps", type=int, default=None)
     f.add_argument("--vae-seconds", type=float, default=None)
     f.add_argument("--vae-batch", type=int, default=None)
+    f.add_argument("--vae-lr", type=float, default=None)
+    f.add_argument("--decoder-steps", type=int, default=None, help="0: no decoder stage")
+    f.add_argument("--decoder-seconds", type=float, default=None)
+    f.add_argument("--decoder-batch", type=int, default=None)
+    f.add_argument("--decoder-lr", type=float, default=None)
+    f.add_argument("--mouth-weight", type=float, default=10.0, help="the decoder stage's mouth weight")
     f.add_argument("--dit-steps", type=int, default=None)
     f.add_argument("--dit-seconds", type=float, default=None)
     f.add_argument("--dit-batch", type=int, default=None)
+    f.add_argument("--dit-lr", type=float, default=None)
     f.add_argument("--pool", type=int, default=None, help="encoded clips the DiT trains on")
+    f.add_argument(
+        "--vae-from", default=None, help="an earlier fit's folder: take its VAE, train the DiT only"
+    )
+    f.add_argument("--readout-weight", type=float, default=1.0, help="weight of the VAE's mouth readout loss")
+    f.add_argument("--motion-weight", type=float, default=1.0, help="weight of the VAE's mouth-motion loss")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     f.add_argument("--no-eval", action="store_true", help="skip the pipeline evaluation")
     f.add_argument(
@@ -262,6 +387,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="seconds the whole fit may take: the DiT stage ends early enough to leave time to save and evaluate",
     )
+    q = sub.add_parser("quant-table", help="the trained tiny model's scores under every quantization mode")
+    q.add_argument("--trained", default=None, help="a fit output folder (default: the shipped weights)")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c = sub.add_parser(
+        "decoder", help="fine-tune the decoder of a fit's VAE (encoder and DiT kept), evaluate"
+    )
+    c.add_argument("source", help="a folder written by `fit` (or by `decoder`)")
+    c.add_argument("--data", default=".traindata", help="folder made by `data`")
+    c.add_argument("--out", required=True, help="output folder (all weights, loss.csv, metrics)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help="default: cuda when available")
+    c.add_argument("--steps", type=int, default=100000)
+    c.add_argument("--seconds", type=float, default=300.0)
+    c.add_argument("--batch", type=int, default=48, help="17-frame clips per step")
+    c.add_argument("--lr", type=float, default=2e-3)
+    c.add_argument("--mouth-weight", type=float, default=10.0)
+    c.add_argument("--checks", type=int, default=4, help="batches of 16 clips for the mouth motion r")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c.add_argument("--no-eval", action="store_true", help="skip the pipeline evaluation")
     return p.parse_args(argv)
 
 
@@ -274,4 +418,24 @@ def main(argv=None) -> int:
         )
         print(f"wrote {args.out}/{dataset.SPEECH_FILE} and {dataset.ENCODERS_FILE}")
         return 0
-    return fit(args)
+    if args.command == "quant-table":
+        return quant_table(args)
+    return decoder(args) if args.command == "decoder" else fit(args)
+
+
+def quant_table(args) -> int:
+    """``quant-table``: print the README's table (Markdown) of scores per quantization mode."""
+    from .evaluate import quant_mode_scores
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scores = quant_mode_scores(trained=args.trained or True)
+    base = scores["disabled"]["sync"]
+    print("| quantization | lip sync | vs bf16 | pause ratio | identity (dB) |")
+    print("|---|---|---|---|---|")
+    for mode, r in scores.items():
+        name = "bf16 (disabled)" if mode == "disabled" else f"`{mode}`"
+        print(
+            f"| {name} | {r['sync']:.3f} | {r['sync'] - base:+.3f} | {r['pause']:.2f} | {r['identity_db']:.1f} |"
+        )
+    return 0

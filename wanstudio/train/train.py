@@ -1,11 +1,13 @@
-"""Train the tiny preset: ``python -m wanstudio.train data ...`` then ``... fit ...``.
+"""Train the tiny preset: ``python -m wanstudio.train data``, ``fit``, then ``decoder``.
 
 ``fit`` trains, with the project's own classes at the 'tiny-infinitetalk' shapes:
 
 1. the VAE (``VAE.tiny()``: diffusers' AutoencoderKLWan, base width 8, z 16) as an
-   autoencoder on 17-frame face clips (L1 + L2, the mouth weighted x5, a little latent noise
-   so the decoder tolerates the DiT's errors); then its latents' per-channel mean / std replace
-   the real Wan VAE's constants;
+   autoencoder on pictures, then 5- and 17-frame face clips (L1 + L2, the mouth weighted, a
+   little latent noise so the decoder tolerates the DiT's errors; on clips a linear readout of
+   every video frame's mouth from the latents (:class:`MouthReadout`) and the error of the
+   mouth's frame-to-frame change); then its latents' per-channel mean / std replace the real
+   Wan VAE's constants;
 2. the DiT by flow matching exactly as the pipeline samples (WAN_SPEC.md §6, pipeline/sampler.py):
    ``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, ``t = 1000 s`` with ``s`` drawn half
    uniform, half with the pipeline's shift 7; the clip's head latents (1: the reference frame of
@@ -14,6 +16,8 @@
    zeros]; CLIP features of the reference; the pipeline's audio windows; audio dropped 10% of
    the time (the ¬A of audio guidance) and the prompt drawn from PROMPTS (incl. the default
    negative prompt), so the model learns to ignore the random umT5.
+3. (``python -m wanstudio.train decoder FOLDER``) the decoder alone, the mouth weighted
+   heavily (:func:`train_decoder`): the latents, so the DiT, stay valid.
 
 The tiny umT5 / CLIP / wav2vec2 stay as seeded (random) and are copied to the output. Then
 the trained parts run through ``InfiniteTalkPipeline`` itself on the held-out speech with the
@@ -47,6 +51,8 @@ class Budget:
 
     def progress(self, step: int, elapsed: float) -> float:
         """How far the stage is, as the larger of its step and time fractions (1 or more: over)."""
+        if self.steps <= 0 or self.seconds <= 0:
+            return 1.0
         return max(step / self.steps, elapsed / self.seconds)
 
 
@@ -92,6 +98,50 @@ def pixel_weights(mouth_xy: torch.Tensor, size: int, boost: float = 4.0, sigma: 
     return (1 + boost * g)[:, None, None]
 
 
+def mouth_cells(z: torch.Tensor, mouth_xy: torch.Tensor, stride: int) -> torch.Tensor:
+    """The latents of the 3x3 cells around each clip's mouth (zero past an edge), the cells
+    :func:`~wanstudio.train.evaluate.mouth_probe` reads: [B, z, F_lat, h, w] -> [B, F_lat, z * 9]."""
+    B, _, _, h, w = z.shape
+    zp = torch.nn.functional.pad(z, (1, 1, 1, 1))
+    m = torch.div(mouth_xy, stride, rounding_mode="floor").long()
+    xs = m[:, 0].clamp(0, w - 1)[:, None] + torch.arange(3, device=z.device)  # (B, 3), padded: m-1..m+1
+    ys = m[:, 1].clamp(0, h - 1)[:, None] + torch.arange(3, device=z.device)
+    b = torch.arange(B, device=z.device)[:, None, None]
+    cells = zp.permute(0, 3, 4, 1, 2)[b, ys[:, :, None], xs[:, None, :]]  # (B, 3, 3, z, F_lat)
+    return cells.permute(0, 4, 3, 1, 2).flatten(2)
+
+
+class MouthReadout(torch.nn.Module):
+    """Linear readouts of the drawn mouth from :func:`mouth_cells`, trained with the VAE.
+
+    Reconstruction alone lets the VAE smear the lips: they are ~1% of the pixels, and a later
+    latent frame packs 4 video frames (a ridge probe of run 2's 17-frame latents: r 0.15, of its
+    single pictures 0.54; benchmarks/results/h200_tiny_training.md). This auxiliary loss asks
+    the encoder to keep each of a latent frame's video frames' mouth (open, wide, round) readable,
+    from the noised latents the decoder sees, so it must stand above the training noise (H200,
+    440 s: per-frame probe 0.74 at weight 0.3, 0.89 at 1.0). The readout is discarded after
+    training; the VAE's architecture is untouched.
+    """
+
+    def __init__(self, z_dim: int, frames_per_latent: int, mean, std):
+        super().__init__()
+        self.first = torch.nn.Linear(z_dim * 9, 3)
+        self.later = torch.nn.Linear(z_dim * 9, 3 * frames_per_latent)
+        self.per = frames_per_latent
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def loss(self, cells: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
+        """Mean squared error on standardised tracks. cells [B, F_lat, z*9]; mouth [B, F, 3]."""
+        target = (mouth - self.mean) / self.std
+        err = (self.first(cells[:, 0]) - target[:, 0]) ** 2
+        if cells.shape[1] == 1:
+            return err.mean()
+        B, n = cells.shape[:2]
+        later = target[:, 1:].reshape(B, n - 1, 3 * self.per)  # (B, F_lat - 1, per * 3): frame-major
+        return torch.cat([err.flatten(), ((self.later(cells[:, 1:]) - later) ** 2).flatten()]).mean()
+
+
 def train_vae(
     vae,
     curriculum: list[tuple[dataset.ClipSampler, int, float]],
@@ -99,6 +149,8 @@ def train_vae(
     budget: Budget,
     log: Log,
     latent_noise: float = 0.1,
+    readout_weight: float = 1.0,
+    motion_weight: float = 1.0,
 ) -> int:
     """Autoencoder training of ``vae.model``; returns the steps taken.
 
@@ -108,10 +160,22 @@ def train_vae(
     of one face each (H200: identity 21.9 -> 25.3 dB); then short clips, then the pipeline's
     17 frames (a VAE trained on short clips alone decodes latent frames 3..5 of a clip as grey
     mush: its causal caches differ there).
+
+    Loss: L1 + L2, the mouth weighted (x5 broadly; on clips also x13 tightly), plus
+    ``readout_weight`` x the :class:`MouthReadout` error and, on clips, ``motion_weight`` x
+    the L1 error of the mouth's frame-to-frame change, which is what the lip-sync score
+    measures: drawing each latent frame's mean mouth scores sync 0.17 where the per-frame
+    mouth scores 0.72 (the held-out speech, drawn without any model). Gradients are clipped on
+    the VAE's parameters only.
     """
     model = vae.model
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    data = curriculum[0][0].data
+    track = data.mouth.astype("float32")
+    readout = MouthReadout(model.config.z_dim, vae.temporal_stride, track.mean(0), track.std(0) + 1e-3)
+    readout.to(next(model.parameters()).device)
+    params = list(model.parameters()) + list(readout.parameters())
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0, step = time.perf_counter(), 0
     while (done := budget.progress(step, time.perf_counter() - t0)) < 1:
         lr = lr_at(budget, step, time.perf_counter() - t0, warmup=50)
@@ -122,15 +186,81 @@ def train_vae(
         x = clip.video
         mu = model.encode(x).latent_dist.mean
         noise = latent_noise * mu.detach().std() * torch.randn_like(mu)  # relative to the latents' scale
-        rec = model.decode(mu + noise).sample
-        w = pixel_weights(clip.mouth_xy, x.shape[-1])
+        z = mu + noise
+        rec = model.decode(z).sample
+        size = x.shape[-1]
+        w = pixel_weights(clip.mouth_xy, size)
         err = rec - x
-        loss = (w * err.abs()).mean() + (w * err**2).mean()
+        clips = x.shape[2] > 1
+        cells = mouth_cells(z, clip.mouth_xy, vae.spatial_stride)
+        # pictures already keep the mouth (probe 0.54): there the readout only learns, on clips
+        # it also pulls the encoder
+        read = readout.loss(cells if clips else cells.detach(), clip.mouth)
+        loss = (w * err.abs()).mean() + (w * err**2).mean() + readout_weight * read
+        if clips:
+            tight = pixel_weights(clip.mouth_xy, size, boost=12.0, sigma=2.5) - 1
+            motion = (err[:, :, 1:] - err[:, :, :-1]).abs()  # error of the frame-to-frame change
+            loss = loss + (tight * err.abs()).mean() + motion_weight * (tight * motion).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        log.add("vae", step, loss.item(), lr, l1=err.detach().abs().mean().item(), frames=float(x.shape[2]))
+        l1 = err.detach().abs().mean().item()
+        log.add("vae", step, loss.item(), lr, l1=l1, read=read.item(), frames=float(x.shape[2]))
+        step += 1
+    model.eval().requires_grad_(False)
+    return step
+
+
+def train_decoder(
+    vae,
+    sampler: dataset.ClipSampler,
+    rng,
+    budget: Budget,
+    log: Log,
+    mouth_weight: float = 10.0,
+    latent_noise: float = 0.1,
+) -> int:
+    """Fine-tune the VAE's decoder alone on clips, the mouth first; returns the steps taken.
+
+    The encoder (so every latent, the latent statistics and a DiT trained on them) stays as it
+    is. Why: after ``train_vae`` the latents hold each frame's mouth (``mouth_probe`` 0.89) and
+    the DiT draws it from the audio (the same readout on its samples: 0.91, shuffled audio
+    0.33), yet the decoder renders a faint smudge whose motion does not follow the drawn one.
+    Loss: the L1 + L2 of ``train_vae`` plus ``mouth_weight`` x the mean, over a Gaussian window
+    around the mouth (sigma 3 px, normalised to sum 1 per frame), of the L1 error and of the
+    error of the frame-to-frame change: a per-pixel mean over the picture gives the ~30 mouth
+    pixels of 4096 no say.
+    """
+    model = vae.model
+    model.eval().requires_grad_(False)
+    decoder = [model.post_quant_conv, model.decoder]
+    params = [p for part in decoder for p in part.parameters()]
+    for part in decoder:
+        part.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    t0, step = time.perf_counter(), 0
+    while budget.progress(step, time.perf_counter() - t0) < 1:
+        lr = lr_at(budget, step, time.perf_counter() - t0, warmup=20)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        clip = sampler.sample(rng, budget.batch)
+        x = clip.video
+        with torch.no_grad():
+            mu = model.encode(x).latent_dist.mean
+        rec = model.decode(mu + latent_noise * mu.std() * torch.randn_like(mu)).sample
+        err = rec - x
+        w = pixel_weights(clip.mouth_xy, x.shape[-1])
+        window = pixel_weights(clip.mouth_xy, x.shape[-1], boost=1.0, sigma=3.0) - 1
+        window = window / window.sum(dim=(-2, -1), keepdim=True)  # (B, 1, 1, H, W), sums to 1
+        change = (err[:, :, 1:] - err[:, :, :-1]).abs()
+        mouth = (window * err.abs()).sum((-2, -1)).mean() + (window * change).sum((-2, -1)).mean()
+        loss = (w * err.abs()).mean() + (w * err**2).mean() + mouth_weight * mouth
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log.add("decoder", step, loss.item(), lr, mouth=mouth.item())
         step += 1
     model.eval().requires_grad_(False)
     return step
@@ -259,18 +389,21 @@ def train_dit(model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Lo
 
 # (steps, seconds, batch, lr) per stage; the pool size; the VAE's curriculum (frames, batch
 # multiplier, until this fraction of its budget): pictures, then short clips, then the
-# pipeline's 17 frames; the smoke run stops at 5
+# pipeline's 17 frames; the smoke run stops at 5. The GPU plan fits one 10-minute device call
+# with `--deadline 590`; longer stages train better (h200_tiny_training.md, round 3)
 PLANS = {
     "gpu": dict(
-        vae=(100000, 250.0, 48, 2e-3),
-        vae_stages=((1, 6, 0.45), (5, 2, 0.65), (17, 1, 1.0)),
-        dit=(100000, 130.0, 256, 5e-4),
+        vae=(100000, 200.0, 48, 2e-3),
+        vae_stages=((1, 6, 0.3), (5, 2, 0.5), (17, 1, 1.0)),
+        decoder=(100000, 120.0, 48, 2e-3),
+        dit=(100000, 150.0, 256, 1e-3),
         pool=8192,
         pool_batch=256,
     ),
     "cpu": dict(
         vae=(2000, 900.0, 2, 2e-3),
         vae_stages=((1, 8, 0.45), (5, 2, 0.65), (17, 1, 1.0)),
+        decoder=(1000, 600.0, 4, 1e-3),
         dit=(4000, 900.0, 16, 5e-4),
         pool=1024,
         pool_batch=32,
@@ -278,6 +411,7 @@ PLANS = {
     "quick": dict(
         vae=(6, 60.0, 2, 2e-3),
         vae_stages=((1, 2, 0.5), (5, 1, 1.0)),
+        decoder=(3, 30.0, 1, 1e-3),
         dit=(40, 40.0, 4, 5e-4),
         pool=16,
         pool_batch=8,
