@@ -33,6 +33,7 @@ def test_demo_writes_an_mp4_with_video_and_audio(tmp_path, capsys):
     assert info["duration"] == pytest.approx(seconds, abs=0.1)
     text = capsys.readouterr().out
     assert "wanstudio demo:" in text and "audio yes" in text and "noise" in text
+    assert "scores: lip sync" in text and "dB PSNR" in text
     assert not (tmp_path / "demo.mp4.work").exists()
 
 

@@ -45,3 +45,14 @@ def test_lips_follow_held_out_speech(results, portrait):
     assert r["sync"] >= BARS["sync"], r
     assert r["pause"] <= BARS["pause"], r
     assert r["identity_db"] >= BARS["identity_db"], r
+
+
+def test_every_quantization_mode_keeps_the_lips_of_bf16():
+    """The README's quantization table: each mode's sync score on the held-out speech within 0.05
+    of plain bf16 (the same model, portrait, seed and steps)."""
+    from wanstudio.train.evaluate import quant_mode_scores
+
+    scores = quant_mode_scores()
+    base = scores["disabled"]["sync"]
+    off = {mode: r["sync"] for mode, r in scores.items() if abs(r["sync"] - base) > 0.05}
+    assert not off, f"bf16 sync {base}; modes off by more than 0.05: {off}"

@@ -285,9 +285,12 @@ def _check_output(args) -> None:
 
 
 def cmd_demo(args) -> int:
-    """``wanstudio demo``: the tiny random-weight pipeline on the shipped portrait and speech."""
-    from .media import asset_path, probe_media
+    """``wanstudio demo``: the tiny pipeline (trained weights when shipped) on the shipped
+    portrait and speech; prints the lip-sync and identity scores of :mod:`wanstudio.eval`."""
+    from . import eval as scores
+    from .media import asset_path, load_audio, load_image, probe_media
     from .pipeline import InfiniteTalkPipeline
+    from .pipeline.tiny_weights import tiny_weights_available
 
     _check_output(args)
     t0 = time.perf_counter()
@@ -298,18 +301,20 @@ def cmd_demo(args) -> int:
     kw = _generation_kwargs(args)
     if args.motion_frame is None:
         kw["motion_frame"] = 5  # tiny clips are short: carry 5 frames (2 latents), not 9
+    kw["keep_frames"] = True  # 64x64: the frames are scored below
     result = pipe(image, audio, **kw)
     info = probe_media(result.path)
+    sound = "yes" if info.get("has_audio") else "NO"
     print(f"wanstudio demo: {result.summary()}")
     print(
-        f"  mp4: {info.get('frames')} frames at {info.get('fps')} fps, {info.get('duration'):.2f} s, "
-        f"audio {'yes' if info.get('has_audio') else 'NO'}"
+        f"  mp4: {info.get('frames')} frames at {info.get('fps')} fps, {info.get('duration'):.2f} s, audio {sound}"
     )
     print(f"  pipeline: {pipe!r}; built in {t_load:.1f} s, total {time.perf_counter() - t0:.1f} s")
-    print(
-        "  The picture is noise: the tiny preset has random weights. For real weights see "
-        "`wanstudio infinitetalk --help`."
-    )
+    print(f"  scores: {scores.describe(result.frames.numpy(), load_audio(audio), load_image(image))}")
+    if not tiny_weights_available():
+        print(
+            "  The picture is noise: the tiny preset has random weights. Real weights: `wanstudio infinitetalk --help`."
+        )
     return 0
 
 
@@ -468,6 +473,7 @@ def cmd_inspect(args) -> int:
 
     from . import layout
     from .checkpoints import load_model, parse_dtype
+    from .cli_support import random_inputs
     from .config import WanConfig
     from .inspector import inspect_layout
     from .model import WanModel
@@ -491,7 +497,7 @@ def cmd_inspect(args) -> int:
         model = WanModel(cfg, device=args.device, dtype=dtype)
         quantize(model, args.quantization)
         set_attention(model, args.attention)
-    inputs = _random_inputs(model.config, *args.latent, speakers=args.speakers, device=args.device)
+    inputs = random_inputs(model.config, *args.latent, speakers=args.speakers, device=args.device)
     with layout.strict_layout(args.strict):
         report = inspect_layout(model.eval(), inputs)
     print(report.summary())
@@ -499,24 +505,6 @@ def cmd_inspect(args) -> int:
         report.to_csv(args.csv)
         print(f"wanstudio inspect: {len(report)} rows written to {args.csv}")
     return 1 if report.violations() else 0
-
-
-def _random_inputs(cfg, frames: int, height: int, width: int, *, speakers: int, device) -> dict:
-    """Seeded random inputs of the model's shapes at the given latent size, by name."""
-    from .model import ModelInputs
-
-    inputs = ModelInputs.example(
-        cfg,
-        frames=frames,
-        height=height,
-        width=width,
-        speakers=speakers,
-        text_tokens=16,
-        clip_tokens=257,
-        t=500.0,
-        device=device,
-    )
-    return inputs.as_kwargs()
 
 
 def cmd_bench(args) -> int:

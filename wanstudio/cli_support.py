@@ -487,3 +487,21 @@ def infinitetalk_inputs(args) -> dict:
     if args.speaker_strength is not None:
         kw["speaker_strengths"] = tuple(args.speaker_strength)
     return kw
+
+
+def random_inputs(cfg, frames: int, height: int, width: int, *, speakers: int, device) -> dict:
+    """Seeded random inputs of the model's shapes at the given latent size, by name."""
+    from .model import ModelInputs
+
+    inputs = ModelInputs.example(
+        cfg,
+        frames=frames,
+        height=height,
+        width=width,
+        speakers=speakers,
+        text_tokens=16,
+        clip_tokens=257,
+        t=500.0,
+        device=device,
+    )
+    return inputs.as_kwargs()

@@ -277,6 +277,14 @@ def identity_psnr(frames, reference, first: int = 5) -> float:
     return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
 
 
+def describe(frames, wave, reference) -> str:
+    """One line for a summary: :func:`sync_score` and :func:`identity_psnr` of ``frames``
+    (uint8 [T, H, W, 3] at 25 fps) against ``wave`` (16 kHz) and the ``reference`` portrait."""
+    sync = sync_score(frames, wave, reference=reference)
+    identity = identity_psnr(frames, reference)
+    return f"lip sync {sync:.2f} (1: the mouth moves with the voice), identity {identity:.1f} dB PSNR"
+
+
 def _motion_and_envelope(frames, wave, reference, box) -> tuple[np.ndarray, np.ndarray]:
     v = frames_to_grid(frames)
     ref = reference if reference is not None else v_uint8(v[0])

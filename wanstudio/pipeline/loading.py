@@ -18,6 +18,7 @@ from ..errors import PipelineError
 from ..modes import RuntimeModes, apply_modes
 from ..options import AttentionMode, QuantMode
 from .memory import check_budget_gb, check_offload, check_text_device, default_offload, dit_budget_gb
+from .tiny_weights import load_tiny_trained, tiny_weights_available
 
 
 def tiny(
@@ -29,14 +30,21 @@ def tiny(
     modes: RuntimeModes | None = None,
     frame_num: int = 17,
     size: tuple[int, int] = (64, 64),
+    trained: bool | str | os.PathLike | None = None,
 ):
-    """Every part at toy size with seeded random weights (the 'tiny-infinitetalk' preset).
+    """Every part at toy size (the 'tiny-infinitetalk' preset): the trained weights shipped in
+    ``wanstudio/assets/tiny`` when there are any, else seeded random weights.
 
-    The video is noise; this exercises every code path in seconds on a CPU. Clips default
-    to ``frame_num`` frames of ``size`` (width, height) instead of 81 frames of a 480p bucket.
+    Exercises every code path in seconds on a CPU; with random weights the video is noise.
+    Clips default to ``frame_num`` frames of ``size`` (width, height) instead of 81 frames of
+    a 480p bucket.
 
     Args:
-        seed: the weights' seed (the caller's random state is left alone).
+        seed: the random weights' seed (the caller's random state is left alone); the trained
+            weights replace every part's, so it no longer matters there.
+        trained: True: the shipped trained weights (CheckpointError when absent); a folder:
+            the weights a ``python -m wanstudio.train fit`` wrote there; False: random weights
+            (wiring tests); None (default): trained when shipped.
         device: where every part lives.
         modes: how the DiT runs; the model is built at ``modes.precision``, then quantized
             and configured by :func:`~wanstudio.modes.apply_modes`. Default: fp32, nothing else.
@@ -50,21 +58,27 @@ def tiny(
         dtype = torch.float32  # the toy model's default: exact on any CPU
     modes = RuntimeModes.merge(modes, precision=dtype)
     modes.check_device(device)
+    if trained is None:
+        trained = tiny_weights_available()
     cfg = WanConfig.preset("tiny-infinitetalk")
     with torch.random.fork_rng(devices=[]):  # seeded parts; the caller's RNG is left alone
         torch.manual_seed(seed)
-        model = WanModel(cfg).to(device=device, dtype=modes.dtype).eval().requires_grad_(False)
+        model = WanModel(cfg).eval().requires_grad_(False)
         parts = (
             VAE.tiny(seed=seed),
             TextEncoder.tiny(text_dim=cfg.text_dim, seed=seed),
             ImageEncoder.tiny(clip_dim=cfg.clip_dim, seed=seed),
             AudioEncoder.tiny(layers=cfg.audio_layers, dim=cfg.audio_dim, seed=seed),
         )
+    if trained:
+        load_tiny_trained(model, *parts, folder=None if trained is True else trained)
+    model.to(device=device, dtype=modes.dtype)
     apply_modes(model, modes, device=device)  # built at base precision, then quantized
+    weights = "trained" if trained else f"seed={seed}"
     return cls(
         model,
         *parts,
-        identity=f"tiny-infinitetalk(seed={seed}, {str(modes.dtype).replace('torch.', '')})",
+        identity=f"tiny-infinitetalk({weights}, {str(modes.dtype).replace('torch.', '')})",
         frame_num=frame_num,
         size=tuple(size),
     )
