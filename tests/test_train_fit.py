@@ -325,3 +325,24 @@ def test_motion_fidelity_is_one_for_a_perfect_decoder_and_zero_for_a_frozen_mout
     )
     assert perfect == 1.0
     assert frozen == 0.0
+
+
+def test_wrong_inputs_are_one_line_errors_and_leave_no_folder(tmp_path, capsys):
+    """A missing data folder or weights folder: exit status 2, one line naming what to do, and no
+    empty output folder left behind."""
+    from wanstudio.train.run import main
+
+    out = tmp_path / "out"
+    assert (
+        main(["decoder", str(tmp_path / "none"), "--out", str(out), "--data", str(tmp_path / "nodata")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m wanstudio.train decoder: error: no training data" in err
+    assert "python -m wanstudio.train data" in err and not out.exists()
+    data = tmp_path / "data"
+    dataset.build_dataset(data, seed=1, utterances=2, use_espeak=False, log=None)
+    assert (
+        main(["decoder", str(tmp_path / "none"), "--out", str(out), "--data", str(data), "--device", "cpu"])
+        == 2
+    )
+    assert "no trained tiny weights in" in capsys.readouterr().err and not out.exists()

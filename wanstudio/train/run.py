@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
+from ..errors import WanstudioError
 from ..pipeline.tiny_weights import (
     VAE_FILE,
     WEIGHT_FILES,
@@ -68,11 +69,11 @@ def _device(args) -> torch.device:
 
 
 def _start(args, stream: int):
-    """(device, output folder (made), data folder, its SpeechData, a numpy rng seeded with
-    ``[seed, stream]``); torch seeded with ``--seed``."""
+    """(device, output folder, data folder, its SpeechData, a numpy rng seeded with
+    ``[seed, stream]``); torch seeded with ``--seed``. The output folder is made once the
+    inputs have loaded: a wrong input leaves nothing behind."""
     device = _device(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data_folder = Path(args.data)
     data = dataset.SpeechData.load(data_folder)
     torch.manual_seed(args.seed)
@@ -112,6 +113,9 @@ def fit(args) -> int:
     device, out, data_folder, data, rng = _start(args, stream=1)
     plan = _plan(args)
     model, vae, text, image, audio = build_parts(args.seed, device, data_folder)
+    if args.vae_from:  # a VAE trained before: train the DiT on its latents
+        load_tiny_vae(vae, Path(args.vae_from) / VAE_FILE)
+    out.mkdir(parents=True, exist_ok=True)  # before training: an unwritable folder fails now
     sampler = dataset.ClipSampler(data, device=device)
     log = Log(every_s=2.0 if plan["kind"] != "gpu" else 10.0)
     print(
@@ -119,9 +123,8 @@ def fit(args) -> int:
         flush=True,
     )
 
-    if args.vae_from:  # a VAE trained before: train the DiT on its latents
+    if args.vae_from:
         vae_steps = 0
-        load_tiny_vae(vae, Path(args.vae_from) / VAE_FILE)
         print(f"vae: loaded from {args.vae_from}", flush=True)
     else:
         vae_budget = Budget(*plan["vae"])
@@ -184,6 +187,7 @@ def decoder(args) -> int:
     source = Path(args.source)
     model, vae, text, image, audio = build_parts(args.seed, device, data_folder)
     load_tiny_trained(model, vae, text, image, audio, source)  # in place: the parts stay on device
+    out.mkdir(parents=True, exist_ok=True)
     sampler = dataset.ClipSampler(data, device=device)
     log = Log(every_s=10.0 if device.type == "cuda" else 2.0)
     budget = Budget(args.steps, args.seconds, args.batch, args.lr)
@@ -412,6 +416,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Entry point of ``python -m wanstudio.train``."""
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except WanstudioError as e:  # a wrong input: one line, no traceback
+        print(f"python -m wanstudio.train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "data":
         dataset.build_dataset(
             args.out, seed=args.seed, utterances=args.utterances, use_espeak=False if args.babble else None
