@@ -171,8 +171,9 @@ def mouth_probe(encode, sampler, rng, mouth_open: np.ndarray, batches: int = 16,
 def motion_fidelity(vae, sampler, rng, batches: int = 4, batch: int = 16) -> float:
     """Does the decoder draw the mouth moving as it moved? Pearson r, over fresh clips, between
     the per-frame mouth motion (mean absolute change of a 12 x 8 px box at the mouth, as the
-    lip-sync score measures it) of the VAE's reconstruction and of the drawn clip. The VAE that
-    holds the mouth in its latents (``mouth_probe`` 0.89) but draws a smudge scores ~0."""
+    lip-sync score measures it) of the VAE's reconstruction and of the drawn clip. Round 3's VAE,
+    whose latents hold the mouth (``mouth_probe`` 0.89) but whose decoder drew a smudge: 0.23;
+    after 363 steps of the decoder stage: 0.51."""
     import torch
 
     got, want = [], []
@@ -182,7 +183,8 @@ def motion_fidelity(vae, sampler, rng, batches: int = 4, batch: int = 16) -> flo
             rec = vae.model.decode(vae.model.encode(clip.video).latent_dist.mean).sample.clamp(-1, 1)
             for b in range(batch):
                 mx, my = clip.mouth_xy[b].round().long().tolist()
+                x0, y0 = max(mx - 6, 0), max(my - 4, 0)
                 for video, out in ((rec, got), (clip.video, want)):
-                    box = video[b, :, :, my - 4 : my + 4, mx - 6 : mx + 6]  # (3, F, 8, 12)
+                    box = video[b, :, :, y0 : my + 4, x0 : mx + 6]  # (3, F, 8, 12) away from the edges
                     out.append((box[:, 1:] - box[:, :-1]).abs().mean((0, 2, 3)).cpu().numpy())
     return round(scores.correlation(np.concatenate(got), np.concatenate(want)), 4)
