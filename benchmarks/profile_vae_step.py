@@ -28,7 +28,7 @@ import torch
 
 from wanstudio.encoders import VAE
 from wanstudio.train import dataset
-from wanstudio.train.train import pixel_weights
+from wanstudio.train.train import reconstruction_loss
 
 
 def step(model, opt, clip, autocast: bool) -> None:
@@ -37,8 +37,7 @@ def step(model, opt, clip, autocast: bool) -> None:
     with ctx:
         rec = model.decode(model.encode(clip.video).latent_dist.mean).sample
     err = rec.float() - clip.video
-    w = pixel_weights(clip.mouth_xy, clip.video.shape[-1])
-    loss = (w * err.abs()).mean() + (w * err**2).mean()
+    loss = reconstruction_loss(err, clip.mouth_xy)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -98,6 +98,17 @@ def pixel_weights(mouth_xy: torch.Tensor, size: int, boost: float = 4.0, sigma: 
     return (1 + boost * g)[:, None, None]
 
 
+def reconstruction_loss(err: torch.Tensor, mouth_xy: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 of ``err`` (reconstruction - video, [B, 3, F, H, W]), the mouth weighted x5."""
+    w = pixel_weights(mouth_xy, err.shape[-1])
+    return (w * err.abs()).mean() + (w * err**2).mean()
+
+
+def change_error(err: torch.Tensor) -> torch.Tensor:
+    """|error of the frame-to-frame change| = |err[t] - err[t-1]|: [B, 3, F - 1, H, W]."""
+    return (err[:, :, 1:] - err[:, :, :-1]).abs()
+
+
 def mouth_cells(z: torch.Tensor, mouth_xy: torch.Tensor, stride: int) -> torch.Tensor:
     """The latents of the 3x3 cells around each clip's mouth (zero past an edge), the cells
     :func:`~wanstudio.train.evaluate.mouth_probe` reads: [B, z, F_lat, h, w] -> [B, F_lat, z * 9]."""
@@ -189,18 +200,16 @@ def train_vae(
         z = mu + noise
         rec = model.decode(z).sample
         size = x.shape[-1]
-        w = pixel_weights(clip.mouth_xy, size)
         err = rec - x
         clips = x.shape[2] > 1
         cells = mouth_cells(z, clip.mouth_xy, vae.spatial_stride)
         # pictures already keep the mouth (probe 0.54): there the readout only learns, on clips
         # it also pulls the encoder
         read = readout.loss(cells if clips else cells.detach(), clip.mouth)
-        loss = (w * err.abs()).mean() + (w * err**2).mean() + readout_weight * read
+        loss = reconstruction_loss(err, clip.mouth_xy) + readout_weight * read
         if clips:
             tight = pixel_weights(clip.mouth_xy, size, boost=12.0, sigma=2.5) - 1
-            motion = (err[:, :, 1:] - err[:, :, :-1]).abs()  # error of the frame-to-frame change
-            loss = loss + (tight * err.abs()).mean() + motion_weight * (tight * motion).mean()
+            loss = loss + (tight * err.abs()).mean() + motion_weight * (tight * change_error(err)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -250,12 +259,10 @@ def train_decoder(
             mu = model.encode(x).latent_dist.mean
         rec = model.decode(mu + latent_noise * mu.std() * torch.randn_like(mu)).sample
         err = rec - x
-        w = pixel_weights(clip.mouth_xy, x.shape[-1])
         window = pixel_weights(clip.mouth_xy, x.shape[-1], boost=1.0, sigma=3.0) - 1
         window = window / window.sum(dim=(-2, -1), keepdim=True)  # (B, 1, 1, H, W), sums to 1
-        change = (err[:, :, 1:] - err[:, :, :-1]).abs()
-        mouth = (window * err.abs()).sum((-2, -1)).mean() + (window * change).sum((-2, -1)).mean()
-        loss = (w * err.abs()).mean() + (w * err**2).mean() + mouth_weight * mouth
+        mouth = (window * err.abs()).sum((-2, -1)).mean() + (window * change_error(err)).sum((-2, -1)).mean()
+        loss = reconstruction_loss(err, clip.mouth_xy) + mouth_weight * mouth
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
