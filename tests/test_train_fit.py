@@ -39,6 +39,7 @@ def _pool(n=8, first=None):
         audio=torch.randn(n, 1, 17, 5, 3, 32, generator=g).half(),
         first=torch.tensor(first if first is not None else [True, False] * (n // 2)),
         mouth=torch.full((n, 2), 4.0),
+        round_trip=torch.randn(n, 16, 3, 8, 8, generator=g),
     )
 
 
@@ -66,6 +67,25 @@ def test_dit_batch_is_what_the_pipeline_samples():
         assert 0 < sigma[b] < 1
     dropped = (kw["audio"].flatten(1).abs().sum(1) == 0).float().mean()
     assert dropped < 0.5
+
+
+def test_round_trip_heads_replace_later_clips_heads_only():
+    """With ``round_trip=1`` every later clip is given the pool's decoded-and-encoded head (what
+    the pipeline re-encodes from the previous clip), a first clip its exact one; the noisy part
+    and the target stay the true clip's, so the model learns to draw the true clip from it."""
+    pool = _pool()
+    contexts = torch.randn(3, 7, 64)
+    idx = torch.arange(8)
+    exact, t_exact, _ = dit_batch(pool, contexts, idx, torch.Generator().manual_seed(1), cond_dim=20)
+    kw, target, weight = dit_batch(
+        pool, contexts, idx, torch.Generator().manual_seed(1), cond_dim=20, round_trip=1.0
+    )
+    assert torch.equal(target, t_exact)
+    for b in range(8):
+        head = int((weight[b, 0, :, 0, 0] == 0).sum())
+        given = pool.x0[b] if pool.first[b] else pool.round_trip[b]
+        assert torch.equal(kw["x"][b, :, :head], given[:, :head])
+        assert torch.equal(kw["x"][b, :, head:], exact["x"][b, :, head:])
 
 
 def test_sigmas_cover_the_pipelines_high_noise_steps():

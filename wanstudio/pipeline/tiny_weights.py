@@ -56,12 +56,17 @@ def load_tiny_trained(
             f"`python -m wanstudio.train fit` and copy its weight files there, or use the "
             f"random-weight preset (trained=False)"
         )
-    _load_into(model, _read(folder / DIT_FILE), "the tiny DiT", folder / DIT_FILE)
+    load_tiny_dit(model, folder / DIT_FILE)
     load_tiny_vae(vae, folder / VAE_FILE)
     enc = _read(folder / ENCODERS_FILE)
     for prefix, part in (("text", text_encoder), ("image", image_encoder), ("audio", audio_encoder)):
         sub = {k[len(prefix) + 1 :]: v for k, v in enc.items() if k.startswith(prefix + ".")}
         _load_into(part.model, sub, f"the tiny {prefix} encoder", folder / ENCODERS_FILE)
+
+
+def load_tiny_dit(model, path: Path) -> None:
+    """Load a trained tiny DiT file into ``WanModel(WanConfig.preset("tiny-infinitetalk"))``."""
+    _load_into(model, _read(path), "the tiny DiT", path)
 
 
 def load_tiny_vae(vae, path: Path) -> None:

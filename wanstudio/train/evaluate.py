@@ -51,11 +51,13 @@ def eval_portraits() -> dict[str, Image.Image]:
 
 
 def score_video(frames, wave, portrait, pause) -> dict[str, float]:
-    """sync, pause ratio and identity PSNR of one generated video."""
+    """sync, pause ratio and identity PSNR of one generated video, and the identity PSNR of its
+    last second (``last_identity_db``: does the face fade clip after clip?)."""
     return dict(
         sync=round(scores.sync_score(frames, wave, reference=portrait), 4),
         pause=round(scores.pause_ratio(frames, wave, pause, reference=portrait), 4),
         identity_db=round(scores.identity_psnr(frames, portrait), 2),
+        last_identity_db=round(scores.identity_psnr(frames[-scores.FPS :], portrait, first=scores.FPS), 2),
     )
 
 

@@ -19,8 +19,10 @@ import torch
 from ..atomic import atomic_write
 from ..errors import WanstudioError
 from ..pipeline.tiny_weights import (
+    DIT_FILE,
     VAE_FILE,
     WEIGHT_FILES,
+    load_tiny_dit,
     load_tiny_trained,
     load_tiny_vae,
     save_tiny_trained,
@@ -115,6 +117,8 @@ def fit(args) -> int:
     model, vae, text, image, audio = build_parts(args.seed, device, data_folder)
     if args.vae_from:  # a VAE trained before: train the DiT on its latents
         load_tiny_vae(vae, Path(args.vae_from) / VAE_FILE)
+    if args.dit_from:  # a DiT trained before (on this VAE's latents): train it further
+        load_tiny_dit(model, Path(args.dit_from) / DIT_FILE)
     out.mkdir(parents=True, exist_ok=True)  # before training: an unwritable folder fails now
     sampler = dataset.ClipSampler(data, device=device)
     log = Log(every_s=2.0 if plan["kind"] != "gpu" else 10.0)
@@ -158,7 +162,7 @@ def fit(args) -> int:
     if args.deadline:  # leave time to save and evaluate (about a minute on a GPU)
         left = args.deadline - (time.perf_counter() - t_start) - (30 if args.no_eval else 75)
         dit_budget.seconds = max(10.0, min(dit_budget.seconds, left))
-    dit_steps = train_dit(model, pool, contexts, dit_budget, log, seed=args.seed)
+    dit_steps = train_dit(model, pool, contexts, dit_budget, log, seed=args.seed, round_trip=args.round_trip)
     del pool
     paths = save_tiny_trained(out, model, vae, text, image, audio)
     atomic_write(out / "loss.csv", lambda f: f.write(log.csv().encode()))
@@ -378,6 +382,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--dit-batch", type=int, default=None)
     f.add_argument("--dit-lr", type=float, default=None)
     f.add_argument("--pool", type=int, default=None, help="encoded clips the DiT trains on")
+    f.add_argument("--dit-from", default=None, help="a fit output folder whose DiT to train further")
+    f.add_argument(
+        "--round-trip",
+        type=float,
+        default=0.5,
+        help="share of later clips whose head latents went through decode + encode, as in the pipeline",
+    )
     f.add_argument(
         "--vae-from", default=None, help="an earlier fit's folder: take its VAE, train the DiT only"
     )

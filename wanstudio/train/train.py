@@ -303,19 +303,29 @@ class Pool:
     audio: torch.Tensor  # (N, 1, F, window, layers, dim) float16
     first: torch.Tensor  # (N,) bool: the clip starts at the utterance's frame 0
     mouth: torch.Tensor  # (N, 2) mouth centre on the latent grid (x, y)
+    round_trip: torch.Tensor  # (N, z, HEAD_LATENTS, h, w) the head latents after decode + encode
 
     def __len__(self) -> int:
         return len(self.x0)
 
 
+HEAD_LATENTS = 3  # a later clip's clean head: 2 latents (5 motion frames) or 3 (9)
+
+
 @torch.no_grad()
 def build_pool(vae, image_encoder, sampler: dataset.ClipSampler, rng, size: int, batch: int) -> Pool:
-    """Draw and encode ``size`` clips: latents, reference latents, CLIP features, audio."""
-    parts: dict[str, list] = {k: [] for k in ("x0", "y", "clip", "audio", "first", "mouth")}
+    """Draw and encode ``size`` clips: latents, reference latents, CLIP features, audio, and
+    the head latents as the pipeline makes them for a later clip: the previous clip's decoded
+    last frames, encoded again (see :func:`dit_batch`)."""
+    parts: dict[str, list] = {k: [] for k in ("x0", "y", "clip", "audio", "first", "mouth", "round_trip")}
     stride = vae.spatial_stride
+    head_frames = 1 + (HEAD_LATENTS - 1) * vae.temporal_stride
     while sum(len(p) for p in parts["x0"]) < size:
         c = sampler.sample(rng, batch)
-        parts["x0"].append(vae.encode(c.video).clone())
+        x0 = vae.encode(c.video)
+        parts["x0"].append(x0.clone())
+        decoded = vae.decode(x0[:, :, :HEAD_LATENTS]).clamp(-1, 1)  # causal: the head's frames alone
+        parts["round_trip"].append(vae.encode(decoded[:, :, :head_frames]).clone())
         video0 = torch.zeros_like(c.video)
         video0[:, :, 0] = c.reference
         parts["y"].append(vae.encode(video0).clone())
@@ -334,19 +344,38 @@ def sample_sigmas(n: int, device, generator: torch.Generator) -> torch.Tensor:
     return torch.where(pick, shifted, u).to(device)
 
 
-def dit_batch(pool: Pool, contexts: torch.Tensor, idx: torch.Tensor, g: torch.Generator, cond_dim: int):
-    """One flow-matching batch: (model kwargs, target, loss weights [B, 1, F_lat, h, w])."""
+def dit_batch(
+    pool: Pool,
+    contexts: torch.Tensor,
+    idx: torch.Tensor,
+    g: torch.Generator,
+    cond_dim: int,
+    round_trip: float = 0.0,
+):
+    """One flow-matching batch: (model kwargs, target, loss weights [B, 1, F_lat, h, w]).
+
+    ``round_trip``: the share of later clips whose clean head is the pool's decoded and
+    re-encoded one, as the pipeline gives it (the previous clip's decoded tail, encoded again),
+    while the target stays the true clip. Trained on exact heads only, the model continues
+    whatever the head shows, and the tiny VAE's lossy round trip compounds clip after clip (the
+    face fades ~0.6 dB PSNR per clip, h200_tiny_training.md round 4); so it learns to draw the
+    reference's face from a blurred head.
+    """
     dev = pool.x0.device
     B = len(idx)
     x0 = pool.x0[idx].float()
     _, z, n_lat, h, w = x0.shape
     # clean head latents: a first clip has the reference (1) or 2 frames; a later clip 2-3
     r = torch.rand(B, generator=g).to(dev)
-    n_head = torch.where(pool.first[idx], 1 + (r > 0.75).long(), 2 + (r > 0.75).long())
+    first = pool.first[idx]
+    n_head = torch.where(first, 1 + (r > 0.75).long(), 2 + (r > 0.75).long())
     head = (torch.arange(n_lat, device=dev)[None, :] < n_head[:, None]).view(B, 1, n_lat, 1, 1)
+    swap = (~first & (torch.rand(B, generator=g).to(dev) < round_trip)).view(B, 1, 1, 1, 1)
+    given = x0.clone()
+    given[:, :, :HEAD_LATENTS] = torch.where(swap, pool.round_trip[idx].float(), x0[:, :, :HEAD_LATENTS])
     sigma = sample_sigmas(B, dev, g).view(B, 1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=g).to(dev)
-    xt = torch.where(head, x0, (1 - sigma) * x0 + sigma * noise)
+    xt = torch.where(head, given, (1 - sigma) * x0 + sigma * noise)
     mask = torch.zeros(B, cond_dim - z, n_lat, h, w, device=dev)
     mask[:, :, 0] = 1
     keep_audio = (torch.rand(B, generator=g) > 0.1).to(dev).view(B, 1, 1, 1, 1, 1)
@@ -369,8 +398,11 @@ def dit_batch(pool: Pool, contexts: torch.Tensor, idx: torch.Tensor, g: torch.Ge
     return kwargs, noise - x0, weight
 
 
-def train_dit(model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Log, seed: int) -> int:
-    """Flow-matching training of the DiT on the pool; returns the steps taken."""
+def train_dit(
+    model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Log, seed: int, round_trip: float = 0.0
+) -> int:
+    """Flow-matching training of the DiT on the pool (``round_trip``: :func:`dit_batch`);
+    returns the steps taken."""
     model.train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=(0.9, 0.99), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
@@ -381,7 +413,7 @@ def train_dit(model, pool: Pool, contexts: torch.Tensor, budget: Budget, log: Lo
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(pool), (budget.batch,), generator=g).to(pool.x0.device)
-        kwargs, target, weight = dit_batch(pool, contexts, idx, g, cond_dim)
+        kwargs, target, weight = dit_batch(pool, contexts, idx, g, cond_dim, round_trip)
         v = model(**kwargs)
         loss = (weight * (v - target) ** 2).sum() / (weight.sum() * v.shape[1])
         opt.zero_grad(set_to_none=True)
