@@ -306,7 +306,8 @@ def clip_sampler(tmp_path_factory):
 
 def test_decoder_stage_leaves_the_encoder_and_its_latents_alone(clip_sampler):
     """`python -m wanstudio.train decoder` keeps a DiT's training valid: the encoder's weights and
-    latents are bit-identical afterwards; only the decoder learned."""
+    latents are bit-identical afterwards; only the decoder learned (the round-trip term, which
+    runs the frozen encoder on the decoded frames, included)."""
     from wanstudio.encoders import VAE
 
     vae = VAE.tiny(seed=0)
@@ -314,7 +315,9 @@ def test_decoder_stage_leaves_the_encoder_and_its_latents_alone(clip_sampler):
     video = clip_sampler.sample(np.random.default_rng(0), 1).video
     z0 = vae.encode(video)
     log = Log(every_s=1e9)
-    steps = train_decoder(vae, clip_sampler, np.random.default_rng(1), Budget(3, 120.0, 1, 1e-3), log)
+    steps = train_decoder(
+        vae, clip_sampler, np.random.default_rng(1), Budget(3, 120.0, 1, 1e-3), log, cycle_weight=1.0
+    )
     assert steps == 3 and [r[0] for r in log.rows] == ["decoder"] * 3
     after = vae.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -345,6 +348,29 @@ def test_motion_fidelity_is_one_for_a_perfect_decoder_and_zero_for_a_frozen_mout
     )
     assert perfect == 1.0
     assert frozen == 0.0
+
+
+def test_round_trip_fade_is_flat_for_a_lossless_vae_and_falls_for_a_blurring_one(clip_sampler):
+    """The hand-over check: a VAE that returns its input keeps the clip exactly every round; one
+    that blurs a little each round loses more every round, as the pipeline's clips would."""
+    from types import SimpleNamespace
+
+    from wanstudio.train.evaluate import round_trip_fade
+
+    def fake(decode):
+        encode = lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x))  # noqa: E731
+        return SimpleNamespace(
+            model=SimpleNamespace(encode=encode, decode=lambda z: SimpleNamespace(sample=decode(z)))
+        )
+
+    def blur(z):  # a 3-tap box over the width
+        return (z + z.roll(1, -1) + z.roll(-1, -1)) / 3
+
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    lossless = round_trip_fade(fake(lambda z: z), clip_sampler, rng(), rounds=3, batch=2)
+    fading = round_trip_fade(fake(blur), clip_sampler, rng(), rounds=3, batch=2)
+    assert lossless[0] == lossless[1] == lossless[2] > 100  # the MSE floor: nothing lost
+    assert 10 < fading[2] < fading[1] < fading[0] < 60, fading
 
 
 def test_wrong_inputs_are_one_line_errors_and_leave_no_folder(tmp_path, capsys):

@@ -29,7 +29,7 @@ from ..pipeline.tiny_weights import (
     set_latent_stats,
 )
 from . import dataset
-from .evaluate import motion_fidelity, mouth_probe
+from .evaluate import motion_fidelity, mouth_probe, round_trip_fade
 from .train import (
     PLANS,
     Budget,
@@ -218,12 +218,22 @@ def _decoder_stage(vae, sampler, rng, budget: Budget, log: Log, args, checks: in
     if budget.steps <= 0:
         return dict(steps=0)
     check = lambda: motion_fidelity(vae, sampler, np.random.default_rng([args.seed, 4]), batches=checks)  # noqa: E731
-    before = check()
-    print(f"decoder: mouth motion r {before} before", flush=True)
-    steps = train_decoder(vae, sampler, rng, budget, log, mouth_weight=args.mouth_weight)
-    after = check()
-    print(f"decoder: mouth motion r {after} after {steps} steps", flush=True)
-    return dict(steps=steps, final_loss=_tail(log, "decoder"), motion_r_before=before, motion_r_after=after)
+    fade = lambda: round_trip_fade(vae, sampler, np.random.default_rng([args.seed, 5]))  # noqa: E731
+    before, fade_before = check(), fade()
+    print(f"decoder: mouth motion r {before}, round trips {fade_before} dB before", flush=True)
+    steps = train_decoder(
+        vae, sampler, rng, budget, log, mouth_weight=args.mouth_weight, cycle_weight=args.cycle_weight
+    )
+    after, fade_after = check(), fade()
+    print(f"decoder: mouth motion r {after}, round trips {fade_after} dB after {steps} steps", flush=True)
+    return dict(
+        steps=steps,
+        final_loss=_tail(log, "decoder"),
+        motion_r_before=before,
+        motion_r_after=after,
+        round_trips_db_before=fade_before,
+        round_trips_db_after=fade_after,
+    )
 
 
 def _evaluate(folder: Path, data, device, quick: bool) -> dict:
@@ -306,7 +316,8 @@ def _decoder_provenance(args, data, data_folder: Path, metrics: dict, paths) -> 
     )
     stage = (
         f"stage: `decoder` of {args.source}: the VAE's decoder fine-tuned (mouth weight {args.mouth_weight}, "
-        f"lr {args.lr}, {args.batch} clips per step); encoder, DiT and encoders unchanged"
+        f"cycle weight {args.cycle_weight}, lr {args.lr}, {args.batch} clips per step); encoder, DiT and "
+        "encoders unchanged"
     )
     lines = ["", "", "## Then: the decoder fine-tuned", ""]
     return head + "\n".join(lines + _stage_lines(args, stage, data, data_folder, metrics, paths))
@@ -377,6 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--decoder-batch", type=int, default=None)
     f.add_argument("--decoder-lr", type=float, default=None)
     f.add_argument("--mouth-weight", type=float, default=10.0, help="the decoder stage's mouth weight")
+    f.add_argument("--cycle-weight", type=float, default=1.0, help="the decoder stage's round-trip weight")
     f.add_argument("--dit-steps", type=int, default=None)
     f.add_argument("--dit-seconds", type=float, default=None)
     f.add_argument("--dit-batch", type=int, default=None)
@@ -418,6 +430,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--batch", type=int, default=48, help="17-frame clips per step")
     c.add_argument("--lr", type=float, default=2e-3)
     c.add_argument("--mouth-weight", type=float, default=10.0)
+    c.add_argument("--cycle-weight", type=float, default=1.0, help="weight of the encode(decode) round trip")
     c.add_argument("--checks", type=int, default=4, help="batches of 16 clips for the mouth motion r")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     c.add_argument("--no-eval", action="store_true", help="skip the pipeline evaluation")
