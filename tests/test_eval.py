@@ -65,6 +65,25 @@ def test_mouth_box_finds_the_portraits_mouth():
     assert (x1 - x0) * (y1 - y0) < 0.1 * 64 * 64  # the mouth, not the face
 
 
+def test_mouth_box_stays_off_the_jaw_of_a_face_with_ears():
+    """The held-out drawn portrait's ears widen its face box; the mouth box is still the lips and
+    a margin, inside the face's edges on every one of its rows, so a wobbling jaw line or the
+    hair beside it is not counted as the mouth moving."""
+    from wanstudio.train.evaluate import eval_portraits
+
+    portrait = eval_portraits()["drawn"]
+    img = ev.to_grid(portrait)
+    (fx0, _, fx1, _), seen = ev._face(img)
+    x0, y0, x1, y1 = ev.mouth_box(portrait)
+    assert x1 - x0 < 0.5 * (fx1 - fx0)  # the old rule took 68% of the face box
+    for y in range(y0, y1):
+        skin = np.nonzero(seen[y])[0]
+        if len(skin):
+            assert skin.min() < x0 and x1 <= skin.max(), (y, (x0, x1), (skin.min(), skin.max()))
+    lips = ~seen[y0:y1, x0:x1] & (img[y0:y1, x0:x1].sum(-1) > 0.3)  # not skin, not black hair
+    assert lips.sum() >= 6  # and the lips are in it
+
+
 def test_a_mouth_that_follows_the_speech_scores_high(talk):
     wave, pause, style, video = talk
     score = ev.sync_score(video, wave)

@@ -100,7 +100,11 @@ def face_box(reference) -> Box:
     The colour is the median of a small patch between the eyes and the mouth; the blob is the
     4-connected region of pixels within a colour distance of it, grown from that patch.
     """
-    img = to_grid(reference)
+    return _face(to_grid(reference))[0]
+
+
+def _face(img: np.ndarray) -> tuple[Box, np.ndarray | None]:
+    """(:func:`face_box`, the blob's mask [GRID, GRID] or None when there is no blob)."""
     c = GRID // 2
     patch = img[c - 2 : c + 3, c - 4 : c - 1].reshape(-1, 3)  # beside the nose line
     colour = np.median(patch, axis=0)
@@ -117,7 +121,7 @@ def face_box(reference) -> Box:
                 stack.append((yy, xx))
     ys, xs = np.nonzero(seen)
     if len(ys) < 20:  # no blob: assume a centred face
-        return (GRID // 4, GRID // 8, 3 * GRID // 4, 7 * GRID // 8)
+        return (GRID // 4, GRID // 8, 3 * GRID // 4, 7 * GRID // 8), None
     cols = np.arange(GRID)
     widths = np.where(seen.any(1), np.where(seen, cols, -1).max(1) - np.where(seen, cols, GRID).min(1), 0)
     bottom = int(ys.max()) + 1
@@ -125,20 +129,71 @@ def face_box(reference) -> Box:
         if widths[y] < 0.6 * widths.max():
             bottom = y + 2  # the chin's last rows are narrow as well
             break
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, bottom
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, bottom), seen
 
 
 def mouth_box(reference) -> Box:
-    """The lower middle of the face blob (:func:`face_box`): where the mouth moves."""
-    x0, y0, x1, y1 = face_box(reference)
+    """Where the mouth moves: the lips found on the reference, widened for a wide-open mouth.
+
+    The lips are the lowest group of pixels in the face's lower half that are not skin but lie
+    between the face blob's left and right edges on their row (:func:`face_box`); the box adds
+    15% of their width and a pixel on each side (a wide mouth is ~28% wider than at rest), 2 rows
+    above and 4 below (the lower lip drops as the mouth opens). It stays off the jaw line and
+    the hair beside it, whose wobble is not the mouth moving. With no lips to see, the lower
+    middle of the face box.
+    """
+    face, seen = _face(to_grid(reference))
+    x0, y0, x1, y1 = face
     w, h = x1 - x0, y1 - y0
-    cx = (x0 + x1) / 2
-    return (
-        max(0, int(round(cx - 0.34 * w))),
-        max(0, int(round(y0 + 0.6 * h))),
-        min(GRID, int(round(cx + 0.34 * w))),
-        min(GRID, int(round(y0 + 1.0 * h + 2))),
-    )
+    lips = _lips(seen, y0 + h // 2, y1) if seen is not None else None
+    if lips is None:
+        cx = (x0 + x1) / 2
+        return (
+            max(0, int(round(cx - 0.34 * w))),
+            max(0, int(round(y0 + 0.6 * h))),
+            min(GRID, int(round(cx + 0.34 * w))),
+            min(GRID, int(round(y0 + 1.0 * h + 2))),
+        )
+    lx0, ly0, lx1, ly1 = lips
+    pad = max(2, int(round(0.15 * (lx1 - lx0))) + 1)  # a wide mouth is ~28% wider, +1 for the blur
+    return (max(0, lx0 - pad), max(0, ly0 - 2), min(GRID, lx1 + pad), min(GRID, ly1 + 4))
+
+
+def _lips(seen: np.ndarray, top: int, bottom: int) -> Box | None:
+    """Bounding box of the lowest group of non-skin pixels strictly inside the face blob's rows
+    top..bottom (above the lips there may be a nose tip or blushed cheeks)."""
+    cols = np.arange(GRID)
+    inside = np.zeros_like(seen)
+    for y in range(top, bottom):
+        row = np.nonzero(seen[y])[0]
+        if len(row) >= 2:
+            inside[y] = (cols > row.min()) & (cols < row.max()) & ~seen[y]
+    groups = [g for g in _groups(inside) if len(g) >= 3]
+    if not groups:
+        return None
+    ys, xs = np.array(max(groups, key=lambda g: np.mean([y for y, _ in g]))).T
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _groups(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """The 8-connected groups of True pixels of ``mask``, each a list of (y, x)."""
+    left = mask.copy()
+    out = []
+    for start in zip(*np.nonzero(mask)):
+        if not left[start]:
+            continue
+        left[start] = False
+        stack, group = [start], []
+        while stack:
+            y, x = stack.pop()
+            group.append((int(y), int(x)))
+            for yy in range(max(0, y - 1), min(mask.shape[0], y + 2)):
+                for xx in range(max(0, x - 1), min(mask.shape[1], x + 2)):
+                    if left[yy, xx]:
+                        left[yy, xx] = False
+                        stack.append((yy, xx))
+        out.append(group)
+    return out
 
 
 # --- scores ---------------------------------------------------------------------------------------
@@ -282,7 +337,7 @@ def describe(frames, wave, reference) -> str:
     (uint8 [T, H, W, 3] at 25 fps) against ``wave`` (16 kHz) and the ``reference`` portrait."""
     sync = sync_score(frames, wave, reference=reference)
     identity = identity_psnr(frames, reference)
-    return f"lip sync {sync:.2f} (1: the mouth moves with the voice), identity {identity:.1f} dB PSNR"
+    return f"lip sync {sync:.2f} (mouth motion vs loudness: 0 unrelated, 1 in step), identity {identity:.1f} dB PSNR"
 
 
 def _motion_and_envelope(frames, wave, reference, box) -> tuple[np.ndarray, np.ndarray]:
