@@ -170,6 +170,9 @@ def test_tiny_uses_the_shipped_weights_when_there_are_any(tmp_path, monkeypatch)
     monkeypatch.setattr(tw, "TINY_WEIGHTS", tmp_path)
     pipe = InfiniteTalkPipeline.tiny(seed=0)
     assert "trained" in repr(pipe)
+    # the trained preset's own defaults: 5 motion frames, no colour match; random keeps the match
+    assert (pipe.default_motion_frame, pipe.default_color_correction) == (5, 0.0)
+    assert InfiniteTalkPipeline.tiny(trained=False).default_color_correction == 1.0
     for name, value in src.model.state_dict().items():
         assert torch.equal(pipe.model.state_dict()[name], value), name
     assert not torch.equal(InfiniteTalkPipeline.tiny(seed=0, trained=False).model.head.head.weight, value)

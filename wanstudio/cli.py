@@ -253,7 +253,6 @@ def _generation_kwargs(args) -> dict:
         frame_num=args.frame_num,
         seed=args.seed,
         max_frames=args.max_frames,
-        color_correction=args.color_correction,
         apg=args.apg,
         out=args.out,
         work_dir=args.work_dir,
@@ -266,8 +265,9 @@ def _generation_kwargs(args) -> dict:
         **sampling,
         keep_frames=False,  # the mp4 is the result: memory stays flat however long the audio
     )
-    if args.motion_frame is not None:
-        kw["motion_frame"] = args.motion_frame
+    for name in ("motion_frame", "color_correction"):  # None: the pipeline's own default
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     return kw
 
 
@@ -299,8 +299,6 @@ def cmd_demo(args) -> int:
     image = args.image or asset_path("portrait.png")
     audio = args.audio or asset_path("speech.wav")
     kw = _generation_kwargs(args)
-    if args.motion_frame is None:
-        kw["motion_frame"] = 5  # tiny clips are short: carry 5 frames (2 latents), not 9
     kw["keep_frames"] = True  # 64x64: the frames are scored below
     result = pipe(image, audio, **kw)
     info = probe_media(result.path)

@@ -13,7 +13,7 @@ import os
 from .errors import UnknownOptionError, WanstudioError
 from .options import Option, VAETilingMode, parse_option
 
-# --tiny on a CPU: 181 s for its defaults on the shipped 3.8 s clip (11 clips x 40 steps x 3 calls)
+# --tiny on a CPU: 181 s measured on the shipped 3.8 s clip at 11 clips x 40 steps x 3 calls
 TINY_CPU_SECONDS_PER_CALL = 181 / (11 * 40 * 3)
 DEMO_SECONDS = 18  # `wanstudio demo` on the same CPU
 WEIGHTS_HELP = """\
@@ -191,7 +191,7 @@ def weights_report() -> list[str]:
 
 
 # --- first-run checks ------------------------------------------------------------------------------
-def tiny_cpu_note(args, *, frame_num: int = 17) -> str | None:
+def tiny_cpu_note(args, *, frame_num: int = 17, motion_frame: int = 5) -> str | None:
     """A note before a long ``--tiny`` run on the CPU: its estimated time and how to shorten it.
 
     None when the estimate is under 30 s or cannot be made (unreadable audio: the pipeline's
@@ -206,7 +206,7 @@ def tiny_cpu_note(args, *, frame_num: int = 17) -> str | None:
         return None
     seconds = sum(durations) if args.speaker_mix == "add" else max(durations, default=0.0)
     frame_num = args.frame_num or frame_num
-    motion = args.motion_frame or 9
+    motion = args.motion_frame or motion_frame
     if not durations or motion >= frame_num or args.max_frames < 1:
         return None
     plan = ClipPlan.make(int(seconds * VIDEO_FPS), frame_num, motion, args.max_frames)
@@ -218,8 +218,8 @@ def tiny_cpu_note(args, *, frame_num: int = 17) -> str | None:
         return None
     return (
         f"note: --tiny on the CPU runs {plan.clips} clips x {steps} steps x {per_step} model "
-        f"calls here: about {estimate / 60:.0f} min (181 s measured for the defaults on the shipped "
-        f"3.8 s clip; `wanstudio demo` takes about {DEMO_SECONDS} s). Shorter: --max-frames 41 "
+        f"calls here: about {estimate / 60:.0f} min (181 s measured for 11 clips x 40 steps x 3 calls; "
+        f"`wanstudio demo` takes about {DEMO_SECONDS} s). Shorter: --max-frames 41 "
         f"--steps 8 --text-scale 1."
     )
 
@@ -360,10 +360,18 @@ def add_generation_args(p: argparse.ArgumentParser, *, steps: int, prompt: str) 
     )
     g.add_argument("--seed", type=int, default=42, help="noise seed")
     g.add_argument(
-        "--motion-frame", type=int, default=None, help="frames carried from clip to clip (4k + 1; default 9)"
+        "--motion-frame",
+        type=int,
+        default=None,
+        help="frames carried from clip to clip (4k + 1; default 9, the tiny preset 5)",
     )
     g.add_argument("--max-frames", type=int, default=1000, help="cap on the output length in frames")
-    g.add_argument("--color-correction", type=float, default=1.0, help="Lab colour match strength, 0..1")
+    g.add_argument(
+        "--color-correction",
+        type=float,
+        default=None,
+        help="Lab colour match strength, 0..1 (default 1; the trained tiny preset 0)",
+    )
     add_option(g, "--scheduler", Scheduler, None, "sampler (default: the preset's)", metavar="NAME")
     g.add_argument(
         "--timesteps",

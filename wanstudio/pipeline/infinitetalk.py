@@ -168,6 +168,8 @@ class InfiniteTalkPipeline:
         *,
         identity: str = "custom",
         frame_num: int = 81,
+        motion_frame: int = 9,
+        color_correction: float = 1.0,
         size: tuple[int, int] | None = None,
         settings: dict | None = None,
         offload_encoders: bool | str | None = None,
@@ -181,6 +183,8 @@ class InfiniteTalkPipeline:
         self.audio_encoder = audio_encoder
         self.identity = identity
         self.default_frame_num = frame_num
+        self.default_motion_frame = motion_frame
+        self.default_color_correction = color_correction
         self.default_size = size
         self.settings = dict(settings or {})
         check_components(
@@ -268,9 +272,9 @@ class InfiniteTalkPipeline:
         text_scale: float = 5.0,
         audio_scale: float = 4.0,
         seed: int = 42,
-        motion_frame: int = 9,
+        motion_frame: int | None = None,
         max_frames: int = 1000,
-        color_correction: float = 1.0,
+        color_correction: float | None = None,
         scheduler: Scheduler | str = Scheduler.EULER,
         timesteps=None,
         apg: bool = False,
@@ -318,9 +322,11 @@ class InfiniteTalkPipeline:
                 step-distilled LoRA, e.g. (999, 750, 500, 250) (default: 1000 (1 - i / steps)).
             text_scale / audio_scale / apg: guidance (3 model calls per step, 2 if text_scale 1).
             seed: the noise seed (noise is drawn in fp32 on the CPU: same video on any device).
-            motion_frame: frames carried from one clip to the next (4k + 1, < frame_num).
+            motion_frame: frames carried from one clip to the next (4k + 1, < frame_num;
+                default 9, the tiny pipeline's 5).
             max_frames: cap on the output length (the audio length caps it too).
-            color_correction: Lab colour-matching strength against the reference, in [0, 1].
+            color_correction: Lab colour-matching strength against the reference, in [0, 1]
+                (default 1; the tiny pipeline's trained weights 0: see ``tiny``).
             out: the mp4 to write (with the audio); it appears only when the video is complete.
             work_dir: folder for finished clips; default ``<out>.work`` (deleted on success).
             resume: continue the run found in ``work_dir`` (same arguments) at its next clip.
@@ -371,6 +377,9 @@ class InfiniteTalkPipeline:
             timesteps=timesteps,
         )
         frame_num = self.default_frame_num if frame_num is None else frame_num
+        motion_frame = self.default_motion_frame if motion_frame is None else motion_frame
+        if color_correction is None:
+            color_correction = self.default_color_correction
         stride_t = self.vae.temporal_stride
         _check_int("frame_num", frame_num, 1 + stride_t)
         if (frame_num - 1) % stride_t:
@@ -379,7 +388,7 @@ class InfiniteTalkPipeline:
         if (motion_frame - 1) % stride_t or motion_frame >= frame_num:
             raise PipelineError(
                 f"motion_frame must be {stride_t}k + 1 and smaller than frame_num "
-                f"{frame_num} (default 9), got {motion_frame}"
+                f"{frame_num} (default {self.default_motion_frame}), got {motion_frame}"
             )
         _check_int("max_frames", max_frames, 1)
         _check_int("seed", seed, 0)

@@ -37,7 +37,11 @@ def tiny(
 
     Exercises every code path in seconds on a CPU; with random weights the video is noise.
     Clips default to ``frame_num`` frames of ``size`` (width, height) instead of 81 frames of
-    a 480p bucket.
+    a 480p bucket, carry 5 frames to the next clip instead of 9, and with the trained weights
+    skip the colour match (``color_correction`` 0): it moves each frame's Lab mean and spread to
+    the reference's, and on a 64x64 face the opening mouth shifts those enough to make the
+    whole picture pulse with it (held-out speech, drawn portrait: pause motion 0.17 of the
+    speech's without it, 0.34 with it; benchmarks/results/h200_tiny_training.md, round 4).
 
     Args:
         seed: the random weights' seed (the caller's random state is left alone); the trained
@@ -80,6 +84,8 @@ def tiny(
         *parts,
         identity=f"tiny-infinitetalk({weights}, {str(modes.dtype).replace('torch.', '')})",
         frame_num=frame_num,
+        motion_frame=5,
+        color_correction=0.0 if trained else 1.0,
         size=tuple(size),
     )
 
