@@ -34,6 +34,13 @@ def tiny_weights_available(folder: str | Path | None = None) -> bool:
     return all((folder / name).is_file() for name in WEIGHT_FILES)
 
 
+def tiny_weights_note() -> str:
+    """What the tiny preset's weights are, for a summary line."""
+    if tiny_weights_available():
+        return "DiT and VAE trained in this repository on drawn faces"
+    return "random weights: the video is noise"
+
+
 def load_tiny_trained(
     model, vae, text_encoder, image_encoder, audio_encoder, folder: str | Path | None = None
 ) -> None:

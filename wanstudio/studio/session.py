@@ -62,7 +62,7 @@ class LoadSettings:
     """Everything the load panel asks for. Validated when made, before anything loads.
 
     Args:
-        preset: an InfiniteTalk preset; tiny: random weights, no files; others: from ``weights``.
+        preset: an InfiniteTalk preset; tiny: no files (the shipped tiny weights); others: from ``weights``.
         weights: the real files (required unless the preset is tiny).
         device: where the model runs.
         modes: the runtime modes (default: fp32, no quantization, sdpa, no block swap).
@@ -71,7 +71,7 @@ class LoadSettings:
             property, so ``LoadSettings(quantization="fp8_e4m3fn", blocks_to_swap=2)`` works
             and ``settings.quantization`` reads it back.
         accuracy: measure the per-layer quantization accuracy (base weights needed).
-        seed: of the tiny preset's random weights.
+        seed: of the tiny preset's random parts (the shipped trained weights replace them).
         offload_encoders, text_encoder_device, text_encoder_quantization, vram_budget_gb: where
             the encoders live and the device memory the pipeline may use (README 'Small
             cards'; ``from_files``). The tiny preset (on the CPU) honours only the text encoder's

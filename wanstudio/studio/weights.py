@@ -263,9 +263,11 @@ def find_weights(
 def describe_weights(weights: WeightPaths | None) -> str:
     """One paragraph for the notebook: what will be loaded and from where."""
     if weights is None:
+        from ..pipeline.tiny_weights import tiny_weights_note
+
         return (
-            f"No real weights configured: using the {TINY_PRESET!r} preset (random weights, "
-            f"the video is noise). Set ${WEIGHTS_ENV} or write a wanstudio.toml to use real ones."
+            f"No real weights configured: using the {TINY_PRESET!r} preset ({tiny_weights_note()}). "
+            f"Set ${WEIGHTS_ENV} or write a wanstudio.toml to use real ones."
         )
     lines = [f"Real weights from {weights.source or 'the given paths'}:"]
     for name in ("dit", "infinitetalk", "vae", "text_encoder", "tokenizer", "clip", "wav2vec"):

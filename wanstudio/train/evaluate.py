@@ -75,7 +75,6 @@ def evaluate(
                 steps=steps,
                 text_scale=text_scale,
                 audio_scale=audio_scale,
-                motion_frame=5,
                 seed=42,
                 progress=False,
                 loudness=loudness,
@@ -106,7 +105,7 @@ def quant_mode_scores(trained=True, modes=None, steps: int = 8, precision: str =
         pipe = InfiniteTalkPipeline.tiny(
             trained=trained, modes=RuntimeModes(quantization=mode, precision=precision)
         )
-        video = pipe(portrait, wave, steps=steps, motion_frame=5, seed=42, progress=False)
+        video = pipe(portrait, wave, steps=steps, seed=42, progress=False)
         out[mode] = score_video(video.frames.numpy(), wave, portrait, pause)
     return out
 

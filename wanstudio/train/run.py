@@ -242,8 +242,7 @@ def _evaluate(folder: Path, data, device, quick: bool) -> dict:
     from .evaluate import evaluate, heldout_speech, preview
 
     t0 = time.perf_counter()
-    pipe = InfiniteTalkPipeline.tiny(seed=0, device=device)
-    load_tiny_trained(pipe.model, pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.audio_encoder, folder)
+    pipe = InfiniteTalkPipeline.tiny(device=device, trained=folder)  # the shipped preset's defaults
     for part in (pipe.vae, pipe.image_encoder, pipe.audio_encoder, pipe.text_encoder):
         part.model.to(device)
     pipe.vae.latents_mean = pipe.vae.latents_mean.to(device)

@@ -12,6 +12,7 @@ from .. import studio
 from ..config import PRESETS
 from ..errors import ConfigError
 from ..options import AttentionMode, EncoderOffload, QuantMode, TextEncoderDevice
+from ..pipeline.tiny_weights import tiny_weights_note
 from ..studio import LoadResult, LoadSettings, WeightPaths
 from . import choices
 from .common import (
@@ -117,7 +118,12 @@ class LoadPanel(widgets.VBox):
         presets = studio.pipeline_presets()
         self.preset = widgets.Dropdown(
             options=[
-                (f"{p} (random weights, no files)" if p.startswith("tiny") else f"{p} (real weights)", p)
+                (
+                    f"{p} (no files: {tiny_weights_note()})"
+                    if p.startswith("tiny")
+                    else f"{p} (real weights)",
+                    p,
+                )
                 for p in presets
             ],
             value=next((p for p in presets if not p.startswith("tiny")), presets[0])
