@@ -1,8 +1,8 @@
 """Three frames of `wanstudio demo` for the README (docs/demo_frames.png), and its scores.
 
-Runs the tiny preset exactly as `wanstudio demo` does (shipped weights, portrait and speech,
-8 steps, seed 42) and saves the middle of its longest pause and two loud frames side by side, each 4x upscaled
-(nearest) with the speech's loudness as a bar under it.
+Runs the tiny preset exactly as `wanstudio demo` does (shipped weights, portrait, speech and
+prompt, 8 steps, seed 42) and saves the middle of its longest pause and two loud frames side by
+side, each 4x upscaled (nearest) with the speech's loudness as a bar under it.
 
     python benchmarks/tiny_demo_frames.py docs/demo_frames.png
 """
@@ -16,6 +16,7 @@ from PIL import Image
 
 from wanstudio import eval as scores
 from wanstudio.atomic import atomic_write
+from wanstudio.cli import DEMO_PROMPT
 from wanstudio.media import asset_path, load_audio, load_image
 from wanstudio.pipeline import InfiniteTalkPipeline
 
@@ -23,7 +24,9 @@ from wanstudio.pipeline import InfiniteTalkPipeline
 def main(path: str) -> None:
     image, wave = load_image(asset_path("portrait.png")), load_audio(asset_path("speech.wav"))
     pipe = InfiniteTalkPipeline.tiny(seed=0)
-    frames = pipe(image, wave, steps=8, seed=42, progress=False).frames.numpy()  # (T, 64, 64, 3)
+    frames = pipe(
+        image, wave, prompt=DEMO_PROMPT, steps=8, seed=42, progress=False
+    ).frames.numpy()  # (T, 64, 64, 3)
     env = scores.loudness_envelope(wave, frames=len(frames))
     silent = np.flatnonzero(env < 0.05)
     runs = np.split(silent, np.flatnonzero(np.diff(silent) > 1) + 1)
