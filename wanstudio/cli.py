@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="tiny preset + shipped portrait and speech -> demo.mp4",
-        description="Run the whole InfiniteTalk pipeline at toy size with random "
-        "weights on the shipped portrait and speech clip (the picture is noise).",
+        description="Run the whole InfiniteTalk pipeline at toy size (its DiT and VAE trained in this "
+        "repository on drawn faces) on the shipped portrait and speech clip, and score the lip sync.",
     )
     demo.add_argument("-o", "--out", default="demo.mp4", help="output mp4")
     demo.add_argument("--image", default=None, help="portrait (default: the shipped one)")
