@@ -195,7 +195,7 @@ def round_trip_fade(vae, sampler, rng, rounds: int = 4, batch: int = 16, frames:
     """What the pipeline's clip-to-clip hand-over does to a face: PSNR (dB) against the true
     clip of ``frames`` frames after 1 .. ``rounds`` encode + decode round trips (the pipeline
     encodes a clip's decoded last frames to seed the next clip). A VAE whose round trip is
-    stable keeps the first value; round 3's lost ~1.3 dB a round (23.6 -> 19.4 after 4)."""
+    stable keeps the first value; run E4's (round 4) lost ~1.4 dB a round (23.6 -> 19.4 after 4)."""
     import torch
 
     clip = sampler.sample(rng, batch)
