@@ -109,16 +109,7 @@ def _face(img: np.ndarray) -> tuple[Box, np.ndarray | None]:
     patch = img[c - 2 : c + 3, c - 4 : c - 1].reshape(-1, 3)  # beside the nose line
     colour = np.median(patch, axis=0)
     close = np.abs(img - colour).sum(-1) < 0.16
-    seen = np.zeros_like(close)
-    stack = [(y, x) for y in range(c - 2, c + 3) for x in range(c - 4, c - 1) if close[y, x]]
-    for y, x in stack:
-        seen[y, x] = True
-    while stack:  # flood fill
-        y, x = stack.pop()
-        for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-            if 0 <= yy < GRID and 0 <= xx < GRID and close[yy, xx] and not seen[yy, xx]:
-                seen[yy, xx] = True
-                stack.append((yy, xx))
+    seen = _grow(close, [(y, x) for y in range(c - 2, c + 3) for x in range(c - 4, c - 1)])
     ys, xs = np.nonzero(seen)
     if len(ys) < 20:  # no blob: assume a centred face
         return (GRID // 4, GRID // 8, 3 * GRID // 4, 7 * GRID // 8), None
@@ -168,32 +159,36 @@ def _lips(seen: np.ndarray, top: int, bottom: int) -> Box | None:
         row = np.nonzero(seen[y])[0]
         if len(row) >= 2:
             inside[y] = (cols > row.min()) & (cols < row.max()) & ~seen[y]
-    groups = [g for g in _groups(inside) if len(g) >= 3]
+    groups = []
+    while inside.any():
+        group = _grow(inside, [tuple(np.argwhere(inside)[0])], diagonal=True)
+        inside &= ~group
+        if group.sum() >= 3:
+            groups.append(group)
     if not groups:
         return None
-    ys, xs = np.array(max(groups, key=lambda g: np.mean([y for y, _ in g]))).T
+    ys, xs = np.nonzero(max(groups, key=lambda g: np.nonzero(g)[0].mean()))
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def _groups(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """The 8-connected groups of True pixels of ``mask``, each a list of (y, x)."""
-    left = mask.copy()
-    out = []
-    for start in zip(*np.nonzero(mask)):
-        if not left[start]:
-            continue
-        left[start] = False
-        stack, group = [start], []
-        while stack:
-            y, x = stack.pop()
-            group.append((int(y), int(x)))
-            for yy in range(max(0, y - 1), min(mask.shape[0], y + 2)):
-                for xx in range(max(0, x - 1), min(mask.shape[1], x + 2)):
-                    if left[yy, xx]:
-                        left[yy, xx] = False
-                        stack.append((yy, xx))
-        out.append(group)
-    return out
+def _grow(mask: np.ndarray, seeds, diagonal: bool = False) -> np.ndarray:
+    """The pixels of ``mask`` connected to any of ``seeds`` [(y, x), ...] (4-connected, or
+    8-connected with ``diagonal``): a flood fill. Returns a bool mask."""
+    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if diagonal:
+        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    seen = np.zeros_like(mask, dtype=bool)
+    stack = [(int(y), int(x)) for y, x in seeds if mask[y, x]]
+    for y, x in stack:
+        seen[y, x] = True
+    while stack:
+        y, x = stack.pop()
+        for dy, dx in steps:
+            yy, xx = y + dy, x + dx
+            if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                seen[yy, xx] = True
+                stack.append((yy, xx))
+    return seen
 
 
 # --- scores ---------------------------------------------------------------------------------------
