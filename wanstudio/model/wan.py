@@ -272,7 +272,9 @@ class WanModel(nn.Module):
             x = torch.cat([x, inputs.y], dim=1)  # (B, in_dim, F, H, W)
         x = self.patch_embedding(x.to(device=device, dtype=dtype))  # (B, D, f, h, w)
         grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)  # (B, L, D) tokens in (f, h, w) row-major order
+        # (B, L, D) tokens in (f, h, w) order, stored row-major: the transpose alone would leave
+        # every token strided by L, and elementwise ops keep that layout through all the blocks
+        x = x.flatten(2).transpose(1, 2).contiguous()
         rope = self._rope(grid, device)
 
         e = fp32_linear(
