@@ -358,25 +358,18 @@ def test_report_has_a_row_per_module_call_and_role_with_every_field(talk_report)
 
 def test_a_shared_quantization_shows_as_its_named_parts():
     """q, k and v of an fp8 `_fast` model read one quantization of their input (SharedRows):
-    the inspector names its fields, and all three layers are handed the same three parts."""
+    the inspector names its fields, and all three layers are handed the same parts; the FFN's
+    first layer reads its input as rows too."""
     torch.manual_seed(0)
     cfg = ws.WanConfig.preset("tiny-t2v")
     model = ws.quantize(ws.WanModel(cfg).eval(), "fp8_e4m3fn_fast")
     report = inspect_layout(model, make_inputs(cfg, **SMALL))
     seen = {}
-    for name in ("q", "k", "v"):
-        rows = [r for r in report.rows if r.module == f"blocks.0.self_attn.{name}" and r.role == "input"]
+    for name in ("self_attn.q", "self_attn.k", "self_attn.v", "ffn.0"):
+        rows = [r for r in report.rows if r.module == f"blocks.0.{name}" and r.role == "input"]
         seen[name] = {(r.tensor, r.dtype, r.shape) for r in rows}
-    assert (
-        seen["q"]
-        == seen["k"]
-        == seen["v"]
-        == {
-            ("x.x", "float32", (1, 18, 256)),
-            ("x.q", "float8_e4m3fn", (18, 256)),
-            ("x.scale", "float32", (18, 1)),
-        }
-    )
+    assert seen["self_attn.q"] == seen["self_attn.k"] == seen["self_attn.v"] == seen["ffn.0"]
+    assert seen["ffn.0"] == {("x.q", "float8_e4m3fn", (1, 18, 256)), ("x.scale", "float32", (1, 18, 1))}
 
 
 def test_kernel_operand_rows_carry_the_contract_verdict(talk_report):

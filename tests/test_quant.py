@@ -25,6 +25,7 @@ from wanstudio.quant import (
     QuantizedLinear,
     dequantize,
     fp4,
+    fp8,
     quant_report,
     quantizable_linears,
     quantize,
@@ -789,7 +790,9 @@ def test_q_k_v_quantize_their_shared_input_once_with_the_same_result(monkeypatch
     assert not [w for w in alone if w.endswith(("self_attn.q", "self_attn.k", "self_attn.v"))], alone
     n_shared = len(where)
     where.clear()
-    monkeypatch.setattr(blocks, "quantize_once", lambda x, layers: x)  # each layer on its own
+    # each layer on its own
+    monkeypatch.setattr(blocks, "modulated_rows", lambda norm, x, sh, sc, layers: norm.modulate(x, sh, sc))
+    monkeypatch.setattr(blocks, "quantize_once", lambda x, layers: x)
     with torch.no_grad():
         separate = call(model, inputs)
     assert len(where) == n_shared + 2 * cfg.num_layers  # two passes over x saved per block
@@ -799,7 +802,8 @@ def test_q_k_v_quantize_their_shared_input_once_with_the_same_result(monkeypatch
 @pytest.mark.parametrize("mode", ["disabled", "fp8_e4m3fn_scaled"])
 def test_quantize_once_hands_back_x_where_a_layer_does_not_run_scaled_mm(mode):
     from wanstudio.quant import quantize
-    from wanstudio.quant.linear import SharedRows, quantize_once
+    from wanstudio.quant.linear import SharedRows
+    from wanstudio.quant.shared_rows import quantize_once
 
     torch.manual_seed(0)
     attn = quantize(WanModel(WanConfig.preset("tiny-t2v")).eval(), mode).blocks[0].self_attn
@@ -807,5 +811,42 @@ def test_quantize_once_hands_back_x_where_a_layer_does_not_run_scaled_mm(mode):
     assert quantize_once(x, (attn.q, attn.k, attn.v)) is x
     fast = quantize(WanModel(WanConfig.preset("tiny-t2v")).eval(), "fp8_e4m3fn_fast").blocks[0].self_attn
     rows = quantize_once(x, (fast.q, fast.k, fast.v))
-    assert isinstance(rows, SharedRows) and rows.x is x
+    q, scale = fp8.quantize_rows_eager(x.reshape(-1, x.shape[-1]))
+    assert isinstance(rows, SharedRows) and rows.shape == x.shape and rows.dtype == x.dtype
+    assert torch.equal(rows.q.view(-1, x.shape[-1]).view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(rows.scale.view(-1, 1), scale)
+    assert quantize_once(rows, (fast.q, fast.k, fast.v)) is rows  # already shared: as it is
     assert quantize_once(x, (fast.q, nn.Linear(x.shape[-1], 4))) is x  # one plain Linear: no sharing
+    if mode != "disabled":  # a quantized layer that does not run scaled_mm cannot use the rows
+        with pytest.raises(TypeError, match=r"quantized for scaled_mm .* takes the dequantize path"):
+            attn.q(rows)
+
+
+def test_fused_modulation_feeds_q_k_v_and_the_ffn_with_the_unfused_result(monkeypatch):
+    """Where the fused LayerNorm + modulation + quantization kernel runs (here: interpreted on
+    the CPU), self-attention's q, k, v and the FFN's first layer read its rows and quantize
+    nothing themselves, and the model's output is the unfused path's (modulate, round, quantize)."""
+    from wanstudio.quant import kernels, quantize
+
+    if not (kernels.HAS_TRITON and kernels.exact_fp8_rounding()):
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest without a GPU)")
+    torch.manual_seed(0)
+    cfg = WanConfig.preset("tiny-infinitetalk")
+    model = quantize(WanModel(cfg).eval(), "fp8_e4m3fn_scaled_fast")
+    inputs = make_inputs(cfg)
+    with torch.no_grad():
+        unfused = call(model, inputs)
+    where, fused = [], []
+    real_rows, real_fused = kernels.quantize_rows, kernels.modulate_quantize_rows_triton
+    monkeypatch.setattr(kernels, "quantize_rows", lambda x2d, w="": where.append(w) or real_rows(x2d, w))
+    monkeypatch.setattr(
+        kernels, "modulate_quantize_rows_triton", lambda *a, **k: fused.append(a[-1]) or real_fused(*a, **k)
+    )
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)  # the fused kernel's gate only:
+    monkeypatch.setattr(kernels, "quantize_rows_triton", lambda x2d, w="": fp8.quantize_rows_eager(x2d))
+    with torch.no_grad():
+        out = call(model, inputs)
+    n = cfg.num_layers
+    assert fused == [f"blocks.{i}.{part}" for i in range(n) for part in ("self_attn.q+k+v", "ffn.0")]
+    assert not [w for w in where if w.endswith(("self_attn.q", "self_attn.k", "self_attn.v", "ffn.0"))]
+    torch.testing.assert_close(out, unfused, rtol=1e-4, atol=1e-5)

@@ -330,3 +330,87 @@ def test_quant_report_on_cuda(tiny):
     assert report.model_sqnr_db > 20.0
     if mode.is_fast:
         assert report.paths() == {"scaled_mm": 30}
+
+
+def _sqnr_vs(exact: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> float:
+    return sqnr_db(exact, (q.double() * s.double()).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tokens", [4096, 32760])
+def test_fused_modulation_quantization_matches_the_unfused_path(dtype, tokens):
+    """LayerNorm + modulation + per-token e4m3 in one kernel, against torch's LayerNorm and
+    modulation, rounded to x's dtype, then the fused quantize_rows (the unfused path), at Wan
+    14B's width from a strided x. The two LayerNorms sum in different orders (torch: Welford),
+    so a modulated value on a rounding boundary of x's dtype may land on the other side:
+    a code one e4m3 step away, or (if it is a row's largest) a scale one step of x's dtype away.
+    Every value is within those steps; the error against the exact fp64 modulation is the same."""
+    if not (ON_CUDA and kernels.HAS_TRITON) or not _fast_supported():
+        pytest.skip("needs Triton on CUDA and compute capability >= 8.9")
+    from wanstudio.model.layers import FP32LayerNorm
+
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    d = 5120
+    big = torch.randn(1, 2 * tokens, d, device=DEVICE, generator=g) * 4
+    x = (big + torch.randn(d, device=DEVICE, generator=g) * 8).to(dtype)[:, ::2]  # (1, L, D) strided
+    mods = torch.randn(1, 6, 1, d, device=DEVICE, generator=g) * 0.5
+    shift, scale = mods[:, 0], mods[:, 1]
+    before = x.clone()
+    q, s = kernels.modulate_quantize_rows_triton(x, shift, scale, 1e-6)
+    assert torch.equal(x, before)
+    norm = FP32LayerNorm(d, 1e-6, elementwise_affine=False)
+    modulated = norm.modulate(x, shift, scale)
+    q_ref, s_ref = kernels.quantize_rows_triton(modulated.view(-1, d))
+    q_ref, s_ref = q_ref.view(q.shape), s_ref.view(s.shape)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    assert ((s / s_ref - 1).abs() <= ulp).all()
+    assert (s == s_ref).float().mean() > 0.99
+    same = (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+    assert same > 0.999, f"{1 - same:.2%} of codes differ"
+    deq, deq_ref = q.float() * s, q_ref.float() * s_ref
+    step = deq_ref.abs() / 8 + s_ref * 2.0**-9 + deq_ref.abs() * (s / s_ref - 1).abs()
+    assert ((deq - deq_ref).abs() <= step * (1 + 1e-6)).all()
+    xd = x.double()
+    exact = ((xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()) * (
+        1 + scale.double()
+    ) + shift.double()
+    fused_db, unfused_db = _sqnr_vs(exact.float(), q, s), _sqnr_vs(exact.float(), q_ref, s_ref)
+    print(f"  fused {fused_db:.3f} dB, unfused {unfused_db:.3f} dB vs fp64 ({tokens} tokens, {dtype})")
+    assert abs(fused_db - unfused_db) < 0.01
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_modulation_in_the_model(compiled):
+    """In an fp8 `_fast` model on CUDA, self-attention's q / k / v and the FFN read the fused
+    kernel's rows (two launches per block, eager or compiled), and the output is the unfused
+    path's: the same up to the rare one-step codes above (SQNR between them > 40 dB)."""
+    if not (ON_CUDA and kernels.HAS_TRITON) or not _fast_supported():
+        pytest.skip("needs Triton on CUDA and compute capability >= 8.9")
+    import wanstudio.model.blocks as blocks
+    from wanstudio.fusion import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = ws.WanConfig.preset("tiny-infinitetalk").replace(dim=512, num_heads=4, ffn_dim=1024)
+    model = quantize(ws.WanModel(cfg, device=DEVICE, dtype=torch.bfloat16).eval(), "fp8_e4m3fn_scaled_fast")
+    inputs = _tiny_inputs(cfg)
+    if compiled:
+        compile_blocks(model)
+    calls, real = [], kernels.modulate_quantize_rows_triton
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            kernels, "modulate_quantize_rows_triton", lambda *a, **k: calls.append(a[-1]) or real(*a, **k)
+        )
+        with torch.no_grad():
+            fused = model(**inputs)
+        assert calls == [
+            f"blocks.{i}.{p}" for i in range(cfg.num_layers) for p in ("self_attn.q+k+v", "ffn.0")
+        ]
+        torch._dynamo.reset()
+        mp.setattr(blocks, "modulated_rows", lambda norm, x, sh, sc, layers: norm.modulate(x, sh, sc))
+        with torch.no_grad():
+            unfused = model(**inputs)
+    torch._dynamo.reset()
+    assert len(calls) == 2 * cfg.num_layers  # none in the unfused run
+    db = sqnr_db(unfused.float(), fused.float())
+    print(f"  fused vs unfused model output: {db:.1f} dB ({'compiled' if compiled else 'eager'})")
+    assert db > 40.0

@@ -9,7 +9,8 @@ from torch import nn
 from ..attention import attention
 from ..config import WanConfig
 from ..options import AttentionMode
-from ..quant.linear import quantize_once
+from ..quant.linear import SharedRows
+from ..quant.shared_rows import modulated_rows, quantize_once
 from .audio import AudioCrossAttention, reference_attention_map
 from .layers import FP32LayerNorm, RMSNorm
 from .rope import apply_rope
@@ -36,16 +37,22 @@ class SelfAttention(nn.Module):
         self.attention_mode = AttentionMode.SDPA
         self.sequence_parallel = None
 
+    @property
+    def q_k_v(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The three layers that read the block's modulated tokens."""
+        return self.q, self.k, self.v
+
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | SharedRows,
         rope: tuple[torch.Tensor, torch.Tensor],
         ref_masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, L, D] -> (out [B, L, D], reference map [B, 3, L] if ref_masks else None)."""
+        """x [B, L, D] (or its rows already quantized for q, k and v) -> (out [B, L, D],
+        reference map [B, 3, L] if ref_masks else None)."""
         B, L, D = x.shape
         shape = (B, L, self.num_heads, self.head_dim)
-        rows = quantize_once(x, (self.q, self.k, self.v))  # x itself unless all three run fp8 _fast
+        rows = quantize_once(x, self.q_k_v)  # x itself unless all three run fp8 _fast
         q = apply_rope(self.norm_q(self.q(rows)).view(shape), *rope)  # (B, L, H, d)
         k = apply_rope(self.norm_k(self.k(rows)).view(shape), *rope)
         v = self.v(rows).view(shape)
@@ -144,12 +151,15 @@ class WanBlock(nn.Module):
         """x [B, L, D] in the compute dtype; e0 [B, 6, D] fp32. Returns x in the same dtype."""
         dtype = x.dtype
         sh1, sc1, g1, sh2, sc2, g2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # (B, 1, D)
+        # the modulated tokens, or (fp8 _fast layers on CUDA) their e4m3 rows straight from x
         y, ref_map = self.self_attn(
-            self.norm1.modulate(x, sh1, sc1), rope, ref_masks if speakers > 1 else None
+            modulated_rows(self.norm1, x, sh1, sc1, self.self_attn.q_k_v),
+            rope,
+            ref_masks if speakers > 1 else None,
         )
         x = torch.addcmul(x.float(), y, g1).to(dtype)  # gated residual in fp32
         x = x + self.cross_attn(self.norm3(x), text, image)
         if self.has_audio:
             x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid, ref_map, speakers)
-        y = self.ffn(self.norm2.modulate(x, sh2, sc2))
+        y = self.ffn(modulated_rows(self.norm2, x, sh2, sc2, (self.ffn[0],)))
         return torch.addcmul(x.float(), y, g2).to(dtype)

@@ -4,6 +4,9 @@
   modes in ONE pass (load a row, amax, divide, cast, store q and its scale). Done eagerly
   (abs, amax, divide, cast: four passes) it costs as much as the fp8 GEMM itself and the fast
   path stops beating bf16 (docs/MODES.md: 1.21 ms eager vs 0.22 ms fused at 32,760 x 5120).
+* :func:`modulate_quantize_rows` — the same quantization of ``LayerNorm(x) * (1 + scale) +
+  shift`` (Wan's adaLN input to self-attention and the FFN) straight from x: the modulated
+  activations are never written in bf16 and read back.
 * :func:`dequantize_fp4` — NVFP4 / MXFP4 weight -> compute dtype in one pass (unpack nibbles,
   decode e2m1, decode the e4m3 / e8m0 block scale, multiply, store): 0.086 ms for a
   5120 x 5120 weight vs 0.42 ms eagerly.
@@ -24,6 +27,7 @@ them. ``TRITON_INTERPRET=1`` runs these kernels on CPU tensors (``*_triton`` fun
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -51,6 +55,19 @@ QUANT_ROWS_CONTRACT = LayoutContract(
         ),
     ),
 )
+MODULATE_ROWS_CONTRACT = LayoutContract(
+    "triton:modulate_quantize_rows_e4m3",
+    (
+        Operand(
+            "x",
+            dtypes=(torch.bfloat16, torch.float16, torch.float32),
+            ndim=3,
+            stride=StrideRule.LAST_DIM_CONTIGUOUS,
+        ),
+        Operand("shift", dtypes=(torch.float32,), ndim=3, stride=StrideRule.LAST_DIM_CONTIGUOUS),
+        Operand("scale", dtypes=(torch.float32,), ndim=3, stride=StrideRule.LAST_DIM_CONTIGUOUS),
+    ),
+)
 DEQUANT_FP4_CONTRACT = LayoutContract(
     "triton:dequantize_fp4",
     (
@@ -75,33 +92,112 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda
 
 
+def exact_fp8_rounding() -> bool:
+    """Whether kernels must round in fp32 before converting: Triton 3.6's interpreter
+    (``TRITON_INTERPRET=1``) rounds fp32 -> fp8 wrongly when rounding carries into the exponent
+    (1.98 -> 1.0), and truncates fp32 -> bf16."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # --- per-token e4m3 activation quantization ---------------------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
+    def _to_e4m3(x, EXACT: tl.constexpr):
+        """fp32 with |x| <= 448 -> float8e4nv, round to nearest even (EXACT: via the e4m3 grid
+        in fp32 first, signed zeros kept, for the interpreter; the hardware rounds the same)."""
+        if EXACT:
+            a = tl.abs(x)
+            exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: -6
+            ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
+            inv_ulp = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)
+            y = a * inv_ulp  # exact: a power of two; 0 <= y < 16
+            y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even
+            r = tl.minimum(y * ulp, 448.0)
+            sign = x.to(tl.int32, bitcast=True) & -2147483648  # keeps -0.0 and tiny negatives negative
+            x = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+    @triton.jit
     def _quantize_rows_kernel(
-        x_ptr,
-        q_ptr,
-        s_ptr,
-        K,
-        stride_x,
-        stride_q,
-        FP8_MAX: tl.constexpr,
-        TINY: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
+        x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+        FP8_MAX: tl.constexpr, TINY: tl.constexpr, CHUNK: tl.constexpr, EXACT: tl.constexpr,
+    ):  # fmt: skip
+        # One row per program, read in chunks: a whole row held in registers (8192 lanes for
+        # K = 5120) leaves room for one or two programs per SM, too few loads in flight to
+        # stream the rows; the second read of a row comes from the cache.
         row = tl.program_id(0).to(tl.int64)  # int64: M * K can exceed 2^31
-        offs = tl.arange(0, BLOCK_K)
-        mask = offs < K
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        cols = tl.arange(0, CHUNK)
+        big = tl.zeros([CHUNK], tl.float32)
+        for c in range(0, K, CHUNK):
+            x = tl.load(x_ptr + row * stride_x + c + cols, mask=c + cols < K, other=0.0).to(tl.float32)
+            big = tl.maximum(big, tl.abs(x))
         # IEEE division (`/` and fdiv lower to approximate div.full in some Tritons): eager CPU bits
-        scale = tl.maximum(tl.div_rn(amax, FP8_MAX), TINY)
-        q = tl.div_rn(x, scale)
-        q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-        q = q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # cvt.rn.satfinite
-        tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
+        scale = tl.maximum(tl.div_rn(tl.max(big, axis=0), FP8_MAX), TINY)
+        for c in range(0, K, CHUNK):
+            x = tl.load(x_ptr + row * stride_x + c + cols, mask=c + cols < K, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+            tl.store(q_ptr + row * stride_q + c + cols, _to_e4m3(q, EXACT), mask=c + cols < K)
         tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def _modulated_chunk(
+        x_row, shift_row, scale_row, c, cols, D, mean, rstd, ROUND_TO: tl.constexpr, EXACT: tl.constexpr
+    ):
+        """Columns c .. c + CHUNK of LN(x) * (1 + scale) + shift in fp32, rounded to x's dtype
+        as the unfused path rounds it (fp32: nothing to do); 0 past D."""
+        inside = c + cols < D
+        x = tl.load(x_row + c + cols, mask=inside, other=0.0).to(tl.float32)
+        shift = tl.load(shift_row + c + cols, mask=inside, other=0.0)
+        scale = tl.load(scale_row + c + cols, mask=inside, other=0.0)
+        y = shift + ((x - mean) * rstd) * (1.0 + scale)
+        y = tl.where(inside, y, 0.0)
+        if ROUND_TO == 1 and EXACT:  # the interpreter truncates to bf16: round the bits here
+            bits = y.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # to nearest even, low 16 bits cleared
+            y = bits.to(tl.float32, bitcast=True)
+        elif ROUND_TO == 1:
+            y = y.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+        elif ROUND_TO == 2:
+            y = y.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+        return y
+
+    @triton.jit
+    def _modulate_quantize_kernel(
+        x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr,
+        L, D, stride_xb, stride_xl, stride_shift, stride_scale, eps,
+        FP8_MAX: tl.constexpr, TINY: tl.constexpr, ROUND_TO: tl.constexpr,
+        CHUNK: tl.constexpr, EXACT: tl.constexpr,
+    ):  # fmt: skip
+        # One token per program, four chunked passes over its row (the first from memory, the
+        # others from the cache): sum, squared deviations (LayerNorm in fp32, biased variance,
+        # as FP32LayerNorm), the modulated row's amax, then its codes.
+        row = tl.program_id(0).to(tl.int64)  # token b * L + l; int64: B * L * D can exceed 2^31
+        b = row // L
+        x_row = x_ptr + b * stride_xb + (row % L) * stride_xl
+        shift_row = shift_ptr + b * stride_shift
+        scale_row = scale_ptr + b * stride_scale
+        cols = tl.arange(0, CHUNK)
+        n = D.to(tl.float32)
+        acc = tl.zeros([CHUNK], tl.float32)
+        for c in range(0, D, CHUNK):
+            acc += tl.load(x_row + c + cols, mask=c + cols < D, other=0.0).to(tl.float32)
+        mean = tl.div_rn(tl.sum(acc, axis=0), n)  # IEEE division and square root: no approximations
+        acc = tl.zeros([CHUNK], tl.float32)
+        for c in range(0, D, CHUNK):
+            x = tl.load(x_row + c + cols, mask=c + cols < D, other=0.0).to(tl.float32)
+            acc += tl.where(c + cols < D, (x - mean) * (x - mean), 0.0)
+        rstd = tl.div_rn(tl.full((), 1.0, tl.float32), tl.sqrt_rn(tl.div_rn(tl.sum(acc, axis=0), n) + eps))
+        big = tl.zeros([CHUNK], tl.float32)
+        for c in range(0, D, CHUNK):
+            y = _modulated_chunk(x_row, shift_row, scale_row, c, cols, D, mean, rstd, ROUND_TO, EXACT)
+            big = tl.maximum(big, tl.abs(y))
+        s = tl.maximum(tl.div_rn(tl.max(big, axis=0), FP8_MAX), TINY)
+        for c in range(0, D, CHUNK):
+            y = _modulated_chunk(x_row, shift_row, scale_row, c, cols, D, mean, rstd, ROUND_TO, EXACT)
+            q = tl.minimum(tl.maximum(tl.div_rn(y, s), -FP8_MAX), FP8_MAX)
+            tl.store(q_ptr + row * D + c + cols, _to_e4m3(q, EXACT), mask=c + cols < D)  # cvt.rn.satfinite
+        tl.store(s_ptr + row, s)
 
     @triton.jit
     def _pow2(e):
@@ -162,32 +258,70 @@ if HAS_TRITON:
         tl.store(out + 1, hi, mask=mask & (2 * cols + 1 < K)[None, :])
 
 
+def _row_launch(k: int) -> tuple[int, int]:
+    """(chunk, num_warps) for rows of k elements: the fastest measured on an H200 at Wan 14B's
+    widths (``benchmarks/results/h200_block_overhead.md``): 1024 x 4 at 5120, 2048 x 8 at 13824."""
+    return (1024, 4) if k <= 8192 else (2048, 8)
+
+
 def quantize_rows_triton(
-    x2d: torch.Tensor, where: str = "quantize_rows"
+    x2d: torch.Tensor, where: str = "quantize_rows", chunk: int | None = None, num_warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused per-token quantization: x [M, K] -> (q e4m3 [M, K] row-major, scale fp32 [M, 1])."""
+    """Fused per-token quantization: x [M, K] -> (q e4m3 [M, K] row-major, scale fp32 [M, 1]).
+    ``chunk`` / ``num_warps``: the launch (default :func:`_row_launch`)."""
     x2d = QUANT_ROWS_CONTRACT.enforce(where, x=x2d)["x"]
     m, k = x2d.shape
     q = torch.empty(m, k, dtype=fp8.ACT_DTYPE, device=x2d.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x2d.device)
     if m == 0:
         return q, scale
-    block = triton.next_power_of_2(k)
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    chunk, num_warps = chunk or _row_launch(k)[0], num_warps or _row_launch(k)[1]
     with torch.cuda.device(x2d.device) if x2d.is_cuda else nullcontext():
         _quantize_rows_kernel[(m,)](
-            x2d,
-            q,
-            scale,
-            k,
-            x2d.stride(0),
-            q.stride(0),
-            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE),
-            TINY=fp8._TINY,
-            BLOCK_K=block,
-            num_warps=warps,
-        )
+            x2d, q, scale, k, x2d.stride(0), q.stride(0),
+            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE), TINY=fp8._TINY, CHUNK=min(chunk, triton.next_power_of_2(k)),
+            EXACT=exact_fp8_rounding(), num_warps=num_warps,
+        )  # fmt: skip
     return q, scale
+
+
+_ROUND_TO = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def modulate_quantize_rows_triton(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    where: str = "modulate_quantize_rows",
+    chunk: int = 1024,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(LayerNorm(x) * (1 + scale) + shift)`` in one kernel, never writing the
+    modulated x: x [B, L, D]; shift, scale fp32 [B, 1, D] -> (q e4m3 [B, L, D], scale fp32
+    [B, L, 1]). The LayerNorm has no affine part and computes in fp32; the modulated value is
+    rounded to x's dtype before it is quantized, as the unfused path rounds it. x is never
+    written. ``chunk`` / ``num_warps``: the launch (1024 x 4 measured fastest at D = 5120)."""
+    ops = MODULATE_ROWS_CONTRACT.enforce(where, x=x, shift=shift, scale=scale)
+    x, shift, scale = ops["x"], ops["shift"], ops["scale"]
+    b, length, d = x.shape
+    if shift.shape != (b, 1, d) or scale.shape != (b, 1, d):
+        raise ValueError(
+            f"{where}: shift and scale must be [{b}, 1, {d}] for x {tuple(x.shape)}, "
+            f"got {tuple(shift.shape)} and {tuple(scale.shape)}"
+        )
+    q = torch.empty(b, length, d, dtype=fp8.ACT_DTYPE, device=x.device)
+    row_scale = torch.empty(b, length, 1, dtype=torch.float32, device=x.device)
+    if b * length == 0:
+        return q, row_scale
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _modulate_quantize_kernel[(b * length,)](
+            x, shift, scale, q, row_scale,
+            length, d, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
+            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE), TINY=fp8._TINY, ROUND_TO=_ROUND_TO[x.dtype],
+            CHUNK=min(chunk, triton.next_power_of_2(d)), EXACT=exact_fp8_rounding(), num_warps=num_warps,
+        )  # fmt: skip
+    return q, row_scale
 
 
 def quantize_rows(x2d: torch.Tensor, where: str = "quantize_rows") -> tuple[torch.Tensor, torch.Tensor]:

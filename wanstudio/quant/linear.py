@@ -21,9 +21,8 @@ dtype of their input activations.
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -78,32 +77,22 @@ _FP4_NATIVE_BROKEN: dict[str, str] = {}  # device -> why the native fp4 call fai
 
 
 class SharedRows(NamedTuple):
-    """An activation quantized once for several fp8 ``_fast`` layers that read it (q, k and v of
-    self-attention read the same modulated tokens): ``x`` [..., K] as given, ``q`` its per-token
-    e4m3 [M, K], ``scale`` fp32 [M, 1]. A tuple, so hooks and the layout inspector see all three."""
+    """Activations quantized once per token for several fp8 ``_fast`` layers that read them (q,
+    k and v of self-attention read the same modulated tokens): ``q`` e4m3 [..., K], ``scale``
+    fp32 [..., 1], ``dtype`` the activations' own dtype (the layers' output dtype). A tuple, so
+    hooks and the layout inspector see its tensors."""
 
-    x: torch.Tensor
     q: torch.Tensor
     scale: torch.Tensor
+    dtype: torch.dtype
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
 
-@torch.compiler.disable  # a kernel wrapper (fusion.py): decided and run eagerly
-def quantize_once(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor | SharedRows:
-    """``x`` quantized per token once, as :class:`SharedRows`, when every layer in ``layers``
-    takes the ``scaled_mm`` path for it; otherwise ``x`` itself (plain Linears, other modes).
-    Saves ``len(layers) - 1`` passes over x: the quantization each layer would do is the same."""
-    if x.numel() == 0 or not all(
-        isinstance(layer, QuantizedLinear)
-        and layer.in_features == x.shape[-1]
-        and layer.path_for(x.device, x.dtype)[0] == SCALED_MM
-        for layer in layers
-    ):
-        return x
-    names = [layer._where() for layer in layers]
-    parent = os.path.commonprefix(names).rpartition(".")[0]  # "blocks.0.self_attn"
-    where = f"{parent}.{'+'.join(n[len(parent) + 1 :] for n in names)}" if parent else "+".join(names)
-    q, scale = kernels.quantize_rows(x.reshape(-1, x.shape[-1]), where)  # (M, K) e4m3, (M, 1)
-    return SharedRows(x, q, scale)
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
 
 
 # --- the one description of the paths ----------------------------------------------------------
@@ -438,33 +427,41 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor | SharedRows) -> torch.Tensor:
         """x [..., K] (bf16 / fp16 / fp32) -> [..., N] in x's dtype. x is never modified.
 
-        ``x`` may come as :class:`SharedRows` (from :func:`quantize_once`): the scaled_mm path
-        then uses its quantization, every other path its ``x``."""
-        shared = x if isinstance(x, SharedRows) else None
-        if shared is not None:
-            x = shared.x
+        ``x`` may come as :class:`SharedRows` (from ``quant.shared_rows``, only where this layer
+        takes the scaled_mm path): its quantization is used as it is."""
+        if isinstance(x, SharedRows):
+            return self._forward_shared(x)
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{self._where()}: activations must be bf16 / fp16 / fp32, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._where()}: expected [..., {self.in_features}], got {tuple(x.shape)}")
         path, _ = self.path_for(x.device, x.dtype)
         if path == SCALED_MM and x.numel():
-            return self._forward_scaled_mm(x, shared)
+            x2 = x.reshape(-1, self.in_features)  # (M, K), a view when x allows it
+            q, scale_a = kernels.quantize_rows(x2, self._where())  # (M, K) e4m3, (M, 1) fp32; x2 untouched
+            return self._scaled_mm(q, scale_a, x.dtype).view(*x.shape[:-1], self.out_features)
         if path == FP4_NATIVE and x.numel():
             out = self._forward_fp4_native(x)
             if out is not None:
                 return out
         return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
 
-    def _forward_scaled_mm(self, x: torch.Tensor, shared: SharedRows | None = None) -> torch.Tensor:
+    def _forward_shared(self, rows: SharedRows) -> torch.Tensor:
+        path, detail = self.path_for(rows.device, rows.dtype)
+        if path != SCALED_MM or rows.shape[-1] != self.in_features:
+            raise TypeError(
+                f"{self._where()}: got activations quantized for scaled_mm [..., {rows.shape[-1]}], but "
+                f"this layer ([..., {self.in_features}]) takes the {path} path ({detail}); pass the "
+                "activations themselves"
+            )
+        q = rows.q.reshape(-1, self.in_features)  # (M, K)
+        out = self._scaled_mm(q, rows.scale.reshape(-1, 1), rows.dtype)
+        return out.view(*rows.shape[:-1], self.out_features)
+
+    def _scaled_mm(self, q: torch.Tensor, scale_a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """e4m3 rows q [M, K] with their scales [M, 1] times the weight -> [M, N] in ``dtype``."""
         where = self._where()
-        dtype = x.dtype
-        if shared is not None:
-            q, scale_a = shared.q, shared.scale
-        else:
-            x2 = x.reshape(-1, self.in_features)  # (M, K), a view when x allows it
-            q, scale_a = kernels.quantize_rows(x2, where)  # (M, K) e4m3, (M, 1) fp32; x2 untouched
-        plan = scaled_mm_plan(x.device, self.format.scaled_mm_dtype, dtype, self.bias is not None)
+        plan = scaled_mm_plan(q.device, self.format.scaled_mm_dtype, dtype, self.bias is not None)
         if plan.rowwise:
             bias = self._bias(plan.out_dtype) if plan.bias_in_kernel else None
             ops = SCALED_MM_CONTRACT.enforce(
@@ -484,7 +481,7 @@ class QuantizedLinear(nn.Module):
                 out_dtype=plan.out_dtype,
             )  # (M, N)
         else:
-            one = unit_scale(x.device)
+            one = unit_scale(q.device)
             ops = SCALED_MM_TENSORWISE_CONTRACT.enforce(
                 where, mat1=q, mat2=self.weight.t(), scale_a=one, scale_b=one
             )
@@ -496,7 +493,7 @@ class QuantizedLinear(nn.Module):
             out = out.to(dtype)
         if self.bias is not None and not plan.bias_in_kernel:
             out = out + self._bias(dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out
 
     def _swizzled_weight_scale(self, device: torch.device) -> torch.Tensor:
         cached = self._w_scale_swizzled
