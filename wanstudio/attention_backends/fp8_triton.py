@@ -16,10 +16,13 @@ Quantization, one pre-pass per tensor (:func:`quantize_qkv`):
   sum to 1), then per channel -> FP8 e4m3, scale amax / 448 over all tokens, stored
   transposed [B*H, D, Lk] so that P V's second operand is K-major, as Hopper's FP8 MMA needs.
 
-The kernel: per ``block_m`` queries, loop over key blocks; S = Q K^T in INT32 times the two
-block scales; online softmax with exp2; P (in [0, 1]) times 448 -> FP8; ``acc = acc * alpha +
-P V`` (each block's P V starts from a fresh fp32 accumulator: Hopper's FP8 MMA keeps fewer
-bits when it accumulates); at the end acc / l * v_scale / 448 + V's mean.
+The kernel: per ``block_m`` queries, loop over key blocks; S = Q K^T in INT32; online softmax
+with exp2, the row maximum taken on the raw scores, the two block scales, the maximum and P's
+x448 (P in [0, 448] -> FP8) folded into one FMA before exp2; ``acc = acc * alpha + P V`` in one
+MMA (Hopper's FP8 MMA keeps fewer bits when it accumulates, but over one key block at a time
+onto a rescaled output the error vs fp32 is unchanged, 1.66e-3); at the end acc / l * v_scale +
+V's mean (acc and l both carry the 448). Against the first version (a fresh accumulator per
+block, scale then subtract, x448 apart): 10-13% faster (``results/h200_fp8_attention_variants.md``).
 
 :func:`quantize_reference` and :func:`attention_reference` are the test oracle: the same
 quantization in torch (bit for bit), and the kernel's arithmetic in float64, P rounded block by
@@ -27,23 +30,24 @@ block against the running maximum as the kernel does.
 
 Triton 3.6's interpreter (``TRITON_INTERPRET=1``) rounds fp32 -> fp8 wrongly when rounding
 carries into the exponent (1.98 -> 1.0). Under it the kernels first round to the e4m3 grid in
-fp32 (``EXACT``: round to nearest even, saturating at 448, signed zeros kept, as the hardware's
+fp32 (``EXACT`` of ``quant.kernels._to_e4m3``: round to nearest even, saturating at 448, signed
+zeros kept, as the hardware's
 conversion; tested against torch's), so the CPU tests check the kernels' own arithmetic.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ..quant.kernels import HAS_TRITON, tl, triton
+from ..quant.kernels import HAS_TRITON, _to_e4m3, exact_fp8_rounding, tl, triton
 
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
 LOG2_E = 1.4426950408889634
+LOG2_448 = tl.constexpr(math.log2(E4M3_MAX)) if HAS_TRITON else None  # exp2(x + this) = 448 exp2(x)
 HEAD_DIMS = (64, 128)
 
 
@@ -151,27 +155,7 @@ def attention_reference(qq: QuantizedQKV, batch: int, heads: int) -> torch.Tenso
     return out.view(batch, heads, qq.lq, -1).permute(0, 2, 1, 3)
 
 
-def exact_fp8_rounding() -> bool:
-    """Whether the kernels must round to fp8 in fp32 first (Triton's interpreter: see above)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if HAS_TRITON:
-
-    @triton.jit
-    def _to_e4m3(x, EXACT: tl.constexpr):
-        """fp32 with |x| <= 448 -> float8e4nv, round to nearest even."""
-        if EXACT:
-            a = tl.abs(x)
-            exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: -6
-            ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
-            inv_ulp = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)
-            y = a * inv_ulp  # exact: a power of two; 0 <= y < 16
-            y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even
-            r = tl.minimum(y * ulp, 448.0)
-            sign = x.to(tl.int32, bitcast=True) & -2147483648  # keeps -0.0 and tiny negatives negative
-            x = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-        return x.to(tl.float8e4nv)
 
     @triton.jit
     def _head_tile(
@@ -226,16 +210,19 @@ if HAS_TRITON:
         MASK: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
     ):  # fmt: skip
         k = tl.load(k_ptrs)  # int8 (BLOCK_N, D)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * (q_scale * k_scale)  # log2 units
+        raw = tl.dot(q, tl.trans(k)).to(tl.float32)  # scores in units of q_scale * k_scale
         if MASK:
-            s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < Lk, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            raw = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < Lk, raw, -float("inf"))
+        qk = q_scale * k_scale  # > 0: the row maximum can be taken before scaling (log2 units)
+        m_new = tl.maximum(m_i, tl.max(raw, 1) * qk)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        # P * 448 straight from one FMA and exp2 (<= 448: the FP8 range); l sums it so scaled
+        p = tl.math.exp2(raw * qk - (m_new - LOG2_448)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_ptrs)  # fp8 (D, BLOCK_N)
-        pv = tl.dot(_to_e4m3(p * 448.0, EXACT), tl.trans(vt))  # fresh fp32 accumulator
-        return m_new, l_i, acc * alpha[:, None] + pv
+        # the MMA adds P V to the rescaled output itself (8% faster than a fresh accumulator and
+        # an add, same error: results/h200_fp8_attention_variants.md)
+        return m_new, l_i, tl.dot(_to_e4m3(p, EXACT), tl.trans(vt), acc * alpha[:, None])
 
     @triton.jit
     def _attention_kernel(
@@ -269,7 +256,7 @@ if HAS_TRITON:
             m_i, l_i, acc = _attend_block(
                 q, q_scale, k_ptrs, v_ptrs, k_scale, m_i, l_i, acc, n_full * BLOCK_N, Lk, True, BLOCK_N, EXACT
             )
-        v_scale = tl.load(vs_ptr + bh * D + cols) * (1.0 / 448.0)
+        v_scale = tl.load(vs_ptr + bh * D + cols)  # acc and l_i both carry P's x448
         out = acc * v_scale[None, :] / l_i[:, None] + tl.load(vm_ptr + bh * D + cols)[None, :]
         dst = o_ptr + (bh // H) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ol + cols[None, :]
         tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
@@ -349,15 +336,16 @@ def fp8_attention(
     v: torch.Tensor,
     *,
     block_m: int = 128,
-    block_n: int = 128,
-    num_warps: int = 8,
+    block_n: int = 64,
+    num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for [B, L, H, D] q / k / v -> [B, Lq, H, D] in q's dtype.
 
-    The default blocks are the fastest of 12 configurations on an H200 at L = 32,760 (and of the
-    6 of them also run at 75,600; ``benchmarks/results/h200_fp8_attention.md``). The kernels'
-    offsets are int32: a batch too large for one launch runs in several.
+    The default blocks are the fastest of 8 configurations of the kernel as it is on an H200 at
+    L = 32,768 (``benchmarks/results/h200_fp8_attention_variants.md``; 128 x 128 with 8 warps,
+    the default before, is 4% slower). The kernels' offsets are int32: a batch too large for one
+    launch runs in several.
     """
     step = _batch_per_launch(q, k, v, block_m, block_n)
     if step < q.shape[0]:
