@@ -258,10 +258,13 @@ if HAS_TRITON:
         tl.store(out + 1, hi, mask=mask & (2 * cols + 1 < K)[None, :])
 
 
-def _row_launch(k: int) -> tuple[int, int]:
-    """(chunk, num_warps) for rows of k elements: the fastest measured on an H200 at Wan 14B's
-    widths (``benchmarks/results/h200_block_overhead.md``): 1024 x 4 at 5120, 2048 x 8 at 13824."""
-    return (1024, 4) if k <= 8192 else (2048, 8)
+def _row_launch(k: int, chunk: int | None, num_warps: int | None) -> tuple[int, int]:
+    """(chunk, num_warps) of a row kernel for rows of k elements: the given ones, else the
+    fastest measured on an H200 at Wan 14B's widths (``benchmarks/results/h200_block_overhead.md``):
+    1024 x 4 at 5120, 2048 x 8 at 13824. The chunk never exceeds the row (rounded up to 2^n)."""
+    wide = k > 8192
+    chunk = chunk or (2048 if wide else 1024)
+    return min(chunk, triton.next_power_of_2(k)), num_warps or (8 if wide else 4)
 
 
 def quantize_rows_triton(
@@ -275,11 +278,11 @@ def quantize_rows_triton(
     scale = torch.empty(m, 1, dtype=torch.float32, device=x2d.device)
     if m == 0:
         return q, scale
-    chunk, num_warps = chunk or _row_launch(k)[0], num_warps or _row_launch(k)[1]
+    chunk, num_warps = _row_launch(k, chunk, num_warps)
     with torch.cuda.device(x2d.device) if x2d.is_cuda else nullcontext():
         _quantize_rows_kernel[(m,)](
             x2d, q, scale, k, x2d.stride(0), q.stride(0),
-            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE), TINY=fp8._TINY, CHUNK=min(chunk, triton.next_power_of_2(k)),
+            FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE), TINY=fp8._TINY, CHUNK=chunk,
             EXACT=exact_fp8_rounding(), num_warps=num_warps,
         )  # fmt: skip
     return q, scale
@@ -294,14 +297,14 @@ def modulate_quantize_rows_triton(
     scale: torch.Tensor,
     eps: float,
     where: str = "modulate_quantize_rows",
-    chunk: int = 1024,
-    num_warps: int = 4,
+    chunk: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(LayerNorm(x) * (1 + scale) + shift)`` in one kernel, never writing the
     modulated x: x [B, L, D]; shift, scale fp32 [B, 1, D] -> (q e4m3 [B, L, D], scale fp32
     [B, L, 1]). The LayerNorm has no affine part and computes in fp32; the modulated value is
     rounded to x's dtype before it is quantized, as the unfused path rounds it. x is never
-    written. ``chunk`` / ``num_warps``: the launch (1024 x 4 measured fastest at D = 5120)."""
+    written. ``chunk`` / ``num_warps``: the launch (default :func:`_row_launch`)."""
     ops = MODULATE_ROWS_CONTRACT.enforce(where, x=x, shift=shift, scale=scale)
     x, shift, scale = ops["x"], ops["shift"], ops["scale"]
     b, length, d = x.shape
@@ -314,12 +317,13 @@ def modulate_quantize_rows_triton(
     row_scale = torch.empty(b, length, 1, dtype=torch.float32, device=x.device)
     if b * length == 0:
         return q, row_scale
+    chunk, num_warps = _row_launch(d, chunk, num_warps)
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _modulate_quantize_kernel[(b * length,)](
             x, shift, scale, q, row_scale,
             length, d, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
             FP8_MAX=fp8.fp8_max(fp8.ACT_DTYPE), TINY=fp8._TINY, ROUND_TO=_ROUND_TO[x.dtype],
-            CHUNK=min(chunk, triton.next_power_of_2(d)), EXACT=exact_fp8_rounding(), num_warps=num_warps,
+            CHUNK=chunk, EXACT=exact_fp8_rounding(), num_warps=num_warps,
         )  # fmt: skip
     return q, row_scale
 
